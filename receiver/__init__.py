@@ -1,0 +1,1 @@
+"""receiver: webhook receiver and asset archiver for AI media generation APIs."""

@@ -1,0 +1,190 @@
+"""The domain: jobs, the events that move them, the state machine and deadline arithmetic.
+
+Pure code: no I/O, no clock. Every function that needs "now" takes it as an argument.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+
+class EventKind(enum.StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    PROGRESS = "progress"  # the provider says it is still working (Fliki sends its status shape)
+
+
+class JobState(enum.StrEnum):
+    TRACKING = "tracking"  # registered for polling, the provider has not finished yet
+    PROCESSING = "processing"  # the provider told us it is still working
+    QUEUED = "queued"  # completed by the provider; archive tasks pending
+    ARCHIVED = "archived"  # every output copied and verified
+    FAILED = "failed"  # the provider failed the job
+    EXPIRED = "expired"  # the link died before we copied it
+    DEAD = "dead"  # we kept failing to copy it for another reason (dead-lettered)
+
+
+FINAL_STATES = frozenset({JobState.ARCHIVED, JobState.FAILED, JobState.EXPIRED, JobState.DEAD})
+
+
+class DeliveryOutcome(enum.StrEnum):
+    """What one delivery (webhook or poll result) did to its job. Stored with the delivery."""
+
+    ACCEPTED = "accepted"  # new information: job created or moved, tasks queued if completed
+    DUPLICATE = "duplicate"  # the same information again (redelivery, replayed webhook id)
+    REFRESHED = "refreshed"  # same job, new download links while not yet archived: tasks use them
+    IGNORED = "ignored"  # contradicts a final state (e.g. failed after archived); kept as history
+
+
+@dataclass(frozen=True)
+class Output:
+    """One file the provider produced: where to fetch it and what to call it."""
+
+    url: str
+    name: str
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """A provider-neutral event, parsed from a webhook or a status poll."""
+
+    provider: str
+    job_id: str
+    kind: EventKind
+    job_type: str | None = None
+    outputs: tuple[Output, ...] = ()
+    completed_at: datetime | None = None  # provider's completion time, when it says
+    failed_at: datetime | None = None
+    error: str | None = None
+    credits_refunded: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What recording an event does: the delivery's outcome and the job's next state."""
+
+    outcome: DeliveryOutcome
+    state: JobState
+    queue_outputs: bool = False  # create archive tasks for the event's outputs
+    refresh_outputs: bool = False  # replace pending tasks' links with the event's
+
+
+def decide(
+    current: JobState | None, current_urls: tuple[str, ...], event: JobEvent, *, seen_id: bool
+) -> Decision:
+    """The job state machine: one place that says what an event does to a job.
+
+    `current` is None for a job we have never seen; `current_urls` are the links already recorded
+    for it; `seen_id` is true when this delivery's id was recorded before (a replay).
+    """
+    if seen_id and current is not None:
+        return Decision(DeliveryOutcome.DUPLICATE, current)
+    if event.kind is EventKind.PROGRESS:
+        if current is None or current in (JobState.TRACKING, JobState.PROCESSING):
+            return Decision(DeliveryOutcome.ACCEPTED, JobState.PROCESSING)
+        # Progress after completion or failure is stale news.
+        return Decision(DeliveryOutcome.IGNORED, current)
+    if event.kind is EventKind.FAILED:
+        if current is None or current in (JobState.TRACKING, JobState.PROCESSING):
+            return Decision(DeliveryOutcome.ACCEPTED, JobState.FAILED)
+        if current is JobState.FAILED:
+            return Decision(DeliveryOutcome.DUPLICATE, current)
+        # Failed after completed: the output exists (or existed); keep copying or keep the copy.
+        return Decision(DeliveryOutcome.IGNORED, current)
+    # COMPLETED
+    urls = tuple(o.url for o in event.outputs)
+    if current is None or current in (JobState.TRACKING, JobState.PROCESSING, JobState.FAILED):
+        # Completed after failed: the provider changed its mind; the output is what matters.
+        return Decision(DeliveryOutcome.ACCEPTED, JobState.QUEUED, queue_outputs=True)
+    if urls == current_urls:
+        return Decision(DeliveryOutcome.DUPLICATE, current)
+    if current is JobState.QUEUED:
+        # A fresher link for work still pending: use it (the old one may expire sooner).
+        return Decision(DeliveryOutcome.REFRESHED, current, refresh_outputs=True)
+    # Archived, expired or dead: never re-archive; the delivery stays in the history.
+    return Decision(DeliveryOutcome.IGNORED, current)
+
+
+# --- deadlines -------------------------------------------------------------------------------
+
+
+def signed_url_expiry(url: str) -> datetime | None:
+    """The expiry a signed URL carries in its query string, if any.
+
+    AWS SigV4 (and R2): X-Amz-Date + X-Amz-Expires. Google V4: X-Goog-Date + X-Goog-Expires.
+    CloudFront and similar: Expires=<unix seconds>. Unparseable values count as no expiry.
+    """
+    query = {k.lower(): v for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True)}
+    for prefix in ("x-amz-", "x-goog-"):
+        date, expires = query.get(prefix + "date"), query.get(prefix + "expires")
+        if date and expires:
+            try:
+                start = datetime.strptime(date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+                return start + timedelta(seconds=int(expires))
+            except ValueError:
+                return None
+    expires = query.get("expires")
+    if expires and expires.isdigit():
+        try:
+            return datetime.fromtimestamp(int(expires), tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    return None
+
+
+def compute_deadline(
+    *,
+    window: timedelta | None,
+    window_start: datetime,
+    url: str,
+    margin: timedelta,
+) -> datetime:
+    """deadline = min(provider window from its start, the signed URL's own expiry) - margin.
+
+    With neither a window nor a signed expiry there is no known limit; we still want the copy
+    soon, so such outputs get a nominal 24 h window and sort behind anything more urgent.
+    """
+    candidates = [window_start + (window if window is not None else timedelta(hours=24))]
+    expiry = signed_url_expiry(url)
+    if expiry is not None:
+        candidates.append(expiry)
+    return min(candidates) - margin
+
+
+def output_name(url: str, index: int, content_type: str | None) -> str:
+    """A safe file name for an output: the URL's last path segment, else output-N.ext."""
+    last = urlsplit(url).path.rsplit("/", 1)[-1]
+    safe = "".join(c for c in last if c.isalnum() or c in "._-")[:128].lstrip(".")
+    if safe:
+        return safe
+    return f"output-{index}{_extension(content_type)}"
+
+
+_EXTENSIONS = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "video/mp4": ".mp4",
+    "audio/wav": ".wav",
+    "audio/mpeg": ".mp3",
+}
+
+
+def _extension(content_type: str | None) -> str:
+    return _EXTENSIONS.get((content_type or "").split(";")[0].strip().lower(), "")
+
+
+def archive_key(
+    *, prefix: str, provider: str, job_id: str, completed_at: datetime, name: str
+) -> str:
+    """Deterministic object key: a retried copy lands on the same key."""
+    day = completed_at.astimezone(UTC)
+    safe_job = "".join(c if c.isalnum() or c in "._-" else "_" for c in job_id)
+    parts = [provider, f"{day:%Y}", f"{day:%m}", f"{day:%d}", safe_job, name]
+    return "/".join([prefix.strip("/"), *parts] if prefix.strip("/") else parts)

@@ -1,0 +1,89 @@
+"""Turning a parsed event into a durable record: plan each output's key and deadline, then record.
+
+Webhooks and status polls both come through here, so both get the same idempotency, the same
+deadlines and the same archive tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from receiver.domain import JobEvent, archive_key, compute_deadline
+from receiver.ledger import IncomingDelivery, Ledger, PlannedOutput, RecordResult
+from receiver.providers.base import ProviderSpec
+
+Clock = Callable[[], datetime]
+
+# A file name the archive itself uses beside each job's outputs.
+RESERVED_NAMES = frozenset({"manifest.json"})
+
+
+def plan_outputs(
+    event: JobEvent, spec: ProviderSpec, received_at: datetime, margin: timedelta
+) -> list[PlannedOutput]:
+    """Each output's object key (dated by completion) and its copy deadline."""
+    window_start = event.completed_at or received_at
+    plan: list[PlannedOutput] = []
+    used: set[str] = set(RESERVED_NAMES)
+    for n, output in enumerate(event.outputs):
+        name = output.name
+        if name in used:
+            name = f"{n}-{name}"
+        used.add(name)
+        plan.append(
+            PlannedOutput(
+                n=n,
+                url=output.url,
+                name=name,
+                key=archive_key(
+                    prefix="",
+                    provider=event.provider,
+                    job_id=event.job_id,
+                    completed_at=window_start,
+                    name=name,
+                ),
+                content_type=output.content_type,
+                deadline=compute_deadline(
+                    window=spec.window, window_start=window_start, url=output.url, margin=margin
+                ),
+            )
+        )
+    return plan
+
+
+class Ingestor:
+    def __init__(
+        self,
+        ledger: Ledger,
+        specs: dict[str, ProviderSpec],
+        *,
+        deadline_margin: timedelta,
+        clock: Clock,
+    ) -> None:
+        self.ledger = ledger
+        self.specs = specs
+        self.margin = deadline_margin
+        self.clock = clock
+
+    async def ingest(
+        self,
+        event: JobEvent,
+        *,
+        body: bytes,
+        source: str,
+        auth: str,
+        delivery_id: str | None,
+    ) -> RecordResult:
+        received_at = self.clock()
+        delivery = IncomingDelivery(
+            received_at=received_at,
+            source=source,
+            auth=auth,
+            body=body,
+            payload_sha256=hashlib.sha256(body).hexdigest(),
+            delivery_id=delivery_id,
+        )
+        plan = plan_outputs(event, self.specs[event.provider], received_at, self.margin)
+        return await self.ledger.record(event, delivery, plan)

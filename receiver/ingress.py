@@ -1,0 +1,172 @@
+"""Webhook routes: authenticate, validate, record durably, then acknowledge.
+
+Checks run cheapest-first and nothing is written until all have passed: unknown provider (404),
+content type (415), size (413, from Content-Length before reading, else while reading),
+authentication (401), JSON (400), schema (422). The 2xx leaves only after the ledger commit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from receiver.domain import DeliveryOutcome
+from receiver.errors import (
+    MalformedJson,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from receiver.ingest import Ingestor
+from receiver.providers.base import ProviderSpec
+from receiver.webhook_auth import SignatureVerifier, Verified, check_token
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class WebhookAuth:
+    """A provider's configured schemes. Both unset means insecure-dev (checked at start-up)."""
+
+    signature: SignatureVerifier | None
+    token: str | None
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    spec: ProviderSpec
+    auth: WebhookAuth
+
+
+class Webhooks:
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        endpoints: dict[str, WebhookEndpoint],
+        *,
+        max_body_bytes: int,
+        wall_clock: Callable[[], float] = time.time,
+        on_auth_failure: Callable[[str], None] = lambda provider: None,
+    ) -> None:
+        self.ingestor = ingestor
+        self.endpoints = endpoints
+        self.max_body_bytes = max_body_bytes
+        self.wall_clock = wall_clock
+        self.on_auth_failure = on_auth_failure
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/webhooks/{provider}", self.receive, methods=["POST"]),
+            Route("/webhooks/{provider}/{token}", self.receive, methods=["POST"]),
+        ]
+
+    async def receive(self, request: Request) -> JSONResponse:
+        provider = request.path_params["provider"]
+        endpoint = self.endpoints.get(provider)
+        if endpoint is None:
+            raise NotFound(
+                f"no webhook endpoint for provider {provider!r}",
+                {"providers": sorted(self.endpoints)},
+            )
+        _check_content_type(request.headers.get("content-type"))
+        body = await _read_body(request, self.max_body_bytes)
+        try:
+            verified = self._authenticate(request, endpoint.auth, body)
+        except Unauthorized as exc:
+            # Never log the token or the signature: only what failed.
+            log.warning("webhook_auth_failed", provider=provider, reason=exc.message)
+            self.on_auth_failure(provider)
+            raise
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MalformedJson("the body is not valid JSON", {"error": str(exc)}) from None
+        assert endpoint.spec.parse_webhook is not None  # only webhook providers get endpoints
+        event = endpoint.spec.parse_webhook(payload)
+        result = await self.ingestor.ingest(
+            event,
+            body=body,
+            source="webhook",
+            auth=verified.method,
+            delivery_id=verified.webhook_id,
+        )
+        log.info(
+            "webhook_recorded",
+            provider=provider,
+            job_id=event.job_id,
+            delivery_id=verified.webhook_id,
+            kind=event.kind.value,
+            outcome=result.outcome.value,
+        )
+        accepted = result.outcome is DeliveryOutcome.ACCEPTED
+        return JSONResponse(
+            {
+                "status": "accepted" if accepted else "duplicate",
+                "outcome": result.outcome.value,
+                "provider": provider,
+                "job_id": event.job_id,
+                "job_state": result.job_state.value,
+                "tasks_queued": result.tasks_queued,
+            },
+            status_code=202 if accepted else 200,
+        )
+
+    def _authenticate(self, request: Request, auth: WebhookAuth, body: bytes) -> Verified:
+        token = request.path_params.get("token")
+        if token is not None:
+            if auth.token is None:
+                raise Unauthorized("path tokens are not configured for this provider")
+            verified = check_token(auth.token, token)
+            return Verified(verified.method, request.headers.get("webhook-id"))
+        if auth.signature is not None:
+            return auth.signature.verify(request.headers, body, self.wall_clock())
+        if auth.token is not None:
+            raise Unauthorized("this provider authenticates with a path token: /webhooks/P/TOKEN")
+        return Verified("insecure-dev", request.headers.get("webhook-id"))
+
+
+def _check_content_type(value: str | None) -> None:
+    media_type = (value or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        raise UnsupportedMediaType(
+            "webhooks must be sent as application/json",
+            {"content_type": value, "expected": "application/json"},
+        )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise PayloadTooLarge("invalid Content-Length", {"limit_bytes": limit}) from None
+        if size > limit:
+            raise PayloadTooLarge(
+                f"body of {size} bytes exceeds the {limit}-byte limit", {"limit_bytes": limit}
+            )
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"body exceeds the {limit}-byte limit", {"limit_bytes": limit})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error_payload(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "details": details}}, status_code=status
+    )

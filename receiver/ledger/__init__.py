@@ -1,0 +1,141 @@
+"""The ledger port: the durable record of jobs, deliveries and archived assets.
+
+What crosses this line: a parsed `JobEvent` with the raw delivery it came from and the archive
+plan for its outputs goes in (`record`, one atomic write that also enqueues archive tasks); the
+archiver reports outcomes per asset (`mark_archived`, `mark_asset_ended`); the audit side reads
+whole jobs back (`job`). Adapters: `sqlite.py` (embedded). Time is always passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from receiver.domain import DeliveryOutcome, JobEvent, JobState
+
+
+@dataclass(frozen=True)
+class IncomingDelivery:
+    """One authenticated delivery, as received. The raw body is kept verbatim for the audit."""
+
+    received_at: datetime
+    source: str  # "webhook" | "poll"
+    auth: str  # how it was authenticated: "signature" | "token" | "insecure-dev" | "api"
+    body: bytes
+    payload_sha256: str
+    delivery_id: str | None = None  # the webhook-id when the sender gave one
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    """An output to archive: where it lands and by when it must be copied."""
+
+    n: int
+    url: str
+    name: str
+    key: str
+    content_type: str | None
+    deadline: datetime
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    outcome: DeliveryOutcome
+    job_state: JobState
+    delivery_seq: int
+    tasks_queued: int
+
+
+@dataclass(frozen=True)
+class AssetToCopy:
+    """Everything a worker needs to copy one output (the URL is read fresh: it may be refreshed)."""
+
+    provider: str
+    job_id: str
+    n: int
+    url: str
+    name: str
+    key: str
+    content_type: str | None
+    job_type: str | None
+    deadline: datetime
+    state: str  # "pending" | "archived" | "expired" | "dead"
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ArchivedAsset:
+    uri: str
+    key: str
+    size: int
+    sha256: str
+    content_type: str
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    seq: int
+    delivery_id: str | None
+    received_at: datetime
+    source: str
+    auth: str
+    event: str
+    payload_sha256: str
+    outcome: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class AssetRecord:
+    n: int
+    name: str
+    key: str
+    source_url: str
+    content_type: str | None
+    deadline: datetime
+    state: str
+    uri: str | None
+    size: int | None
+    sha256: str | None
+    archived_at: datetime | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    provider: str
+    job_id: str
+    state: JobState
+    job_type: str | None
+    first_seen_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    failed_at: datetime | None
+    archived_at: datetime | None
+    deadline: datetime | None
+    error: str | None
+    credits_refunded: int | None
+    metadata: dict[str, Any]
+    deliveries: list[DeliveryRecord] = field(default_factory=list)
+    assets: list[AssetRecord] = field(default_factory=list)
+
+
+class Ledger(Protocol):
+    async def record(
+        self, event: JobEvent, delivery: IncomingDelivery, plan: list[PlannedOutput]
+    ) -> RecordResult: ...
+
+    async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None: ...
+
+    async def mark_archived(
+        self, provider: str, job_id: str, n: int, asset: ArchivedAsset, now: datetime
+    ) -> JobState: ...
+
+    async def mark_asset_ended(
+        self, provider: str, job_id: str, n: int, state: JobState, error: str, now: datetime
+    ) -> JobState: ...
+
+    async def job(self, provider: str, job_id: str) -> JobRecord | None: ...
+
+    async def ping(self) -> None: ...

@@ -1,0 +1,335 @@
+"""The SQLite ledger: jobs, deliveries and assets in the embedded database (group-committed)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+from typing import Any
+
+from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
+from receiver.ledger import (
+    ArchivedAsset,
+    AssetRecord,
+    AssetToCopy,
+    DeliveryRecord,
+    IncomingDelivery,
+    JobRecord,
+    PlannedOutput,
+    RecordResult,
+)
+from receiver.sqlite_db import Database
+
+
+def to_ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def from_ts(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, tz=UTC) if value is not None else None
+
+
+def _at(value: float) -> datetime:
+    return datetime.fromtimestamp(value, tz=UTC)
+
+
+class SqliteLedger:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def record(
+        self, event: JobEvent, delivery: IncomingDelivery, plan: list[PlannedOutput]
+    ) -> RecordResult:
+        return await self.db.write(lambda conn: _record(conn, event, delivery, plan))
+
+    async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None:
+        def read(conn: sqlite3.Connection) -> AssetToCopy | None:
+            row = conn.execute(
+                "SELECT a.*, j.job_type, j.completed_at, j.first_seen_at FROM assets a "
+                "JOIN jobs j USING (provider, job_id) "
+                "WHERE a.provider = ? AND a.job_id = ? AND a.n = ?",
+                (provider, job_id, n),
+            ).fetchone()
+            if row is None:
+                return None
+            return AssetToCopy(
+                provider=provider,
+                job_id=job_id,
+                n=n,
+                url=row["source_url"],
+                name=row["name"],
+                key=row["key"],
+                content_type=row["content_type"],
+                job_type=row["job_type"],
+                deadline=_at(row["deadline"]),
+                state=row["state"],
+                completed_at=from_ts(row["completed_at"]),
+            )
+
+        return await self.db.read(read)
+
+    async def mark_archived(
+        self, provider: str, job_id: str, n: int, asset: ArchivedAsset, now: datetime
+    ) -> JobState:
+        def write(conn: sqlite3.Connection) -> JobState:
+            conn.execute(
+                "UPDATE assets SET state = 'archived', uri = ?, key = ?, size = ?, sha256 = ?, "
+                "content_type = ?, archived_at = ?, error = NULL "
+                "WHERE provider = ? AND job_id = ? AND n = ?",
+                (
+                    asset.uri,
+                    asset.key,
+                    asset.size,
+                    asset.sha256,
+                    asset.content_type,
+                    now.timestamp(),
+                    provider,
+                    job_id,
+                    n,
+                ),
+            )
+            return _settle_job(conn, provider, job_id, now)
+
+        return await self.db.write(write)
+
+    async def mark_asset_ended(
+        self, provider: str, job_id: str, n: int, state: JobState, error: str, now: datetime
+    ) -> JobState:
+        if state not in (JobState.EXPIRED, JobState.DEAD):
+            raise ValueError(f"an asset ends as expired or dead, not {state}")
+
+        def write(conn: sqlite3.Connection) -> JobState:
+            conn.execute(
+                "UPDATE assets SET state = ?, error = ? "
+                "WHERE provider = ? AND job_id = ? AND n = ? AND state = 'pending'",
+                (state.value, error, provider, job_id, n),
+            )
+            return _settle_job(conn, provider, job_id, now)
+
+        return await self.db.write(write)
+
+    async def job(self, provider: str, job_id: str) -> JobRecord | None:
+        return await self.db.read(lambda conn: read_job(conn, provider, job_id))
+
+    async def ping(self) -> None:
+        await self.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+
+def _record(
+    conn: sqlite3.Connection,
+    event: JobEvent,
+    delivery: IncomingDelivery,
+    plan: list[PlannedOutput],
+) -> RecordResult:
+    key = (event.provider, event.job_id)
+    row = conn.execute("SELECT state FROM jobs WHERE provider = ? AND job_id = ?", key).fetchone()
+    current = JobState(row["state"]) if row else None
+    current_urls = tuple(
+        r["source_url"]
+        for r in conn.execute(
+            "SELECT source_url FROM assets WHERE provider = ? AND job_id = ? ORDER BY n", key
+        )
+    )
+    seen_id = (
+        delivery.delivery_id is not None
+        and conn.execute(
+            "SELECT 1 FROM deliveries WHERE provider = ? AND delivery_id = ? LIMIT 1",
+            (event.provider, delivery.delivery_id),
+        ).fetchone()
+        is not None
+    )
+    decision = decide(current, current_urls, event, seen_id=seen_id)
+    now = delivery.received_at.timestamp()
+
+    if current is None:
+        conn.execute(
+            "INSERT INTO jobs (provider, job_id, state, first_seen_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (*key, decision.state.value, now, now),
+        )
+    if decision.outcome is DeliveryOutcome.ACCEPTED:
+        _apply_event(conn, event, decision.state, now)
+
+    tasks = 0
+    if decision.queue_outputs:
+        for out in plan:
+            conn.execute(
+                "INSERT OR REPLACE INTO assets (provider, job_id, n, name, key, source_url, "
+                "content_type, deadline, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
+                (*key, out.n, out.name, out.key, out.url, out.content_type, to_ts(out.deadline)),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO tasks (provider, job_id, n, deadline, not_before, "
+                "state, created_at) VALUES (?, ?, ?, ?, ?, 'ready', ?)",
+                (*key, out.n, to_ts(out.deadline), now, now),
+            )
+            tasks += 1
+    if decision.refresh_outputs:
+        for out in plan:
+            conn.execute(
+                "UPDATE assets SET source_url = ?, deadline = ? "
+                "WHERE provider = ? AND job_id = ? AND n = ? AND state = 'pending'",
+                (out.url, to_ts(out.deadline), *key, out.n),
+            )
+            conn.execute(
+                "UPDATE tasks SET deadline = ? WHERE provider = ? AND job_id = ? AND n = ? "
+                "AND state IN ('ready', 'leased')",
+                (to_ts(out.deadline), *key, out.n),
+            )
+    if decision.queue_outputs or decision.refresh_outputs:
+        conn.execute(
+            "UPDATE jobs SET deadline = (SELECT MIN(deadline) FROM assets "
+            "WHERE provider = ? AND job_id = ? AND state = 'pending') "
+            "WHERE provider = ? AND job_id = ?",
+            (*key, *key),
+        )
+
+    cursor = conn.execute(
+        "INSERT INTO deliveries (provider, job_id, delivery_id, received_at, source, auth, "
+        "event, payload_sha256, body, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            *key,
+            delivery.delivery_id,
+            now,
+            delivery.source,
+            delivery.auth,
+            event.kind.value,
+            delivery.payload_sha256,
+            delivery.body,
+            decision.outcome.value,
+        ),
+    )
+    conn.execute("UPDATE jobs SET updated_at = ? WHERE provider = ? AND job_id = ?", (now, *key))
+    return RecordResult(
+        outcome=decision.outcome,
+        job_state=decision.state,
+        delivery_seq=cursor.lastrowid or 0,
+        tasks_queued=tasks,
+    )
+
+
+def _apply_event(conn: sqlite3.Connection, event: JobEvent, state: JobState, now: float) -> None:
+    key = (event.provider, event.job_id)
+    row = conn.execute(
+        "SELECT metadata, job_type FROM jobs WHERE provider = ? AND job_id = ?", key
+    ).fetchone()
+    metadata: dict[str, Any] = json.loads(row["metadata"])
+    metadata.update(event.metadata)
+    common = (state.value, event.job_type or row["job_type"], json.dumps(metadata), now)
+    if event.kind is EventKind.FAILED:
+        conn.execute(
+            "UPDATE jobs SET state = ?, job_type = ?, metadata = ?, updated_at = ?, "
+            "failed_at = ?, error = ?, credits_refunded = ? WHERE provider = ? AND job_id = ?",
+            (*common, to_ts(event.failed_at), event.error, event.credits_refunded, *key),
+        )
+    elif event.kind is EventKind.COMPLETED:
+        # When the provider gives no completion time (Fliki), the receipt stands in for it.
+        completed = to_ts(event.completed_at) if event.completed_at else now
+        conn.execute(
+            "UPDATE jobs SET state = ?, job_type = ?, metadata = ?, updated_at = ?, "
+            "completed_at = ? WHERE provider = ? AND job_id = ?",
+            (*common, completed, *key),
+        )
+    else:
+        conn.execute(
+            "UPDATE jobs SET state = ?, job_type = ?, metadata = ?, updated_at = ? "
+            "WHERE provider = ? AND job_id = ?",
+            (*common, *key),
+        )
+
+
+def _settle_job(conn: sqlite3.Connection, provider: str, job_id: str, now: datetime) -> JobState:
+    """After an asset ends, the job ends too once no asset is pending: archived if all were."""
+    states = [
+        r["state"]
+        for r in conn.execute(
+            "SELECT state FROM assets WHERE provider = ? AND job_id = ?", (provider, job_id)
+        )
+    ]
+    row = conn.execute(
+        "SELECT state FROM jobs WHERE provider = ? AND job_id = ?", (provider, job_id)
+    ).fetchone()
+    current = JobState(row["state"])
+    if current in FINAL_STATES or "pending" in states:
+        return current
+    if all(s == "archived" for s in states):
+        new, archived_at = JobState.ARCHIVED, now.timestamp()
+    else:
+        new = JobState.EXPIRED if "expired" in states else JobState.DEAD
+        archived_at = None
+    errors = "; ".join(
+        r["error"]
+        for r in conn.execute(
+            "SELECT error FROM assets WHERE provider = ? AND job_id = ? AND error IS NOT NULL "
+            "ORDER BY n",
+            (provider, job_id),
+        )
+    )
+    conn.execute(
+        "UPDATE jobs SET state = ?, archived_at = ?, updated_at = ?, deadline = NULL, "
+        "error = COALESCE(NULLIF(?, ''), error) WHERE provider = ? AND job_id = ?",
+        (new.value, archived_at, now.timestamp(), errors, provider, job_id),
+    )
+    return new
+
+
+def read_job(conn: sqlite3.Connection, provider: str, job_id: str) -> JobRecord | None:
+    row = conn.execute(
+        "SELECT * FROM jobs WHERE provider = ? AND job_id = ?", (provider, job_id)
+    ).fetchone()
+    if row is None:
+        return None
+    deliveries = [
+        DeliveryRecord(
+            seq=d["seq"],
+            delivery_id=d["delivery_id"],
+            received_at=_at(d["received_at"]),
+            source=d["source"],
+            auth=d["auth"],
+            event=d["event"],
+            payload_sha256=d["payload_sha256"],
+            outcome=d["outcome"],
+            body=bytes(d["body"]),
+        )
+        for d in conn.execute(
+            "SELECT * FROM deliveries WHERE provider = ? AND job_id = ? ORDER BY seq",
+            (provider, job_id),
+        )
+    ]
+    assets = [
+        AssetRecord(
+            n=a["n"],
+            name=a["name"],
+            key=a["key"],
+            source_url=a["source_url"],
+            content_type=a["content_type"],
+            deadline=_at(a["deadline"]),
+            state=a["state"],
+            uri=a["uri"],
+            size=a["size"],
+            sha256=a["sha256"],
+            archived_at=from_ts(a["archived_at"]),
+            error=a["error"],
+        )
+        for a in conn.execute(
+            "SELECT * FROM assets WHERE provider = ? AND job_id = ? ORDER BY n",
+            (provider, job_id),
+        )
+    ]
+    return JobRecord(
+        provider=provider,
+        job_id=job_id,
+        state=JobState(row["state"]),
+        job_type=row["job_type"],
+        first_seen_at=_at(row["first_seen_at"]),
+        updated_at=_at(row["updated_at"]),
+        completed_at=from_ts(row["completed_at"]),
+        failed_at=from_ts(row["failed_at"]),
+        archived_at=from_ts(row["archived_at"]),
+        deadline=from_ts(row["deadline"]),
+        error=row["error"],
+        credits_refunded=row["credits_refunded"],
+        metadata=json.loads(row["metadata"]),
+        deliveries=deliveries,
+        assets=assets,
+    )
