@@ -1,0 +1,130 @@
+"""The state machine and deadline arithmetic (pure; no I/O, no clock)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from receiver.domain import (
+    DeliveryOutcome,
+    EventKind,
+    JobEvent,
+    JobState,
+    Output,
+    archive_key,
+    compute_deadline,
+    decide,
+    output_name,
+    signed_url_expiry,
+)
+
+URL = "https://cdn.useapexstudio.com/o/a.png"
+T0 = datetime(2026, 3, 16, 12, 0, tzinfo=UTC)
+
+
+def event(kind: EventKind, url: str = URL) -> JobEvent:
+    outputs = (Output(url, "a.png"),) if kind is EventKind.COMPLETED else ()
+    return JobEvent(provider="apex", job_id="j", kind=kind, outputs=outputs)
+
+
+C, F, P = EventKind.COMPLETED, EventKind.FAILED, EventKind.PROGRESS
+S = JobState
+D = DeliveryOutcome
+
+
+@pytest.mark.parametrize(
+    ("current", "urls", "kind", "url", "expected"),
+    [
+        (None, (), C, URL, (D.ACCEPTED, S.QUEUED, True, False)),
+        (None, (), F, URL, (D.ACCEPTED, S.FAILED, False, False)),
+        (None, (), P, URL, (D.ACCEPTED, S.PROCESSING, False, False)),
+        (S.TRACKING, (), C, URL, (D.ACCEPTED, S.QUEUED, True, False)),
+        (S.PROCESSING, (), F, URL, (D.ACCEPTED, S.FAILED, False, False)),
+        (S.QUEUED, (URL,), C, URL, (D.DUPLICATE, S.QUEUED, False, False)),
+        (S.QUEUED, (URL,), C, URL + "?v=2", (D.REFRESHED, S.QUEUED, False, True)),
+        (S.ARCHIVED, (URL,), C, URL, (D.DUPLICATE, S.ARCHIVED, False, False)),
+        (S.ARCHIVED, (URL,), C, URL + "?v=2", (D.IGNORED, S.ARCHIVED, False, False)),
+        (S.EXPIRED, (URL,), C, URL + "?v=2", (D.IGNORED, S.EXPIRED, False, False)),
+        (S.QUEUED, (URL,), F, URL, (D.IGNORED, S.QUEUED, False, False)),
+        (S.ARCHIVED, (URL,), F, URL, (D.IGNORED, S.ARCHIVED, False, False)),
+        (S.FAILED, (), F, URL, (D.DUPLICATE, S.FAILED, False, False)),
+        (S.FAILED, (), C, URL, (D.ACCEPTED, S.QUEUED, True, False)),
+        (S.QUEUED, (URL,), P, URL, (D.IGNORED, S.QUEUED, False, False)),
+        (S.FAILED, (), P, URL, (D.IGNORED, S.FAILED, False, False)),
+    ],
+)
+def test_state_machine(
+    current: JobState | None,
+    urls: tuple[str, ...],
+    kind: EventKind,
+    url: str,
+    expected: tuple[DeliveryOutcome, JobState, bool, bool],
+) -> None:
+    d = decide(current, urls, event(kind, url), seen_id=False)
+    assert (d.outcome, d.state, d.queue_outputs, d.refresh_outputs) == expected
+
+
+def test_a_replayed_delivery_id_is_a_duplicate_whatever_it_says() -> None:
+    d = decide(S.QUEUED, (URL,), event(C, URL + "?other"), seen_id=True)
+    assert (d.outcome, d.queue_outputs, d.refresh_outputs) == (D.DUPLICATE, False, False)
+
+
+def test_sigv4_expiry() -> None:
+    url = "https://a.r2.cloudflarestorage.com/x?X-Amz-Date=20260316T120000Z&X-Amz-Expires=86400"
+    assert signed_url_expiry(url) == T0 + timedelta(days=1)
+
+
+def test_google_expiry_case_insensitive() -> None:
+    url = "https://storage.googleapis.com/b/v.mp4?x-goog-date=20260316T120000Z&x-goog-expires=900"
+    assert signed_url_expiry(url) == T0 + timedelta(minutes=15)
+
+
+def test_cloudfront_expires() -> None:
+    url = f"https://d1.cloudfront.net/v.mp4?Expires={int(T0.timestamp())}&Signature=x&Key-Pair-Id=K"
+    assert signed_url_expiry(url) == T0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://cdn.useapexstudio.com/o/a.png",
+        "https://x/y?X-Amz-Date=garbage&X-Amz-Expires=10",
+        "https://x/y?X-Amz-Date=20260316T120000Z&X-Amz-Expires=ten",
+        "https://x/y?Expires=soon",
+        "https://x/y?Expires=99999999999999999999",
+    ],
+)
+def test_urls_without_a_usable_expiry(url: str) -> None:
+    assert signed_url_expiry(url) is None
+
+
+def test_deadline_is_the_earlier_of_window_and_signed_expiry_minus_margin() -> None:
+    signed = "https://x/y?X-Amz-Date=20260316T120000Z&X-Amz-Expires=3600"
+    margin = timedelta(minutes=10)
+    window = timedelta(hours=24)
+    assert compute_deadline(window=window, window_start=T0, url=signed, margin=margin) == (
+        T0 + timedelta(minutes=50)
+    )
+    assert compute_deadline(window=window, window_start=T0, url=URL, margin=margin) == (
+        T0 + timedelta(hours=23, minutes=50)
+    )
+    fliki = compute_deadline(window=timedelta(hours=3), window_start=T0, url=URL, margin=margin)
+    assert fliki == T0 + timedelta(hours=2, minutes=50)
+
+
+def test_keys_are_deterministic_and_safe() -> None:
+    key = archive_key(
+        prefix="arch/", provider="apex", job_id="a/../b", completed_at=T0, name="o.png"
+    )
+    assert key == "arch/apex/2026/03/16/a_.._b/o.png"
+    assert archive_key(prefix="", provider="fliki", job_id="f", completed_at=T0, name="v.mp4") == (
+        "fliki/2026/03/16/f/v.mp4"
+    )
+
+
+def test_output_names() -> None:
+    assert output_name("https://x/outputs/550e/output.png?sig=1", 0, None) == "output.png"
+    assert output_name("https://x/", 2, "video/mp4") == "output-2.mp4"
+    assert output_name("https://x/..%2F..", 0, None) == "2F.."
+    assert output_name("https://x/../", 1, None) == "output-1"
