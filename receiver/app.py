@@ -6,12 +6,14 @@ real ones. Nothing here reads the environment: settings come in already parsed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import structlog
 from starlette.applications import Starlette
@@ -20,14 +22,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from receiver.archiver import Archiver, RetryPolicy
 from receiver.errors import ConfigurationError, RequestRejected
+from receiver.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.ingest import Clock, Ingestor
 from receiver.ingress import WebhookAuth, WebhookEndpoint, Webhooks, error_payload
 from receiver.ledger.sqlite import SqliteLedger
 from receiver.providers import REGISTRY
 from receiver.settings import Settings
 from receiver.sqlite_db import Database
+from receiver.store import Store, open_store
 from receiver.webhook_auth import SignatureVerifier
+from receiver.workqueue.sqlite import SqliteQueue
 
 log = structlog.get_logger(__name__)
 
@@ -43,25 +49,85 @@ class Parts:
     settings: Settings
     db: Database
     ledger: SqliteLedger
+    queue: SqliteQueue
+    store: Store
     ingestor: Ingestor
+    archiver: Archiver
     clock: Clock = utc_now
     wall_clock: Callable[[], float] = time.time
-    background: list[Any] = field(default_factory=list)
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self, *, workers: int) -> None:
+        """Start the database writer and, if asked, `workers` archive loops on this loop."""
+        self.db.start()
+        if workers:
+            self.background.append(asyncio.create_task(self.archiver.run(workers)))
+
+    async def stop(self) -> None:
+        for task in self.background:
+            task.cancel()
+        for task in self.background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.background.clear()
+        for fetcher in self.archiver.fetchers.values():
+            await fetcher.aclose()
+        await self.store.aclose()
+        self.db.stop()
+
+
+def fetch_policies(settings: Settings) -> dict[str, FetchPolicy]:
+    """Per provider: its documented download hosts plus the operator's additions."""
+    return {
+        name: FetchPolicy(
+            allowed_hosts=spec.download_hosts + settings.provider(name).extra_download_hosts,
+            any_host=settings.insecure_dev,
+            allow_http=settings.fetch_allow_http,
+            allow_networks=settings.allow_networks,
+        )
+        for name, spec in REGISTRY.items()
+    }
 
 
 def build_parts(
-    settings: Settings, *, clock: Clock = utc_now, wall_clock: Callable[[], float] = time.time
+    settings: Settings,
+    *,
+    clock: Clock = utc_now,
+    wall_clock: Callable[[], float] = time.time,
+    resolver: Resolver | None = None,
+    rng: Callable[[], float] = random.random,
 ) -> Parts:
     settings.check_queue()
     db = Database(settings.sqlite_path)
     ledger = SqliteLedger(db)
+    queue = SqliteQueue(db)
+    store = open_store(
+        settings.archive_url,
+        part_size=settings.part_size,
+        parts_in_flight=settings.parts_in_flight,
+    )
+    fetchers = {
+        name: Fetcher(policy, resolver=resolver)
+        for name, policy in fetch_policies(settings).items()
+    }
+    archiver = Archiver(
+        ledger,
+        queue,
+        store,
+        fetchers,
+        clock=clock,
+        lease_for=timedelta(seconds=settings.lease_seconds),
+        retry=RetryPolicy(max_attempts=settings.max_attempts),
+        rng=rng,
+    )
     ingestor = Ingestor(
         ledger,
         REGISTRY,
         deadline_margin=timedelta(seconds=settings.deadline_margin_seconds),
         clock=clock,
+        on_queued=archiver.wake.set,
     )
-    return Parts(settings, db, ledger, ingestor, clock, wall_clock)
+    return Parts(settings, db, ledger, queue, store, ingestor, archiver, clock, wall_clock)
 
 
 def webhook_endpoints(settings: Settings) -> dict[str, WebhookEndpoint]:
@@ -97,7 +163,8 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-def create_app(parts: Parts, *, on_startup: list[Callable[[], Any]] | None = None) -> Starlette:
+def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
+    """The HTTP app; its lifespan starts the parts and `workers` archive loops beside it."""
     settings = parts.settings
     endpoints = webhook_endpoints(settings)
     if settings.insecure_dev:
@@ -114,25 +181,26 @@ def create_app(parts: Parts, *, on_startup: list[Callable[[], Any]] | None = Non
     )
 
     async def readyz(request: Request) -> JSONResponse:
-        try:
-            await parts.ledger.ping()
-        except Exception as exc:
-            return JSONResponse(
-                {"status": "not-ready", "checks": {"ledger": str(exc)}}, status_code=503
-            )
-        return JSONResponse({"status": "ready", "checks": {"ledger": "ok"}})
+        checks: dict[str, str] = {}
+        for name, probe in (("ledger", parts.ledger.ping), ("store", parts.store.ping)):
+            try:
+                await asyncio.wait_for(probe(), timeout=5)
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"{type(exc).__name__}: {exc}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not-ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        parts.db.start()
-        for hook in on_startup or []:
-            await hook()
+        parts.start(workers=workers)
         try:
             yield
         finally:
-            for task in parts.background:
-                task.cancel()
-            parts.db.stop()
+            await parts.stop()
 
     routes = [
         *webhooks.routes(),

@@ -58,12 +58,40 @@ def serve(
     logs.configure(settings.log_format, settings.log_level)
     try:
         parts = build_parts(settings)
-        application = create_app(parts)
-    except ConfigurationError as exc:
+        application = create_app(parts, workers=0 if no_workers else settings.workers)
+    except (ConfigurationError, ValueError) as exc:
         raise fail(str(exc)) from None
-    del no_workers  # archive workers arrive with the archiver
     # access_log off: webhook paths may carry a provider's secret token.
     uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
+
+
+@app.command()
+def worker(env_file: EnvFile = None) -> None:
+    """Run archive workers only (RECEIVER_WORKERS parallel copies), until interrupted."""
+    import asyncio
+    import signal
+
+    from receiver.app import build_parts
+
+    settings = load_settings(env_file)
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        parts = build_parts(settings)
+    except (ConfigurationError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if settings.workers < 1:
+        raise fail("RECEIVER_WORKERS must be at least 1 for `receiver worker`")
+
+    async def run() -> None:
+        parts.start(workers=settings.workers)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        await parts.stop()
+
+    asyncio.run(run())
 
 
 @app.command("dev-env")

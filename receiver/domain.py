@@ -6,6 +6,7 @@ Pure code: no I/O, no clock. Every function that needs "now" takes it as an argu
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -188,3 +189,11 @@ def archive_key(
     safe_job = "".join(c if c.isalnum() or c in "._-" else "_" for c in job_id)
     parts = [provider, f"{day:%Y}", f"{day:%m}", f"{day:%d}", safe_job, name]
     return "/".join([prefix.strip("/"), *parts] if prefix.strip("/") else parts)
+
+
+def backoff_delay(
+    attempt: int, rng: Callable[[], float], *, base: float = 5.0, cap: float = 900.0
+) -> float:
+    """Exponential backoff with jitter: base·2^(attempt-1), capped, scaled into [50 %, 100 %]."""
+    exp = min(cap, base * 2 ** max(0, min(attempt - 1, 30)))
+    return float(exp * (0.5 + rng() / 2))

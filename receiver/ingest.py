@@ -61,7 +61,9 @@ class Ingestor:
         *,
         deadline_margin: timedelta,
         clock: Clock,
+        on_queued: Callable[[], None] = lambda: None,
     ) -> None:
+        self.on_queued = on_queued  # wakes in-process workers; others find the task by polling
         self.ledger = ledger
         self.specs = specs
         self.margin = deadline_margin
@@ -86,4 +88,7 @@ class Ingestor:
             delivery_id=delivery_id,
         )
         plan = plan_outputs(event, self.specs[event.provider], received_at, self.margin)
-        return await self.ledger.record(event, delivery, plan)
+        result = await self.ledger.record(event, delivery, plan)
+        if result.tasks_queued:
+            self.on_queued()
+        return result

@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     UNIQUE (provider, job_id, n)
 );
 CREATE INDEX IF NOT EXISTS tasks_due ON tasks (state, deadline);
+CREATE INDEX IF NOT EXISTS tasks_lapsed ON tasks (state, lease_expires);
 """
 
 _MAX_GROUP = 512

@@ -16,6 +16,9 @@ from receiver.app import Parts, build_parts, create_app
 from receiver.settings import Settings
 from tests.payloads import APEX_OLD_SECRET, APEX_SECRET, APEX_TOKEN, FLIKI_SECRET, FLIKI_TOKEN
 
+# Fixture modules: the misbehaving HTTP source and moto's S3 server.
+pytest_plugins = ["tests.sources", "tests.s3server"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -99,7 +102,7 @@ async def harness_factory(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Cal
     yield make
     for h in made:
         await h.client.aclose()
-        h.parts.db.stop()
+        await h.parts.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,254 @@
+"""The store port: where archived objects (assets and their manifests) are written and read back.
+
+What crosses the line between the archiver and a store:
+
+* **Keys** are ``/``-separated paths relative to the store's root (``file://``) or prefix
+  (``s3://bucket/prefix``), e.g. ``apex/2026/03/16/<job>/output.png``. Both adapters use the
+  same layout. A key has no empty, ``.`` or ``..`` segment and does not start with ``/``; anything
+  else is refused with ``ValueError`` before any I/O.
+* **Bytes** go in as an async iterable of chunks (``put_stream``) or one ``bytes`` (``put_bytes``,
+  for small things such as manifests) and come out as an async iterator of chunks (``read``).
+  Neither direction ever holds a whole object in memory.
+* **Integrity**: every put computes the object's SHA-256 while streaming and records it with the
+  object as user metadata ``sha256`` (hex). ``StoredObject`` returns it to the caller, ``head``
+  reports what the store recorded, and ``read`` lets a verifier recompute it.
+* **Metadata** is a small ``str -> str`` map stored with the object (S3 user metadata, or the
+  local sidecar). Its rules are S3's, applied to both adapters by ``check_metadata`` so a local
+  archive can be moved to S3 unchanged: lower-case ASCII keys, printable ASCII values, at most
+  2 KB in total. Anything bigger belongs in a manifest object.
+* **Failure**: a put either returns a ``StoredObject`` for a complete object or leaves nothing
+  behind (no partial object, no pending S3 multipart upload, no temp file), cancellation included:
+  cleanup finishes before the put raises. Exceptions raised by the caller's chunk iterator
+  propagate unchanged; failures of the backend itself are raised as ``StoreError``
+  (``ObjectMissing`` when the key does not exist).
+* **Overwrites** are allowed: keys are deterministic, so a retried copy lands on the same key.
+
+``open_store(url)`` picks the adapter from the URL: ``file:///abs/path``, ``file://./relative`` or
+``s3://bucket/prefix``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import anyio
+
+__all__ = [
+    "METADATA_LIMIT",
+    "ObjectInfo",
+    "ObjectMissing",
+    "Store",
+    "StoreError",
+    "StoredObject",
+    "check_key",
+    "check_metadata",
+    "open_store",
+    "run_to_end",
+]
+
+_T = TypeVar("_T")
+
+#: S3's limit on user metadata: the UTF-8 bytes of all keys and values together.
+METADATA_LIMIT = 2048
+
+#: An empty, read-only default for ``metadata`` arguments.
+NO_METADATA: Mapping[str, str] = MappingProxyType({})
+
+#: The metadata key under which every store records the object's full SHA-256 (hex).
+SHA256_KEY = "sha256"
+
+_METADATA_KEY = re.compile(r"[a-z0-9-]+")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+# The sha256 entry the store adds itself: its key plus 64 hex digits.
+_SHA256_ENTRY_SIZE = len(SHA256_KEY) + 64
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A complete object just written by ``put_stream`` / ``put_bytes``."""
+
+    key: str  # relative to the store root/prefix
+    uri: str  # "s3://bucket/prefix/key" or "file:///abs/path/key"
+    size: int
+    sha256: str  # hex, computed over exactly the bytes written
+    content_type: str
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the store has recorded about an existing object (``head``)."""
+
+    key: str
+    uri: str
+    size: int
+    content_type: str | None
+    sha256: str | None  # as recorded with the object; None if it never was (foreign objects)
+    metadata: dict[str, str]  # user metadata as stored, "sha256" included when present
+
+
+class StoreError(Exception):
+    """The store failed (unreachable, refused, out of space...). Adapters wrap backend errors."""
+
+
+class ObjectMissing(StoreError):
+    """The key does not exist in the store."""
+
+
+class Store(Protocol):
+    """A place to archive objects under deterministic keys. See the module docstring."""
+
+    def uri_for(self, key: str) -> str:
+        """The full location of ``key`` (it need not exist)."""
+        ...
+
+    async def put_stream(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str,
+        metadata: Mapping[str, str],
+    ) -> StoredObject:
+        """Stream ``chunks`` into ``key``, computing SHA-256 on the way, in bounded memory.
+
+        Replaces an existing object. On any failure nothing is left behind and the exception
+        propagates (the iterator's own exceptions unchanged, backend errors as ``StoreError``).
+        The stored metadata is ``metadata`` plus ``sha256``.
+        """
+        ...
+
+    async def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] = NO_METADATA,
+    ) -> StoredObject:
+        """``put_stream`` for data already in memory (manifests)."""
+        ...
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        """What is recorded about ``key``, or None if it does not exist."""
+        ...
+
+    def read(self, key: str) -> AsyncIterator[bytes]:
+        """Stream the object's bytes; raises ``ObjectMissing`` (on first iteration) if absent."""
+        ...
+
+    async def presign_get(self, key: str, expires_in: int) -> str | None:
+        """A time-limited GET URL (a credential: never log it), or None if the store has none."""
+        ...
+
+    def list_keys(self, prefix: str = "") -> AsyncIterator[str]:
+        """Keys (relative to the root) starting with ``prefix``, in no guaranteed order."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreError`` unless the store is reachable and usable (readiness probe)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the store is not used afterwards."""
+        ...
+
+
+def check_key(key: str) -> None:
+    """Refuse keys that are empty, absolute or have empty/``.``/``..`` segments (ValueError).
+
+    The same rule for every adapter keeps the layouts identical and keeps local keys inside the
+    root folder.
+    """
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise ValueError(f"invalid store key {key!r}: must be a relative '/'-separated path")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid store key {key!r}: empty, '.' or '..' segment")
+
+
+def check_metadata(metadata: Mapping[str, str]) -> None:
+    """Apply S3's user-metadata rules (ValueError), leaving room for the ``sha256`` entry.
+
+    Keys: lower-case ASCII ``[a-z0-9-]`` (S3 lower-cases keys anyway; refusing upper case keeps
+    what we read back equal to what we wrote). Values: printable US-ASCII, as HTTP headers carry
+    them. Total of keys and values: at most ``METADATA_LIMIT`` bytes including ``sha256``.
+    """
+    if SHA256_KEY in metadata:
+        raise ValueError(f"metadata key {SHA256_KEY!r} is reserved: the store records it")
+    total = _SHA256_ENTRY_SIZE
+    for name, value in metadata.items():
+        if not _METADATA_KEY.fullmatch(name):
+            raise ValueError(f"metadata key {name!r}: only lower-case ASCII [a-z0-9-] allowed")
+        if not _PRINTABLE_ASCII.fullmatch(value):
+            raise ValueError(f"metadata value for {name!r}: only printable US-ASCII allowed")
+        total += len(name) + len(value)
+    if total > METADATA_LIMIT:
+        raise ValueError(
+            f"metadata is {total} bytes (sha256 included), over S3's {METADATA_LIMIT}-byte "
+            "user metadata limit: put large values in a manifest instead"
+        )
+
+
+async def run_to_end(step: Coroutine[Any, Any, _T]) -> _T:
+    """Await ``step`` to its end even if cancelled meanwhile, then re-raise the cancellation.
+
+    For adapters, around the step that makes an object visible (S3 PutObject or
+    CompleteMultipartUpload, the local rename): cancelling an await does not stop the work already
+    running in a worker thread, so without this the object could appear after the put had
+    reported failure. Waiting lets the adapter's cleanup see, and undo, the step's outcome.
+    """
+    task = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # anyio's shield keeps a cancelled scope (level-triggered) from interrupting the wait.
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # mark retrieved: the cancellation is what the caller sees
+        raise
+
+
+def open_store(url: str, *, part_size: int = 8 * 2**20, parts_in_flight: int = 2) -> Store:
+    """Open the store named by ``url``.
+
+    ``file:///abs/path`` or ``file://./relative/path`` (resolved against the current directory):
+    a local folder. ``s3://bucket`` or ``s3://bucket/prefix``: S3 or any S3-compatible endpoint,
+    configured the way boto3 always is (``AWS_ENDPOINT_URL``, ``AWS_REGION``, profiles).
+    ``part_size`` and ``parts_in_flight`` bound an S3 upload's memory to about
+    ``(parts_in_flight + 1) * part_size``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        # "file://./var/archive" puts "." in the netloc; a real host name is not supported.
+        if parts.netloc in ("", "localhost"):
+            raw_path = unquote(parts.path)
+        elif parts.netloc in (".", ".."):
+            raw_path = parts.netloc + unquote(parts.path)
+        else:
+            raise ValueError(
+                f"unsupported file URL {url!r}: use file:///absolute/path or file://./relative/path"
+            )
+        if not raw_path:
+            raise ValueError(f"file URL {url!r} names no folder")
+        from receiver.store.local import LocalStore
+
+        return LocalStore(Path(raw_path).resolve())
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"S3 URL {url!r} names no bucket: use s3://bucket/prefix")
+        from receiver.store.s3 import S3Store
+
+        return S3Store(
+            parts.netloc,
+            unquote(parts.path).strip("/"),
+            part_size=part_size,
+            parts_in_flight=parts_in_flight,
+        )
+    raise ValueError(f"unsupported store URL {url!r}: use file://path or s3://bucket/prefix")

@@ -1,0 +1,271 @@
+"""The embedded store: archived objects as files under a local folder (``file://`` URLs).
+
+Same key layout as S3: key ``a/b/c.png`` is the file ``<root>/a/b/c.png``. What S3 keeps as object
+metadata lives in a sidecar ``<root>/a/b/c.png.meta.json`` (content type, size, sha256, user
+metadata). Both are written to a temp file in the destination folder, fsynced and renamed into place
+with ``os.replace``, so a reader sees the old file or the new one, never a half-written one.
+
+Blocking file I/O runs in worker threads; data is written in chunks of at most ``_WRITE_SIZE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+from receiver.store import (
+    NO_METADATA,
+    SHA256_KEY,
+    ObjectInfo,
+    ObjectMissing,
+    StoredObject,
+    StoreError,
+    check_key,
+    check_metadata,
+    run_to_end,
+)
+
+_T = TypeVar("_T")
+
+SIDECAR_SUFFIX = ".meta.json"
+_TEMP_SUFFIX = ".tmp"
+# Bytes gathered before one write() in a worker thread: amortises the thread hop per chunk.
+_WRITE_SIZE = 1 << 20
+_READ_SIZE = 1 << 20
+
+
+class LocalStore:
+    """A ``Store`` rooted at an absolute folder (created on first write)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def uri_for(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    async def put_stream(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str,
+        metadata: Mapping[str, str],
+    ) -> StoredObject:
+        path = self._path(key)
+        check_metadata(metadata)
+        await _io(path.parent.mkdir, parents=True, exist_ok=True)
+        fd, tmp_name = await _io(
+            tempfile.mkstemp, dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX
+        )
+        tmp = Path(tmp_name)
+        hasher = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                pending = bytearray()
+                # The caller's iterator runs outside _io so its exceptions are not wrapped.
+                async for chunk in chunks:
+                    hasher.update(chunk)
+                    size += len(chunk)
+                    pending += chunk
+                    if len(pending) >= _WRITE_SIZE:
+                        await _io(out.write, pending)
+                        pending = bytearray()
+                await _io(_write_and_sync, out, pending)
+            digest = hasher.hexdigest()
+            sidecar = {
+                "content_type": content_type,
+                "size": size,
+                SHA256_KEY: digest,
+                "metadata": {**metadata, SHA256_KEY: digest},
+            }
+            try:
+                await run_to_end(
+                    _io(_commit, tmp, path, json.dumps(sidecar, sort_keys=True).encode())
+                )
+            except asyncio.CancelledError:
+                # The rename ran to its end: undo it, so a cancelled put leaves nothing either.
+                with anyio.CancelScope(shield=True):
+                    await asyncio.to_thread(_remove, path)
+                raise
+        except BaseException:
+            # Shielded: a cancelled anyio scope would otherwise cancel the cleanup's await too.
+            with anyio.CancelScope(shield=True):
+                await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            raise
+        return StoredObject(key, path.as_uri(), size, digest, content_type)
+
+    async def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] = NO_METADATA,
+    ) -> StoredObject:
+        return await self.put_stream(
+            key, _single_chunk(data), content_type=content_type, metadata=metadata
+        )
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        return await _io(self._head_sync, key, path)
+
+    def _head_sync(self, key: str, path: Path) -> ObjectInfo | None:
+        try:
+            size = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not path.is_file():
+            return None
+        sidecar: dict[str, Any] = {}
+        # An object without a sidecar (copied in by hand, or a crash between the two renames) is
+        # reported with what the file itself says: its size, nothing recorded.
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                sidecar = json.loads(_sidecar(path).read_bytes())
+            except ValueError as exc:
+                raise StoreError(f"corrupt sidecar for {path.as_uri()}: {exc}") from exc
+        metadata = {str(k): str(v) for k, v in sidecar.get("metadata", {}).items()}
+        return ObjectInfo(
+            key=key,
+            uri=path.as_uri(),
+            size=size,
+            content_type=sidecar.get("content_type"),
+            sha256=sidecar.get(SHA256_KEY),
+            metadata=metadata,
+        )
+
+    async def read(self, key: str) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        try:
+            handle = await asyncio.to_thread(path.open, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise ObjectMissing(f"no object at {path.as_uri()}") from exc
+        except OSError as exc:
+            raise StoreError(f"local store: {exc}") from exc
+        try:
+            while chunk := await _io(handle.read, _READ_SIZE):
+                yield chunk
+        finally:
+            handle.close()
+
+    async def presign_get(self, key: str, expires_in: int) -> str | None:
+        self._path(key)
+        return None
+
+    async def list_keys(self, prefix: str = "") -> AsyncIterator[str]:
+        # Walk only the folder the prefix fully names ("apex/2026/0" -> <root>/apex/2026) and
+        # filter the rest by string prefix, as S3 does.
+        folder = prefix.rpartition("/")[0]
+        if folder:
+            check_key(folder)
+        walker = os.walk(self.root / folder)
+        while True:
+            step = await _io(next, walker, None)
+            if step is None:
+                return
+            dirpath, dirnames, filenames = step
+            dirnames.sort()
+            relative = Path(dirpath).relative_to(self.root).as_posix()
+            for name in sorted(filenames):
+                if name.endswith(SIDECAR_SUFFIX) or _is_temp(name):
+                    continue
+                key = name if relative == "." else f"{relative}/{name}"
+                if key.startswith(prefix):
+                    yield key
+
+    async def ping(self) -> None:
+        def probe() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionError(f"{self.root} is not writable")
+
+        await _io(probe)
+
+    async def aclose(self) -> None:
+        return None
+
+    def _path(self, key: str) -> Path:
+        check_key(key)
+        name = key.rpartition("/")[2]
+        # These names are the store's own bookkeeping files; a key must not collide with them.
+        if name.endswith(SIDECAR_SUFFIX) or _is_temp(name):
+            raise ValueError(f"invalid store key {key!r}: reserved file name")
+        return self.root / key
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(_TEMP_SUFFIX)
+
+
+async def _single_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _io(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run blocking file I/O in a worker thread, raising OS errors as ``StoreError``."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except OSError as exc:
+        raise StoreError(f"local store: {exc}") from exc
+
+
+def _write_and_sync(out: Any, data: bytes | bytearray) -> None:
+    out.write(data)
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _commit(tmp: Path, path: Path, sidecar: bytes) -> None:
+    """Move the finished data file into place, then its sidecar.
+
+    The old sidecar goes first so that a crash in between leaves a file without a sidecar (reported
+    as "sha256 not recorded") rather than a sidecar describing other bytes. If the sidecar cannot
+    be written the new file is removed again: a put leaves a complete object or nothing.
+    """
+    meta = _sidecar(path)
+    meta.unlink(missing_ok=True)
+    os.replace(tmp, path)
+    try:
+        fd, meta_tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{meta.name}.", suffix=_TEMP_SUFFIX
+        )
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _write_and_sync(out, sidecar)
+            os.replace(meta_tmp, meta)
+        except BaseException:
+            Path(meta_tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _remove(path: Path) -> None:
+    _sidecar(path).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the renames themselves durable, not just the files' contents.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

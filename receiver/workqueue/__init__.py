@@ -1,0 +1,47 @@
+"""The queue port: archive tasks, leased earliest-deadline-first.
+
+What crosses this line: a worker leases a task (provider, job id, output number, deadline) for a
+while, heartbeats to keep it, and ends it with `ack`, `retry` (not before a time) or
+`dead_letter`. A lease that is not renewed expires and the task comes back, so a worker killed
+at any moment loses nothing. Tasks carry no URLs: the worker reads the current link from the
+ledger. Adapters: `sqlite.py` (embedded; tasks are written by the ledger's own transaction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Lease:
+    task_id: int
+    provider: str
+    job_id: str
+    n: int
+    deadline: datetime
+    attempt: int  # 1 for the first try
+    owner: str
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    ready: int
+    leased: int
+    dead: int
+    oldest_ready_at: datetime | None
+
+
+class WorkQueue(Protocol):
+    async def lease(self, owner: str, now: datetime, lease_for: timedelta) -> Lease | None: ...
+
+    async def heartbeat(self, lease: Lease, now: datetime, lease_for: timedelta) -> bool: ...
+
+    async def ack(self, lease: Lease) -> None: ...
+
+    async def retry(self, lease: Lease, not_before: datetime, error: str) -> None: ...
+
+    async def dead_letter(self, lease: Lease, error: str) -> None: ...
+
+    async def stats(self, now: datetime) -> QueueStats: ...

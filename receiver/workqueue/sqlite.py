@@ -1,0 +1,108 @@
+"""The SQLite queue: the `tasks` table of the embedded database, leased by deadline."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+from receiver.sqlite_db import Database
+from receiver.workqueue import Lease, QueueStats
+
+
+class SqliteQueue:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def lease(self, owner: str, now: datetime, lease_for: timedelta) -> Lease | None:
+        at = now.timestamp()
+
+        def write(conn: sqlite3.Connection) -> Lease | None:
+            # Due ready tasks and tasks whose lease lapsed (their worker died), earliest deadline
+            # first. The two index-backed lookups keep this cheap with a large backlog.
+            candidates = [
+                conn.execute(
+                    "SELECT id, deadline FROM tasks WHERE state = 'ready' AND not_before <= ? "
+                    "ORDER BY deadline LIMIT 1",
+                    (at,),
+                ).fetchone(),
+                conn.execute(
+                    "SELECT id, deadline FROM tasks WHERE state = 'leased' AND lease_expires < ? "
+                    "ORDER BY deadline LIMIT 1",
+                    (at,),
+                ).fetchone(),
+            ]
+            due = [c for c in candidates if c is not None]
+            if not due:
+                return None
+            chosen = min(due, key=lambda c: c["deadline"])
+            row = conn.execute(
+                "UPDATE tasks SET state = 'leased', lease_owner = ?, lease_expires = ?, "
+                "attempts = attempts + 1 WHERE id = ? "
+                "RETURNING id, provider, job_id, n, deadline, attempts",
+                (owner, at + lease_for.total_seconds(), chosen["id"]),
+            ).fetchone()
+            return Lease(
+                task_id=row["id"],
+                provider=row["provider"],
+                job_id=row["job_id"],
+                n=row["n"],
+                deadline=datetime.fromtimestamp(row["deadline"], tz=UTC),
+                attempt=row["attempts"],
+                owner=owner,
+            )
+
+        return await self.db.write(write)
+
+    async def heartbeat(self, lease: Lease, now: datetime, lease_for: timedelta) -> bool:
+        until = now.timestamp() + lease_for.total_seconds()
+        return await self.db.write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE tasks SET lease_expires = ? "
+                    "WHERE id = ? AND lease_owner = ? AND state = 'leased'",
+                    (until, lease.task_id, lease.owner),
+                ).rowcount
+                == 1
+            )
+        )
+
+    async def ack(self, lease: Lease) -> None:
+        await self._end(lease, "done", None, None)
+
+    async def retry(self, lease: Lease, not_before: datetime, error: str) -> None:
+        await self._end(lease, "ready", not_before.timestamp(), error)
+
+    async def dead_letter(self, lease: Lease, error: str) -> None:
+        await self._end(lease, "dead", None, error)
+
+    async def _end(
+        self, lease: Lease, state: str, not_before: float | None, error: str | None
+    ) -> None:
+        # Only the current holder may end a task: a worker whose lease lapsed and was taken over
+        # must not undo the new holder's work.
+        await self.db.write(
+            lambda conn: conn.execute(
+                "UPDATE tasks SET state = ?, lease_owner = NULL, lease_expires = NULL, "
+                "not_before = COALESCE(?, not_before), last_error = COALESCE(?, last_error) "
+                "WHERE id = ? AND lease_owner = ?",
+                (state, not_before, error, lease.task_id, lease.owner),
+            )
+        )
+
+    async def stats(self, now: datetime) -> QueueStats:
+        def read(conn: sqlite3.Connection) -> QueueStats:
+            counts = dict.fromkeys(("ready", "leased", "dead"), 0)
+            for row in conn.execute("SELECT state, COUNT(*) AS c FROM tasks GROUP BY state"):
+                if row["state"] in counts:
+                    counts[row["state"]] = row["c"]
+            oldest = conn.execute(
+                "SELECT MIN(created_at) AS t FROM tasks WHERE state IN ('ready', 'leased')"
+            ).fetchone()["t"]
+            return QueueStats(
+                ready=counts["ready"],
+                leased=counts["leased"],
+                dead=counts["dead"],
+                oldest_ready_at=datetime.fromtimestamp(oldest, tz=UTC) if oldest else None,
+            )
+
+        return await self.db.read(read)

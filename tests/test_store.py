@@ -1,0 +1,591 @@
+"""Contract tests for the store port, run against both adapters, plus S3- and local-specific ones.
+
+The S3 adapter runs against moto's real HTTP server, under both of boto3's request checksum modes
+(``when_supported``, the default since 1.36, and ``when_required``). moto echoes checksums without
+verifying them, so these tests prove what we send and record, not what AWS would accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import hashlib
+import os
+import random
+import threading
+import time
+import tracemalloc
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from botocore.exceptions import ClientError
+
+import receiver.store.local as local_module
+import receiver.store.s3 as s3_module
+from receiver.store import (
+    METADATA_LIMIT,
+    ObjectMissing,
+    Store,
+    StoreError,
+    check_metadata,
+    open_store,
+)
+from receiver.store.local import LocalStore
+from receiver.store.s3 import S3Store
+from tests.s3server import (  # noqa: F401
+    admin_client,
+    moto_s3,
+    moto_server_process,
+    point_boto3_at,
+    s3_bucket,
+)
+
+MiB = 2**20
+PART = 5 * MiB  # S3's minimum part size
+KEY = "apex/2026/03/16/job-1/output.png"
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def chunked(data: bytes, size: int = 256 * 1024) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def read_all(store: Store, key: str) -> bytes:
+    return b"".join([chunk async for chunk in store.read(key)])
+
+
+async def all_keys(store: Store, prefix: str = "") -> list[str]:
+    return sorted([key async for key in store.list_keys(prefix)])
+
+
+class Boom(Exception):
+    """Raised by a test's chunk iterator."""
+
+
+@dataclass
+class Backend:
+    """A store under test plus a raw view of everything it has left in its backend."""
+
+    kind: str  # "local" or "s3"
+    store: Store
+    root: Path | None = None
+    bucket: str | None = None
+
+    def leftovers(self) -> list[str]:
+        """Every file under the local root, or every S3 object and pending multipart upload."""
+        if self.root is not None:
+            if not self.root.exists():
+                return []
+            return sorted(
+                str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()
+            )
+        assert self.bucket is not None
+        client = admin_client()
+        objects = client.list_objects_v2(Bucket=self.bucket).get("Contents", [])
+        uploads = client.list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])
+        return sorted([o["Key"] for o in objects] + [f"upload:{u['Key']}" for u in uploads])
+
+
+def open_backend(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Backend:
+    if kind == "local":
+        root = tmp_path / "archive"
+        return Backend("local", open_store(root.as_uri(), part_size=PART), root=root)
+    bucket = request.getfixturevalue("s3_bucket")
+    mode = kind.removeprefix("s3-")
+    # Set before the client is created: botocore reads it once, at client creation.
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", mode)
+    store = open_store(f"s3://{bucket}/archive", part_size=PART)
+    assert isinstance(store, S3Store)
+    config = store._client.meta.config
+    assert config.request_checksum_calculation == mode  # type: ignore[attr-defined]  # stubs lag
+    return Backend("s3", store, bucket=bucket)
+
+
+S3_KINDS = ["s3-when_supported", "s3-when_required"]
+
+
+@pytest.fixture(params=["local", *S3_KINDS])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Backend]:
+    opened = open_backend(request.param, request, tmp_path, monkeypatch)
+    yield opened
+    await opened.store.aclose()
+
+
+@pytest.fixture(params=S3_KINDS)
+async def s3_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Backend]:
+    opened = open_backend(request.param, request, tmp_path, monkeypatch)
+    yield opened
+    await opened.store.aclose()
+
+
+@pytest.fixture
+def s3_store(s3_backend: Backend) -> S3Store:
+    assert isinstance(s3_backend.store, S3Store)
+    return s3_backend.store
+
+
+# --- the contract, for every adapter ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_small_object_round_trip(backend: Backend) -> None:
+    data = payload(300_000)
+    stored = await backend.store.put_stream(
+        KEY, chunked(data), content_type="image/png", metadata={"provider": "apex"}
+    )
+    assert stored.key == KEY
+    assert stored.uri == backend.store.uri_for(KEY)
+    assert (stored.size, stored.sha256, stored.content_type) == (len(data), sha(data), "image/png")
+    assert await read_all(backend.store, KEY) == data
+    info = await backend.store.head(KEY)
+    assert info is not None
+    assert (info.key, info.uri, info.size) == (KEY, stored.uri, len(data))
+    assert (info.content_type, info.sha256) == ("image/png", sha(data))
+    assert info.metadata == {"provider": "apex", "sha256": sha(data)}
+
+
+@pytest.mark.anyio
+async def test_multipart_object_round_trip(backend: Backend) -> None:
+    data = payload(12 * MiB + 12345)  # three parts of 5 MiB, the last one short
+    stored = await backend.store.put_stream(
+        KEY, chunked(data, 1_000_003), content_type="video/mp4", metadata={"job": "job-1"}
+    )
+    assert (stored.size, stored.sha256) == (len(data), sha(data))
+    info = await backend.store.head(KEY)
+    assert info is not None
+    assert (info.size, info.content_type, info.sha256) == (len(data), "video/mp4", sha(data))
+    assert info.metadata == {"job": "job-1", "sha256": sha(data)}
+    assert await read_all(backend.store, KEY) == data
+
+
+@pytest.mark.anyio
+async def test_put_bytes_and_empty_object(backend: Backend) -> None:
+    manifest = b'{"job": "job-1"}'
+    stored = await backend.store.put_bytes(
+        "m/manifest.json", manifest, content_type="application/json"
+    )
+    assert (stored.size, stored.sha256) == (len(manifest), sha(manifest))
+    empty = await backend.store.put_bytes("m/empty", b"", content_type="text/plain")
+    assert (empty.size, empty.sha256) == (0, sha(b""))
+    assert await read_all(backend.store, "m/empty") == b""
+    info = await backend.store.head("m/manifest.json")
+    assert info is not None and info.metadata == {"sha256": sha(manifest)}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("first_size", [100, 11 * MiB], ids=["small-then-multipart", "big-first"])
+async def test_overwrite_same_key(backend: Backend, first_size: int) -> None:
+    first, second = payload(first_size, seed=1), payload(6 * MiB, seed=2)
+    await backend.store.put_bytes(KEY, first, content_type="a/b", metadata={"try": "1"})
+    await backend.store.put_stream(KEY, chunked(second), content_type="c/d", metadata={"try": "2"})
+    assert await read_all(backend.store, KEY) == second
+    info = await backend.store.head(KEY)
+    assert info is not None
+    assert (info.size, info.sha256, info.content_type) == (len(second), sha(second), "c/d")
+    assert info.metadata == {"try": "2", "sha256": sha(second)}
+    assert await all_keys(backend.store) == [KEY]
+
+
+async def failing_source(data: bytes, fail_at: int, error: Exception) -> AsyncIterator[bytes]:
+    async for chunk in chunked(data[:fail_at], 512 * 1024):
+        yield chunk
+    raise error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "fail_at", [300_000, 7 * MiB, 11 * MiB], ids=["in-first-part", "second-part", "third-part"]
+)
+async def test_failing_iterator_leaves_nothing(backend: Backend, fail_at: int) -> None:
+    error = Boom("source broke")
+    with pytest.raises(Boom) as raised:
+        await backend.store.put_stream(
+            KEY,
+            failing_source(payload(12 * MiB), fail_at, error),
+            content_type="image/png",
+            metadata={},
+        )
+    assert raised.value is error  # propagated unchanged, not wrapped
+    assert await backend.store.head(KEY) is None
+    assert backend.leftovers() == []
+
+
+@pytest.mark.anyio
+async def test_failed_overwrite_keeps_previous_object(backend: Backend) -> None:
+    old = payload(1000)
+    await backend.store.put_bytes(KEY, old, content_type="image/png")
+    before = backend.leftovers()
+    with pytest.raises(Boom):
+        await backend.store.put_stream(
+            KEY,
+            failing_source(payload(12 * MiB), 11 * MiB, Boom()),
+            content_type="image/png",
+            metadata={},
+        )
+    assert await read_all(backend.store, KEY) == old
+    assert backend.leftovers() == before
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["anyio-scope", "task-cancel"])
+async def test_cancelled_put_leaves_nothing(backend: Backend, how: str) -> None:
+    stalled = anyio.Event()
+
+    async def stalling_source() -> AsyncIterator[bytes]:
+        async for chunk in chunked(payload(11 * MiB), MiB):
+            yield chunk
+        stalled.set()
+        await anyio.sleep_forever()
+        yield b""  # never reached
+
+    put = backend.store.put_stream(KEY, stalling_source(), content_type="x/y", metadata={})
+    if how == "anyio-scope":  # level cancellation: every later await in the scope is cancelled
+        async with anyio.create_task_group() as group:
+            group.start_soon(lambda: put)
+            await stalled.wait()
+            group.cancel_scope.cancel()
+    else:  # plain asyncio: one CancelledError, as asyncio.wait_for / timeout deliver
+        task = asyncio.create_task(put)
+        await stalled.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert backend.leftovers() == []
+
+
+@pytest.mark.anyio
+async def test_metadata_limit(backend: Backend) -> None:
+    room = METADATA_LIMIT - len("sha256") - 64 - len("x")  # what is left for one value
+    await backend.store.put_bytes(KEY, b"ok", content_type="text/plain", metadata={"x": "v" * room})
+    info = await backend.store.head(KEY)
+    assert info is not None and info.metadata["x"] == "v" * room
+    with pytest.raises(ValueError, match="2048-byte"):
+        await backend.store.put_bytes(
+            "other", b"no", content_type="text/plain", metadata={"x": "v" * (room + 1)}
+        )
+    assert await backend.store.head("other") is None
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"Provider": "apex"},
+        {"provider_id": "x"},
+        {"note": "caf\u00e9"},
+        {"note": "a\nb"},
+        {"sha256": "0"},
+    ],
+)
+def test_metadata_rules(metadata: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        check_metadata(metadata)
+
+
+@pytest.mark.anyio
+async def test_list_keys(backend: Backend) -> None:
+    keys = ["apex/2026/03/16/j1/output.png", "apex/2026/04/01/j2/output.mp4", "fliki/2026/x.mp3"]
+    for key in keys:
+        await backend.store.put_bytes(key, key.encode(), content_type="text/plain")
+    assert await all_keys(backend.store) == keys
+    assert await all_keys(backend.store, "apex/") == keys[:2]
+    assert await all_keys(backend.store, "apex/2026/0") == keys[:2]
+    assert await all_keys(backend.store, "apex/2026/04") == keys[1:2]
+    assert await all_keys(backend.store, "vividflow/") == []
+
+
+@pytest.mark.anyio
+async def test_missing_key(backend: Backend) -> None:
+    assert await backend.store.head("nope/missing.png") is None
+    with pytest.raises(ObjectMissing):
+        await read_all(backend.store, "nope/missing.png")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("key", ["", "../escape", "a/../../escape", "/etc/passwd", "a//b", "a/./b"])
+async def test_bad_keys_refused(backend: Backend, key: str) -> None:
+    with pytest.raises(ValueError):
+        await backend.store.put_bytes(key, b"x", content_type="text/plain")
+    with pytest.raises(ValueError):
+        backend.store.uri_for(key)
+    assert backend.leftovers() == []
+
+
+@pytest.mark.anyio
+async def test_ping_and_presign(backend: Backend) -> None:
+    await backend.store.ping()
+    await backend.store.put_bytes(KEY, b"hello", content_type="text/plain")
+    url = await backend.store.presign_get(KEY, 60)
+    if backend.kind == "local":
+        assert url is None
+    else:
+        assert url is not None
+        assert httpx.get(url, trust_env=False).content == b"hello"
+
+
+# --- S3 specifics ----------------------------------------------------------------------------
+
+
+def s3_checksum(store: S3Store, key: str) -> str:
+    client = admin_client()
+    head = client.head_object(Bucket=store.bucket, Key=f"archive/{key}", ChecksumMode="ENABLED")
+    return str(head["ChecksumSHA256"])
+
+
+def b64sha(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [1000, 11 * MiB], ids=["single-put", "multipart"])
+async def test_s3_checksum_is_full_object_sha256(s3_store: S3Store, size: int) -> None:
+    data = payload(size)
+    await s3_store.put_stream(KEY, chunked(data), content_type="image/png", metadata={})
+    # The multipart object was copied onto itself, so its checksum is no longer "<b64>-N".
+    assert s3_checksum(s3_store, KEY) == b64sha(data)
+    assert s3_store.uri_for(KEY) == f"s3://{s3_store.bucket}/archive/{KEY}"
+
+
+@pytest.mark.anyio
+async def test_s3_large_object_sha256_goes_to_tag(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_module, "MAX_COPY_SIZE", 10 * MiB)  # stands in for 5 GiB
+    data = payload(11 * MiB)
+    await s3_store.put_stream(KEY, chunked(data), content_type="video/mp4", metadata={"a": "b"})
+    info = await s3_store.head(KEY)
+    assert info is not None
+    assert info.metadata == {"a": "b"}  # fixed at create_multipart_upload, no sha256 yet
+    assert info.sha256 == sha(data)  # read from the tag
+
+
+@pytest.mark.anyio
+async def test_s3_too_many_parts_aborts(
+    s3_backend: Backend, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_module, "MAX_PARTS", 2)
+    with pytest.raises(StoreError, match="exceeds 2 parts"):
+        await s3_store.put_stream(KEY, chunked(payload(11 * MiB)), content_type="x/y", metadata={})
+    assert s3_backend.leftovers() == []
+
+
+@pytest.mark.anyio
+async def test_s3_failed_part_upload_aborts(
+    s3_backend: Backend, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_upload_part = s3_store._client.upload_part
+
+    def flaky_upload_part(**kwargs: Any) -> Any:
+        if kwargs["PartNumber"] == 2:
+            kwargs["UploadId"] = "no-such-upload"  # S3 answers NoSuchUpload
+        return real_upload_part(**kwargs)
+
+    monkeypatch.setattr(s3_store._client, "upload_part", flaky_upload_part)
+    with pytest.raises(StoreError):
+        await s3_store.put_stream(KEY, chunked(payload(16 * MiB)), content_type="x/y", metadata={})
+    assert s3_backend.leftovers() == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("operation", "size", "fault"),
+    [
+        ("put_object", 1000, "cancelled"),
+        ("complete_multipart_upload", 11 * MiB, "cancelled"),
+        ("copy_object", 11 * MiB, "cancelled"),
+        ("copy_object", 11 * MiB, "refused"),
+    ],
+)
+async def test_s3_failure_while_committing_leaves_nothing(
+    s3_backend: Backend,
+    s3_store: S3Store,
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+    size: int,
+    fault: str,
+) -> None:
+    """A request that makes the object visible runs to its end; then the object is removed."""
+    entered = threading.Event()
+    real_operation = getattr(s3_store._client, operation)
+
+    def slow_operation(**kwargs: Any) -> Any:
+        entered.set()
+        time.sleep(0.3)  # still running in its thread when the cancellation arrives
+        return real_operation(**kwargs)
+
+    def refused_operation(**kwargs: Any) -> Any:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, operation)
+
+    put = s3_store.put_stream(KEY, chunked(payload(size)), content_type="x/y", metadata={})
+    if fault == "cancelled":
+        monkeypatch.setattr(s3_store._client, operation, slow_operation)
+        task = asyncio.create_task(put)
+        await anyio.to_thread.run_sync(entered.wait)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        monkeypatch.setattr(s3_store._client, operation, refused_operation)
+        with pytest.raises(StoreError, match="AccessDenied"):
+            await put
+    assert s3_backend.leftovers() == []
+
+
+@pytest.mark.anyio
+async def test_s3_parts_in_flight_bound(s3_store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_upload_part = s3_store._client.upload_part
+    lock = threading.Lock()
+    running, most = 0, 0
+
+    def slow_upload_part(**kwargs: Any) -> Any:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            time.sleep(0.05)
+            return real_upload_part(**kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(s3_store._client, "upload_part", slow_upload_part)
+    data = payload(21 * MiB)  # five parts
+    stored = await s3_store.put_stream(KEY, chunked(data), content_type="x/y", metadata={})
+    assert stored.sha256 == sha(data)
+    assert most == s3_store.parts_in_flight == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("moto_s3")
+async def test_s3_ping_missing_bucket() -> None:
+    store = open_store(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(StoreError, match="not found"):
+        await store.ping()
+    await store.aclose()
+
+
+@pytest.mark.usefixtures("moto_s3")
+def test_s3_part_size_minimum() -> None:
+    with pytest.raises(ValueError, match="minimum"):
+        open_store("s3://bucket", part_size=PART - 1)
+
+
+@pytest.mark.anyio
+async def test_s3_upload_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 MiB through put_stream: Python allocations stay within (parts_in_flight + 1) parts.
+
+    moto runs in a child process here so that the objects it keeps are not counted. tracemalloc
+    sees only Python-level allocations, which is where any buffering of ours would show. Half a
+    part of slack covers botocore's per-request objects and the first part's over-allocation; one
+    part more than the bound (let alone the whole object) fails the test.
+    """
+    total, block, in_flight = 64 * MiB, payload(MiB), 2
+
+    async def source() -> AsyncIterator[bytes]:
+        for _ in range(total // len(block)):
+            yield block
+
+    with moto_server_process() as endpoint:
+        point_boto3_at(monkeypatch, endpoint)
+        admin_client().create_bucket(Bucket="memory")
+        store = open_store("s3://memory", part_size=PART, parts_in_flight=in_flight)
+        # Warm-up: botocore loads models and builds caches on first use of each operation.
+        await store.put_stream("warm", chunked(payload(PART + 1)), content_type="x/y", metadata={})
+        gc.collect()
+        tracemalloc.start()
+        try:
+            stored = await store.put_stream("big", source(), content_type="x/y", metadata={})
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        await store.aclose()
+    assert (stored.size, stored.sha256) == (total, sha(block * (total // len(block))))
+    print(f"peak Python allocations streaming 64 MiB in 5 MiB parts: {peak / MiB:.1f} MiB")
+    assert peak < (in_flight + 1.5) * PART
+
+
+# --- local specifics -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_local_layout_and_reserved_names(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    stored = await store.put_bytes("a/b.png", b"png", content_type="image/png")
+    assert stored.uri == (tmp_path / "a" / "b.png").as_uri()
+    assert (tmp_path / "a" / "b.png").read_bytes() == b"png"
+    assert (tmp_path / "a" / "b.png.meta.json").is_file()
+    assert sorted(os.listdir(tmp_path / "a")) == ["b.png", "b.png.meta.json"]  # no temp files
+    for key in ["a/b.png.meta.json", "a/.b.png.x1y2.tmp"]:
+        with pytest.raises(ValueError, match="reserved"):
+            await store.put_bytes(key, b"x", content_type="text/plain")
+    (tmp_path / "a" / ".c.png.abc.tmp").write_bytes(b"crash debris")
+    assert await all_keys(store) == ["a/b.png"]
+
+
+@pytest.mark.anyio
+async def test_local_cancel_during_rename_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered = threading.Event()
+    real_commit = local_module._commit
+
+    def slow_commit(*args: Any) -> None:
+        entered.set()
+        time.sleep(0.3)  # still renaming in its thread when the cancellation arrives
+        real_commit(*args)
+
+    monkeypatch.setattr(local_module, "_commit", slow_commit)
+    store = LocalStore(tmp_path)
+    task = asyncio.create_task(store.put_bytes("a/b.png", b"png", content_type="image/png"))
+    await anyio.to_thread.run_sync(entered.wait)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.anyio
+async def test_local_ping_refuses_unusable_root(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StoreError):
+        await LocalStore(tmp_path / "file" / "archive").ping()
+
+
+# --- open_store ------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("moto_s3")
+def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = open_store("file://./var/archive")
+    assert isinstance(relative, LocalStore) and relative.root == tmp_path / "var" / "archive"
+    absolute = open_store(f"file://{tmp_path}/x")
+    assert isinstance(absolute, LocalStore) and absolute.root == tmp_path / "x"
+    s3 = open_store("s3://bucket/some/prefix/")
+    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("bucket", "some/prefix")
+    assert s3.uri_for("k") == "s3://bucket/some/prefix/k"
+    assert open_store("s3://bucket").uri_for("k") == "s3://bucket/k"
+    for bad in ["ftp://host/x", "s3:///prefix", "file://host/x", "file://"]:
+        with pytest.raises(ValueError):
+            open_store(bad)
