@@ -54,6 +54,7 @@ def build_manifest(job: JobRecord) -> dict[str, Any]:
             "error": job.error,
             "credits_refunded": job.credits_refunded,
             "metadata": redact(job.metadata),
+            "tracking": redact(job.tracking),
         },
         "deliveries": [
             {

@@ -117,6 +117,7 @@ class JobRecord:
     error: str | None
     credits_refunded: int | None
     metadata: dict[str, Any]
+    tracking: dict[str, Any] | None = None  # set when registered with POST /jobs
     deliveries: list[DeliveryRecord] = field(default_factory=list)
     assets: list[AssetRecord] = field(default_factory=list)
 
@@ -125,6 +126,12 @@ class Ledger(Protocol):
     async def record(
         self, event: JobEvent, delivery: IncomingDelivery, plan: list[PlannedOutput]
     ) -> RecordResult: ...
+
+    async def track(
+        self, provider: str, job_id: str, tracking: dict[str, Any], now: datetime
+    ) -> bool:
+        """Register a job to follow by polling; False if it was already known (idempotent)."""
+        ...
 
     async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None: ...
 

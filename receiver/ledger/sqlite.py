@@ -42,6 +42,32 @@ class SqliteLedger:
     ) -> RecordResult:
         return await self.db.write(lambda conn: _record(conn, event, delivery, plan))
 
+    async def track(
+        self, provider: str, job_id: str, tracking: dict[str, Any], now: datetime
+    ) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            at = now.timestamp()
+            created = (
+                conn.execute(
+                    "INSERT INTO jobs (provider, job_id, state, first_seen_at, updated_at, "
+                    "tracking) VALUES (?, ?, 'tracking', ?, ?, ?) "
+                    "ON CONFLICT (provider, job_id) DO NOTHING",
+                    (provider, job_id, at, at, json.dumps(tracking)),
+                ).rowcount
+                == 1
+            )
+            if not created:
+                # Known already (a webhook may have come first): keep its state, add the
+                # caller's registration if it has none yet.
+                conn.execute(
+                    "UPDATE jobs SET tracking = ? WHERE provider = ? AND job_id = ? "
+                    "AND tracking IS NULL",
+                    (json.dumps(tracking), provider, job_id),
+                )
+            return created
+
+        return await self.db.write(write)
+
     async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None:
         def read(conn: sqlite3.Connection) -> AssetToCopy | None:
             row = conn.execute(
@@ -330,6 +356,7 @@ def read_job(conn: sqlite3.Connection, provider: str, job_id: str) -> JobRecord 
         error=row["error"],
         credits_refunded=row["credits_refunded"],
         metadata=json.loads(row["metadata"]),
+        tracking=json.loads(row["tracking"]) if row["tracking"] else None,
         deliveries=deliveries,
         assets=assets,
     )
