@@ -8,10 +8,12 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # Runtime stage: slim, non-root, no compilers.
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 receiver
+RUN groupadd --gid 10001 receiver \
+    && useradd --create-home --uid 10001 --gid 10001 receiver
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/* && rm -rf /wheels
-USER receiver
+# Numeric, so that Kubernetes' runAsNonRoot can verify it without /etc/passwd (hadolint DL3066).
+USER 10001:10001
 WORKDIR /home/receiver
 ENV PYTHONUNBUFFERED=1 \
     RECEIVER_LOG_FORMAT=json

@@ -23,6 +23,7 @@ test: $(STAMP) lint typecheck unit
 lint: $(STAMP)
 	$(BIN)/ruff check receiver tests bench
 	$(BIN)/ruff format --check receiver tests bench
+	$(BIN)/cfn-lint infra/receiver.yaml
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -30,8 +31,17 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
+## Run the benchmarks (a few minutes) and print the table; installs rclone (a baseline) via apt
+## when missing and possible, otherwise that baseline is skipped.
 bench: $(STAMP)
+	@command -v rclone >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq rclone >/dev/null; } \
+		|| echo "rclone not installed: its baseline will be skipped"
 	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+## Start receiver and the provider simulator, run jobs on all four providers, show the archive.
+demo: $(STAMP)
+	$(BIN)/receiver demo --workdir var/demo

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,16 +24,24 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from receiver.archiver import Archiver, RetryPolicy
+from receiver.audit import AuditApi
+from receiver.aws import open_distributed
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.ingest import Clock, Ingestor
 from receiver.ingress import WebhookAuth, WebhookEndpoint, Webhooks, error_payload
+from receiver.ledger import Ledger
 from receiver.ledger.sqlite import SqliteLedger
+from receiver.metrics import Metrics
+from receiver.openapi import document
+from receiver.poller import Poller
 from receiver.providers import REGISTRY
 from receiver.settings import Settings
 from receiver.sqlite_db import Database
 from receiver.store import Store, open_store
+from receiver.tracking import Registrar, TrackedStore, TrackingApi
 from receiver.webhook_auth import SignatureVerifier
+from receiver.workqueue import WorkQueue
 from receiver.workqueue.sqlite import SqliteQueue
 
 log = structlog.get_logger(__name__)
@@ -48,20 +57,24 @@ class Parts:
 
     settings: Settings
     db: Database
-    ledger: SqliteLedger
-    queue: SqliteQueue
+    ledger: Ledger
+    queue: WorkQueue
     store: Store
     ingestor: Ingestor
     archiver: Archiver
+    metrics: Metrics
     clock: Clock = utc_now
     wall_clock: Callable[[], float] = time.time
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    poller: Poller | None = None  # follows tracked jobs; runs beside the archive workers
 
     def start(self, *, workers: int) -> None:
         """Start the database writer and, if asked, `workers` archive loops on this loop."""
         self.db.start()
         if workers:
             self.background.append(asyncio.create_task(self.archiver.run(workers)))
+            if self.poller is not None:
+                self.background.append(asyncio.create_task(self.poller.run()))
 
     async def stop(self) -> None:
         for task in self.background:
@@ -72,6 +85,8 @@ class Parts:
         self.background.clear()
         for fetcher in self.archiver.fetchers.values():
             await fetcher.aclose()
+        if self.poller is not None:
+            await self.poller.aclose()
         await self.store.aclose()
         self.db.stop()
 
@@ -98,9 +113,14 @@ def build_parts(
     rng: Callable[[], float] = random.random,
 ) -> Parts:
     settings.check_queue()
-    db = Database(settings.sqlite_path)
-    ledger = SqliteLedger(db)
-    queue = SqliteQueue(db)
+    metrics = Metrics()
+    db = Database(settings.local_db_path)
+    ledger: Ledger
+    queue: WorkQueue
+    if settings.distributed:  # dynamodb:// + sqs:// (scale-out): see receiver/aws.py
+        ledger, queue = open_distributed(settings)
+    else:
+        ledger, queue = SqliteLedger(db), SqliteQueue(db)
     store = open_store(
         settings.archive_url,
         part_size=settings.part_size,
@@ -119,6 +139,7 @@ def build_parts(
         lease_for=timedelta(seconds=settings.lease_seconds),
         retry=RetryPolicy(max_attempts=settings.max_attempts),
         rng=rng,
+        metrics=metrics,
     )
     ingestor = Ingestor(
         ledger,
@@ -126,8 +147,13 @@ def build_parts(
         deadline_margin=timedelta(seconds=settings.deadline_margin_seconds),
         clock=clock,
         on_queued=archiver.wake.set,
+        metrics=metrics,
     )
-    return Parts(settings, db, ledger, queue, store, ingestor, archiver, clock, wall_clock)
+    parts = Parts(
+        settings, db, ledger, queue, store, ingestor, archiver, metrics, clock, wall_clock
+    )
+    parts.poller = Poller(TrackedStore(db), ingestor, settings, REGISTRY, clock=clock, rng=rng)
+    return parts
 
 
 def webhook_endpoints(settings: Settings) -> dict[str, WebhookEndpoint]:
@@ -178,7 +204,28 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         endpoints,
         max_body_bytes=settings.max_body_bytes,
         wall_clock=parts.wall_clock,
+        on_auth_failure=lambda provider: parts.metrics.auth_failures.labels(provider).inc(),
     )
+    api_token = settings.api_token.get_secret_value() if settings.api_token else None
+    audit = AuditApi(parts.ledger, parts.store, api_token)
+    poller = parts.poller
+    registrar = Registrar(
+        parts.ledger,
+        TrackedStore(parts.db),
+        settings,
+        clock=parts.clock,
+        provider_problem=poller.problem if poller else lambda provider: None,
+        on_registered=poller.wake.set if poller else lambda: None,
+    )
+    tracking = TrackingApi(registrar, api_token)
+    openapi = document()
+
+    async def metrics(request: Request) -> Response:
+        body = await parts.metrics.render(parts.queue, parts.clock())
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi_json(request: Request) -> JSONResponse:
+        return JSONResponse(openapi)
 
     async def readyz(request: Request) -> JSONResponse:
         checks: dict[str, str] = {}
@@ -204,8 +251,12 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
 
     routes = [
         *webhooks.routes(),
+        *audit.routes(),
+        *tracking.routes(),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/openapi.json", openapi_json),
     ]
     return Starlette(
         routes=routes,

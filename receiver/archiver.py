@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from receiver.fetch import Fetcher, FetchError, SourceGone
 from receiver.ingest import Clock
 from receiver.ledger import ArchivedAsset, AssetToCopy, Ledger
 from receiver.manifest import build_manifest, encode, manifest_key
+from receiver.metrics import Metrics
 from receiver.store import Store
 from receiver.workqueue import Lease, WorkQueue
 
@@ -39,18 +41,6 @@ class RetryPolicy:
     max_retry_after: float = 3600.0  # a provider asking for more than this is capped
 
 
-@dataclass
-class ArchiverStats:
-    """Counters for metrics and tests."""
-
-    archived: int = 0
-    bytes_archived: int = 0
-    retries: int = 0
-    dead_letters: int = 0
-    expired: int = 0
-    deadline_misses: int = 0
-
-
 class Archiver:
     def __init__(
         self,
@@ -64,6 +54,7 @@ class Archiver:
         retry: RetryPolicy | None = None,
         rng: Callable[[], float] = random.random,
         idle_poll: float = 0.5,
+        metrics: Metrics | None = None,
     ) -> None:
         self.ledger = ledger
         self.queue = queue
@@ -74,7 +65,7 @@ class Archiver:
         self.retry = retry or RetryPolicy()
         self.rng = rng
         self.idle_poll = idle_poll
-        self.stats = ArchiverStats()
+        self.metrics = metrics or Metrics()
         self.wake = asyncio.Event()  # set by the ingress when it queues work in this process
         self.owner_prefix = f"worker-{uuid.uuid4().hex[:8]}"
 
@@ -126,6 +117,7 @@ class Archiver:
                 await self._write_manifest(asset)
             await self.queue.ack(lease)
             return
+        started = time.perf_counter()
         heartbeat = asyncio.create_task(self._heartbeat(lease))
         copy = asyncio.create_task(self._copy(asset))
         done, _ = await asyncio.wait({heartbeat, copy}, return_when=asyncio.FIRST_COMPLETED)
@@ -151,11 +143,13 @@ class Archiver:
         await self.ledger.mark_archived(lease.provider, lease.job_id, lease.n, stored, now)
         await self._write_manifest(asset)
         await self.queue.ack(lease)
-        self.stats.archived += 1
-        self.stats.bytes_archived += stored.size
         slack = (asset.deadline - now).total_seconds()
+        self.metrics.archived_objects.inc()
+        self.metrics.archived_bytes.inc(stored.size)
+        self.metrics.copy_seconds.observe(time.perf_counter() - started)
+        self.metrics.slack.observe(slack)
         if slack < 0:
-            self.stats.deadline_misses += 1
+            self.metrics.deadline_misses.inc()
         log.info(
             "asset_archived",
             uri=stored.uri,
@@ -205,7 +199,7 @@ class Archiver:
             link_dead = link_expiry is not None and now >= link_expiry
             if now >= asset.deadline or link_dead or lease.attempt >= self.retry.max_attempts:
                 await self._end(lease, JobState.EXPIRED, f"expired: {answer}")
-                self.stats.expired += 1
+                self.metrics.expired.inc()
                 return
         elif exc is not None and not exc.retryable:
             # Refused by the guard, or a permanent answer: retrying cannot help.
@@ -222,7 +216,7 @@ class Archiver:
         if exc is not None and exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, self.retry.max_retry_after))
         await self.queue.retry(lease, now + timedelta(seconds=delay), answer)
-        self.stats.retries += 1
+        self.metrics.retries.inc()
         log.warning("archive_retry", error=answer, retry_in_seconds=round(delay, 1))
 
     async def _end(self, lease: Lease, state: JobState, reason: str) -> None:
@@ -231,7 +225,7 @@ class Archiver:
         )
         await self.queue.dead_letter(lease, reason)
         if state is JobState.DEAD:
-            self.stats.dead_letters += 1
+            self.metrics.dead_letters.inc()
         log.warning("archive_ended", state=state.value, error=reason)
 
     async def _write_manifest(self, asset: AssetToCopy) -> None:

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
+import json
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
 
 from receiver import logs
-from receiver.errors import ConfigurationError
+from receiver.errors import ConfigurationError, RequestRejected
+from receiver.ledger import JobFilter
 from receiver.settings import Settings
+
+if TYPE_CHECKING:
+    from receiver.app import Parts
+
+T = TypeVar("T")
 
 app = typer.Typer(help="Webhook receiver and asset archiver for AI media generation APIs.")
 
@@ -92,6 +105,360 @@ def worker(env_file: EnvFile = None) -> None:
         await parts.stop()
 
     asyncio.run(run())
+
+
+# --- audit and operations -------------------------------------------------------------------
+
+jobs_app = typer.Typer(help="Look jobs up in the ledger.")
+app.add_typer(jobs_app, name="jobs")
+
+AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+Provider = Annotated[str | None, typer.Option(help="apex, fliki, flora or vividflow")]
+State = Annotated[str | None, typer.Option(help="queued, archived, failed, expired, dead...")]
+JobType = Annotated[str | None, typer.Option("--type", help="provider job type, e.g. video")]
+Since = Annotated[str | None, typer.Option(help="first seen at or after (ISO 8601)")]
+Until = Annotated[str | None, typer.Option(help="first seen before (ISO 8601)")]
+
+
+def _run(settings: Settings, work: Callable[[Parts], Awaitable[T]]) -> T:
+    """Run `work` against this process's parts (no workers), then shut them down."""
+    from receiver.app import build_parts
+
+    async def go() -> T:
+        parts = build_parts(settings)
+        parts.start(workers=0)
+        try:
+            return await work(parts)
+        finally:
+            await parts.stop()
+
+    try:
+        return asyncio.run(go())
+    except (ConfigurationError, RequestRejected) as exc:
+        raise fail(str(exc)) from None
+
+
+def _split_job(ref: str) -> tuple[str, str]:
+    provider, sep, job_id = ref.partition("/")
+    if not sep or not job_id:
+        raise fail(f"expected PROVIDER/JOB_ID, got {ref!r}")
+    return provider, job_id
+
+
+def _filters(**values: str | None) -> JobFilter:
+    from receiver.audit import job_filter
+
+    try:
+        return job_filter(**values)
+    except RequestRejected as exc:
+        raise fail(f"{exc.message}: {exc.details}") from None
+
+
+@jobs_app.command("list")
+def jobs_list(
+    provider: Provider = None,
+    state: State = None,
+    job_type: JobType = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    as_json: AsJson = False,
+    env_file: EnvFile = None,
+) -> None:
+    """List jobs, newest first."""
+    from receiver.audit import summary_json
+
+    where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
+    settings = load_settings(env_file, log_level="warning")
+    rows = _run(settings, lambda p: p.ledger.list_jobs(where, before_seq=None, limit=limit))
+    jobs = [summary_json(j) for j in rows]
+    if as_json:
+        typer.echo(json.dumps(jobs, indent=2))
+        return
+    table = Table("provider", "job id", "state", "type", "received", "archived", "error")
+    for j in jobs:
+        table.add_row(
+            j["provider"],
+            j["job_id"],
+            j["state"],
+            j["type"] or "",
+            j["received_at"],
+            j["archived_at"] or "",
+            (j["error"] or "")[:60],
+        )
+    Console().print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job: Annotated[str, typer.Argument(help="PROVIDER/JOB_ID")],
+    as_json: AsJson = False,
+    env_file: EnvFile = None,
+) -> None:
+    """Everything about one job: deliveries, assets, deadline and outcome."""
+    from receiver.audit import job_json
+
+    provider, job_id = _split_job(job)
+    record = _run(
+        load_settings(env_file, log_level="warning"), lambda p: p.ledger.job(provider, job_id)
+    )
+    if record is None:
+        raise fail(f"no job {job}")
+    body = job_json(record)
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]{provider}/{job_id}[/bold]  state: [bold]{body['state']}[/bold]")
+    for label in (
+        "type",
+        "received_at",
+        "completed_at",
+        "failed_at",
+        "archived_at",
+        "deadline",
+        "archived_with_slack_seconds",
+        "error",
+        "credits_refunded",
+    ):
+        if body[label] is not None:
+            console.print(f"  {label}: {body[label]}")
+    deliveries = Table(
+        "received", "webhook id", "source", "auth", "event", "outcome", title="deliveries"
+    )
+    for d in body["deliveries"]:
+        deliveries.add_row(
+            d["received_at"],
+            d["webhook_id"] or "",
+            d["source"],
+            d["authentication"],
+            d["event"],
+            d["outcome"],
+        )
+    console.print(deliveries)
+    assets = Table("n", "state", "uri", "size", "sha256", "source", title="assets")
+    for a in body["assets"]:
+        assets.add_row(
+            str(a["n"]),
+            a["state"],
+            a["uri"] or "",
+            str(a["size"] or ""),
+            a["sha256"] or "",
+            a["source"],
+        )
+    console.print(assets)
+
+
+@app.command()
+def retry(
+    job: Annotated[str, typer.Argument(help="PROVIDER/JOB_ID")],
+    env_file: EnvFile = None,
+) -> None:
+    """Re-queue a dead-lettered or expired job's assets with a fresh set of attempts."""
+    provider, job_id = _split_job(job)
+    settings = load_settings(env_file, log_level="warning")
+    count = _run(settings, lambda p: p.ledger.requeue(provider, job_id, p.clock()))
+    if not count:
+        raise fail(f"{job}: nothing to retry (unknown job, or no dead or expired asset)")
+    typer.echo(f"{job}: {count} asset(s) queued again")
+
+
+@app.command()
+def verify(
+    provider: Provider = None,
+    state: State = None,
+    job_type: JobType = None,
+    since: Since = None,
+    until: Until = None,
+    as_json: AsJson = False,
+    env_file: EnvFile = None,
+) -> None:
+    """Re-read archived objects and recompute SHA-256; exit 1 on any mismatch or missing object."""
+    from receiver.operations import VerifyReport
+    from receiver.operations import verify as run_verify
+
+    where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
+    settings = load_settings(env_file, log_level="warning")
+
+    async def work(parts: Parts) -> VerifyReport:
+        with Progress(disable=as_json, transient=True) as progress:
+            bar = progress.add_task("verifying", total=None)
+            return await run_verify(
+                parts.ledger,
+                parts.store,
+                where,
+                lambda done, total: progress.update(bar, completed=done, total=total),
+            )
+
+    report = _run(settings, work)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        console = Console()
+        console.print(
+            f"checked {report.checked}, intact {report.ok}, problems {len(report.findings)}"
+        )
+        # One plain line per problem: greppable, and never wrapped mid-word like a table.
+        for f in report.findings:
+            console.print(
+                f"{f.provider}/{f.job_id} asset {f.n}: {f.problem} ({f.uri})", soft_wrap=True
+            )
+    if report.findings:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def reindex(as_json: AsJson = False, env_file: EnvFile = None) -> None:
+    """Rebuild the ledger from the manifests in the archive (jobs already known are kept)."""
+    from receiver.operations import reindex as run_reindex
+
+    settings = load_settings(env_file, log_level="warning")
+    report = _run(settings, lambda p: run_reindex(p.ledger, p.store))
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        typer.echo(
+            f"manifests {report.manifests}, restored {report.restored}, "
+            f"already known {report.already_known}, unreadable {len(report.unreadable)}"
+        )
+        for problem in report.unreadable:
+            typer.echo(f"  {problem}", err=True)
+    if report.unreadable:
+        raise typer.Exit(code=1)
+
+
+# --- polling (issue 4) ---------------------------------------------------------------------
+
+
+@app.command()
+def track(
+    provider: Annotated[str, typer.Argument(help="apex, fliki, flora or vividflow")],
+    job_id: Annotated[str, typer.Argument(help="the provider's job id (FLORA: the runId)")],
+    technique: Annotated[
+        str | None, typer.Option(help="FLORA only: the technique slug of the run")
+    ] = None,
+    metadata: Annotated[
+        str | None, typer.Option(help="caller metadata stored with the job (a JSON object)")
+    ] = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Follow a job by polling its provider's status API (what POST /jobs does)."""
+    import asyncio as _asyncio
+    import json as _json
+    from datetime import UTC, datetime
+
+    from receiver.errors import RequestRejected as _Rejected
+    from receiver.tracking import register_offline
+
+    settings = load_settings(env_file)
+    data: dict[str, Any] = {"provider": provider, "job_id": job_id}
+    if technique is not None:
+        data["technique"] = technique
+    if metadata is not None:
+        try:
+            data["metadata"] = _json.loads(metadata)
+        except ValueError as exc:
+            raise fail(f"--metadata is not valid JSON: {exc}") from None
+    try:
+        registration = _asyncio.run(
+            register_offline(settings, data, clock=lambda: datetime.now(UTC))
+        )
+    except _Rejected as exc:
+        details = f" {_json.dumps(exc.details)}" if exc.details else ""
+        raise fail(f"{exc.message}{details}") from None
+    except ConfigurationError as exc:
+        raise fail(str(exc)) from None
+    body = registration.body()
+    typer.echo(
+        f"{body['status']}: {provider}/{job_id} (job {body['job_state']}, "
+        f"polling {body['tracked_state']}, next poll {body['next_poll_at']})"
+    )
+    for warning in registration.warnings:
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+
+
+@app.command()
+def simulate(
+    port: Annotated[int, typer.Option(help="port to listen on (127.0.0.1)")] = 9000,
+    receiver_url: Annotated[
+        str | None,
+        typer.Option(help="where to send Apex/Fliki webhooks, e.g. http://127.0.0.1:8000"),
+    ] = None,
+    retry_scale: Annotated[
+        float, typer.Option(help="divide Apex's webhook retry schedule (10/60/300 s) by this")
+    ] = 1.0,
+    link_ttl: Annotated[int, typer.Option(help="seconds a signed media link stays valid")] = 3600,
+    latency: Annotated[float, typer.Option(help="seconds before every answer")] = 0.0,
+    status_429_every: Annotated[int, typer.Option(help="every Nth status call answers 429")] = 0,
+    status_5xx_every: Annotated[int, typer.Option(help="every Nth status call answers 503")] = 0,
+    drop_every: Annotated[int, typer.Option(help="every Nth download is cut off halfway")] = 0,
+    expired_links: Annotated[bool, typer.Option(help="issue already-expired links")] = False,
+    env_file: EnvFile = None,
+) -> None:
+    """Serve fake Apex, Fliki, FLORA and Vivid Flow APIs on localhost (tests, demos).
+
+    API keys and webhook secrets come from the receiver's settings (--env-file) when set, so a
+    receiver with the same settings accepts the simulator's webhooks and status answers.
+    """
+    import time as _time
+
+    from receiver.simulator import PROVIDERS, Faults, Simulator
+
+    settings = load_settings(env_file)
+    keys: dict[str, str] = {}
+    secrets_: dict[str, str] = {}
+    for name in PROVIDERS:
+        config = settings.provider(name)
+        keys[name] = config.api_key or f"sim-{name}-key"
+        if config.webhook_secrets:
+            secrets_[name] = config.webhook_secrets[0]
+    sim = Simulator(
+        api_keys=keys,
+        webhook_secrets=secrets_,
+        receiver_url=receiver_url,
+        retry_scale=retry_scale,
+        link_ttl=link_ttl,
+        port=port,
+        faults=Faults(
+            latency=latency,
+            status_429_every=status_429_every,
+            status_5xx_every=status_5xx_every,
+            drop_every=drop_every,
+            expired_links=expired_links,
+        ),
+    )
+    sim.start()
+    typer.echo(f"provider simulator on http://127.0.0.1:{sim.port} (Ctrl-C to stop)")
+    for name in PROVIDERS:
+        typer.echo(f"  RECEIVER_{name.upper()}_BASE_URL={sim.base_url(name)}")
+    typer.echo('add a job: curl -X POST localhost:PORT/_sim/jobs -d \'{"provider": "flora"}\'')
+    try:
+        while True:
+            _time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="ledger and archive for the demo")] = Path(
+        "var/demo"
+    ),
+    timeout: Annotated[float, typer.Option(help="seconds to wait for every job")] = 60.0,
+) -> None:
+    """Run receiver and the provider simulator together on a handful of jobs, then stop."""
+    import shutil
+
+    from receiver.simulator import run_demo
+
+    if workdir.exists():
+        shutil.rmtree(workdir)  # a fresh ledger each run: the demo's job ids are fixed
+    logs.configure("console", "error")  # the demo's own lines are the story; errors still show
+    results = run_demo(workdir, timeout=timeout, echo=typer.echo)
+    if any(r["state"] != r["expected"] for r in results):
+        raise typer.Exit(code=1)
 
 
 @app.command("dev-env")

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from receiver.domain import JobEvent, archive_key, compute_deadline
 from receiver.ledger import IncomingDelivery, Ledger, PlannedOutput, RecordResult
+from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec
 
 Clock = Callable[[], datetime]
@@ -62,7 +63,9 @@ class Ingestor:
         deadline_margin: timedelta,
         clock: Clock,
         on_queued: Callable[[], None] = lambda: None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.on_queued = on_queued  # wakes in-process workers; others find the task by polling
         self.ledger = ledger
         self.specs = specs
@@ -89,6 +92,7 @@ class Ingestor:
         )
         plan = plan_outputs(event, self.specs[event.provider], received_at, self.margin)
         result = await self.ledger.record(event, delivery, plan)
+        self.metrics.deliveries.labels(event.provider, source, result.outcome.value).inc()
         if result.tasks_queued:
             self.on_queued()
         return result

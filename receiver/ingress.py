@@ -23,6 +23,7 @@ from receiver.errors import (
     MalformedJson,
     NotFound,
     PayloadTooLarge,
+    RequestRejected,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -151,7 +152,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
         try:
             size = int(declared)
         except ValueError:
-            raise PayloadTooLarge("invalid Content-Length", {"limit_bytes": limit}) from None
+            raise RequestRejected(
+                "invalid Content-Length header", {"content_length": declared}
+            ) from None
         if size > limit:
             raise PayloadTooLarge(
                 f"body of {size} bytes exceeds the {limit}-byte limit", {"limit_bytes": limit}

@@ -48,6 +48,7 @@ def build_manifest(job: JobRecord) -> dict[str, Any]:
             "state": job.state.value,
             "type": job.job_type,
             "first_seen_at": _iso(job.first_seen_at),
+            "updated_at": _iso(job.updated_at),
             "completed_at": _iso(job.completed_at),
             "failed_at": _iso(job.failed_at),
             "archived_at": _iso(job.archived_at),

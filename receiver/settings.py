@@ -45,8 +45,8 @@ class Settings(BaseSettings):
         env_prefix="RECEIVER_", env_file=".env", extra="ignore", frozen=True
     )
 
-    ledger_url: str = "sqlite:///./var/receiver.db"
-    queue_url: str | None = None  # defaults to the ledger's SQLite file
+    ledger_url: str = "sqlite:///./var/receiver.db"  # or dynamodb://TABLE (scale-out)
+    queue_url: str | None = None  # defaults to the ledger's SQLite file; sqs://NAME with DynamoDB
     archive_url: str = "file://./var/archive"
 
     apex_webhook_secrets: SecretStr = SecretStr("")
@@ -88,6 +88,25 @@ class Settings(BaseSettings):
     parts_in_flight: int = Field(default=2, ge=1, le=16)
     lease_seconds: int = Field(default=60, ge=5)
     max_attempts: int = Field(default=8, ge=1)
+    # Scale-out (dynamodb:// + sqs://): tasks due within this many hours when queued go to the
+    # urgent lane (NAME-urgent), which workers drain first.
+    queue_urgent_hours: float = Field(default=3.0, ge=0)
+    # With a DynamoDB ledger, the process-local SQLite file (polling tracker state only).
+    local_db: str = "./var/local.db"
+    # Polling tracked jobs (POST /jobs, `receiver track`). Each job is polled with exponential
+    # backoff and jitter from poll_base up to poll_cap seconds; every provider also has a rate
+    # budget of its own (its module's StatusApi) that all its jobs share.
+    poll_base_seconds: float = Field(default=5.0, gt=0)
+    poll_cap_seconds: float = Field(default=300.0, gt=0)
+    # Apex/Fliki jobs registered for reconciliation are polled only when their webhook has not
+    # arrived this long after registration.
+    poll_grace_seconds: float = Field(default=600.0, ge=0)
+    poll_timeout_seconds: float = Field(default=15.0, gt=0)
+    poll_concurrency: int = Field(default=8, ge=1, le=256)
+    # Consecutive 404s before a job is stopped as not found (new jobs can lag behind the API).
+    poll_not_found_limit: int = Field(default=5, ge=1)
+    poll_give_up_hours: float = Field(default=72.0, gt=0)
+    track_metadata_max_bytes: int = Field(default=4096, ge=0, le=65536)
     log_format: str = "auto"  # auto (console on a TTY, else JSON) | json | console
     log_level: str = "info"
 
@@ -127,7 +146,27 @@ class Settings(BaseSettings):
         """The SQLite file behind the ledger (and, by default, the queue)."""
         return sqlite_path(self.ledger_url, "RECEIVER_LEDGER_URL")
 
+    @property
+    def distributed(self) -> bool:
+        """DynamoDB ledger and SQS queue (many replicas) instead of the embedded SQLite file."""
+        return self.ledger_url.startswith("dynamodb://")
+
+    @property
+    def local_db_path(self) -> Path:
+        """This process's SQLite file: the ledger's, or with DynamoDB a local one (polling)."""
+        return Path(self.local_db) if self.distributed else self.sqlite_path
+
     def check_queue(self) -> None:
+        sqs = (self.queue_url or "").startswith("sqs://")
+        if self.distributed or sqs:
+            if not (self.distributed and sqs):
+                # The DynamoDB ledger's outbox sends tasks to SQS; the SQLite ledger writes its
+                # tasks in its own transaction. Mixed pairs would lose one or the other.
+                raise ConfigurationError(
+                    "RECEIVER_LEDGER_URL=dynamodb://TABLE and RECEIVER_QUEUE_URL=sqs://NAME go "
+                    "together (the infra stack's outputs LedgerUrl and QueueUrl)"
+                )
+            return
         if self.queue_url is None:
             return
         if sqlite_path(self.queue_url, "RECEIVER_QUEUE_URL") != self.sqlite_path:
@@ -142,7 +181,7 @@ def sqlite_path(url: str, variable: str) -> Path:
     prefix = "sqlite:///"
     if not url.startswith(prefix):
         raise ConfigurationError(
-            f"{variable}={url!r}: only sqlite:///path is supported by this build "
-            "(e.g. sqlite:///./var/receiver.db)"
+            f"{variable}={url!r}: expected sqlite:///path (e.g. sqlite:///./var/receiver.db) "
+            "or, for the ledger, dynamodb://TABLE with RECEIVER_QUEUE_URL=sqs://NAME"
         )
     return Path(url[len(prefix) :])

@@ -94,6 +94,23 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_due ON tasks (state, deadline);
 CREATE INDEX IF NOT EXISTS tasks_lapsed ON tasks (state, lease_expires);
+-- Jobs followed by polling (receiver.tracking): when to ask next and why polling stopped.
+CREATE TABLE IF NOT EXISTS tracked (
+    provider TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    technique TEXT,
+    state TEXT NOT NULL,
+    next_poll_at REAL NOT NULL,
+    polls INTEGER NOT NULL DEFAULT 0,
+    not_found INTEGER NOT NULL DEFAULT 0,
+    last_status TEXT,
+    last_error TEXT,
+    stop_reason TEXT,
+    registered_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (provider, job_id)
+);
+CREATE INDEX IF NOT EXISTS tracked_due ON tracked (state, next_poll_at);
 """
 
 _MAX_GROUP = 512

@@ -160,7 +160,7 @@ async def test_retry_after_is_honoured(
     archive.clock.advance(61)
     assert await archive.parts.archiver.run_once()
     assert (await job(archive, "ra")).state == "archived"
-    assert archive.parts.archiver.stats.retries == 1
+    assert archive.parts.metrics.value("receiver_archive_retries_total") == 1
 
 
 async def test_expired_link_after_the_deadline_ends_the_job_as_expired(

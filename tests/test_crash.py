@@ -20,7 +20,7 @@ from tests.sources import SourceServer, expected_sha256
 
 pytestmark = pytest.mark.anyio
 
-JOBS = 6
+JOBS = 10
 SIZE = 2 * 2**20
 
 
@@ -100,7 +100,7 @@ async def test_sigkill_mid_copy_then_restart_archives_everything_once(
     first = start_worker(tmp_path, env)
     try:
         # Kill once something is archived and copies are in flight.
-        wait_for(lambda: states(db).get("archived", 0) >= 1 and leased(db) >= 1, 60)
+        wait_for(lambda: states(db).get("archived", 0) >= 1 and leased(db) >= 1, 120)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
@@ -111,7 +111,7 @@ async def test_sigkill_mid_copy_then_restart_archives_everything_once(
 
     second = start_worker(tmp_path, env)
     try:
-        wait_for(lambda: states(db) == {"archived": JOBS}, 90)
+        wait_for(lambda: states(db) == {"archived": JOBS}, 150)
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(15)

@@ -3,7 +3,8 @@
 What crosses this line: a parsed `JobEvent` with the raw delivery it came from and the archive
 plan for its outputs goes in (`record`, one atomic write that also enqueues archive tasks); the
 archiver reports outcomes per asset (`mark_archived`, `mark_asset_ended`); the audit side reads
-whole jobs back (`job`). Adapters: `sqlite.py` (embedded). Time is always passed in.
+whole jobs back (`job`). Adapters: `sqlite.py` (embedded) and `dynamodb.py` (scale-out, with
+the SQS queue). Time is always passed in.
 """
 
 from __future__ import annotations
@@ -122,6 +123,29 @@ class JobRecord:
     assets: list[AssetRecord] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class JobFilter:
+    provider: str | None = None
+    state: str | None = None
+    job_type: str | None = None
+    since: datetime | None = None  # first seen at or after
+    until: datetime | None = None  # first seen before
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    seq: int  # insertion order: the stable cursor for newest-first pages
+    provider: str
+    job_id: str
+    state: JobState
+    job_type: str | None
+    first_seen_at: datetime
+    completed_at: datetime | None
+    archived_at: datetime | None
+    deadline: datetime | None
+    error: str | None
+
+
 class Ledger(Protocol):
     async def record(
         self, event: JobEvent, delivery: IncomingDelivery, plan: list[PlannedOutput]
@@ -144,5 +168,23 @@ class Ledger(Protocol):
     ) -> JobState: ...
 
     async def job(self, provider: str, job_id: str) -> JobRecord | None: ...
+
+    async def list_jobs(
+        self, where: JobFilter, *, before_seq: int | None, limit: int
+    ) -> list[JobSummary]:
+        """Newest first; `before_seq` continues after the last row of the previous page."""
+        ...
+
+    async def requeue(self, provider: str, job_id: str, now: datetime) -> int:
+        """Give a dead or expired job's assets a fresh set of attempts; how many were requeued."""
+        ...
+
+    async def archived_assets(self, where: JobFilter) -> list[tuple[str, str, AssetRecord]]:
+        """(provider, job id, asset) for every archived asset of the matching jobs."""
+        ...
+
+    async def restore(self, job: JobRecord) -> bool:
+        """Write a job read back from the archive (reindex); False if the ledger had it."""
+        ...
 
     async def ping(self) -> None: ...

@@ -14,7 +14,9 @@ from receiver.ledger import (
     AssetToCopy,
     DeliveryRecord,
     IncomingDelivery,
+    JobFilter,
     JobRecord,
+    JobSummary,
     PlannedOutput,
     RecordResult,
 )
@@ -136,6 +138,20 @@ class SqliteLedger:
 
     async def job(self, provider: str, job_id: str) -> JobRecord | None:
         return await self.db.read(lambda conn: read_job(conn, provider, job_id))
+
+    async def list_jobs(
+        self, where: JobFilter, *, before_seq: int | None, limit: int
+    ) -> list[JobSummary]:
+        return await self.db.read(lambda conn: _list_jobs(conn, where, before_seq, limit))
+
+    async def requeue(self, provider: str, job_id: str, now: datetime) -> int:
+        return await self.db.write(lambda conn: _requeue(conn, provider, job_id, now.timestamp()))
+
+    async def archived_assets(self, where: JobFilter) -> list[tuple[str, str, AssetRecord]]:
+        return await self.db.read(lambda conn: _archived_assets(conn, where))
+
+    async def restore(self, job: JobRecord) -> bool:
+        return await self.db.write(lambda conn: _restore(conn, job))
 
     async def ping(self) -> None:
         await self.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
@@ -360,3 +376,157 @@ def read_job(conn: sqlite3.Connection, provider: str, job_id: str) -> JobRecord 
         deliveries=deliveries,
         assets=assets,
     )
+
+
+def _where(where: JobFilter) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    for column, value in (
+        ("provider", where.provider),
+        ("state", where.state),
+        ("job_type", where.job_type),
+    ):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    if where.since is not None:
+        clauses.append("first_seen_at >= ?")
+        args.append(where.since.timestamp())
+    if where.until is not None:
+        clauses.append("first_seen_at < ?")
+        args.append(where.until.timestamp())
+    return (" AND ".join(clauses) or "1"), args
+
+
+def _summary(row: sqlite3.Row) -> JobSummary:
+    return JobSummary(
+        seq=row["seq"],
+        provider=row["provider"],
+        job_id=row["job_id"],
+        state=JobState(row["state"]),
+        job_type=row["job_type"],
+        first_seen_at=_at(row["first_seen_at"]),
+        completed_at=from_ts(row["completed_at"]),
+        archived_at=from_ts(row["archived_at"]),
+        deadline=from_ts(row["deadline"]),
+        error=row["error"],
+    )
+
+
+def _list_jobs(
+    conn: sqlite3.Connection, where: JobFilter, before_seq: int | None, limit: int
+) -> list[JobSummary]:
+    sql, args = _where(where)
+    if before_seq is not None:
+        sql += " AND seq < ?"
+        args.append(before_seq)
+    rows = conn.execute(
+        f"SELECT * FROM jobs WHERE {sql} ORDER BY seq DESC LIMIT ?",  # noqa: S608 (fixed columns)
+        (*args, limit),
+    )
+    return [_summary(r) for r in rows]
+
+
+def _requeue(conn: sqlite3.Connection, provider: str, job_id: str, now: float) -> int:
+    key = (provider, job_id)
+    requeued = conn.execute(
+        "UPDATE assets SET state = 'pending', error = NULL "
+        "WHERE provider = ? AND job_id = ? AND state IN ('dead', 'expired')",
+        key,
+    ).rowcount
+    if requeued:
+        conn.execute(
+            "UPDATE tasks SET state = 'ready', attempts = 0, not_before = ?, lease_owner = NULL, "
+            "lease_expires = NULL WHERE provider = ? AND job_id = ? AND n IN "
+            "(SELECT n FROM assets WHERE provider = ? AND job_id = ? AND state = 'pending')",
+            (now, *key, *key),
+        )
+        conn.execute(
+            "UPDATE jobs SET state = 'queued', error = NULL, updated_at = ?, deadline = "
+            "(SELECT MIN(deadline) FROM assets WHERE provider = ? AND job_id = ? "
+            "AND state = 'pending') WHERE provider = ? AND job_id = ?",
+            (now, *key, *key),
+        )
+    return requeued
+
+
+def _archived_assets(
+    conn: sqlite3.Connection, where: JobFilter
+) -> list[tuple[str, str, AssetRecord]]:
+    sql, args = _where(where)
+    jobs = conn.execute(
+        f"SELECT provider, job_id FROM jobs WHERE {sql} ORDER BY seq",  # noqa: S608
+        args,
+    ).fetchall()
+    found: list[tuple[str, str, AssetRecord]] = []
+    for job in jobs:
+        record = read_job(conn, job["provider"], job["job_id"])
+        assert record is not None
+        found.extend(
+            (record.provider, record.job_id, a) for a in record.assets if a.state == "archived"
+        )
+    return found
+
+
+def _restore(conn: sqlite3.Connection, job: JobRecord) -> bool:
+    key = (job.provider, job.job_id)
+    if conn.execute("SELECT 1 FROM jobs WHERE provider = ? AND job_id = ?", key).fetchone():
+        return False
+    conn.execute(
+        "INSERT INTO jobs (provider, job_id, state, job_type, first_seen_at, updated_at, "
+        "completed_at, failed_at, archived_at, deadline, error, credits_refunded, metadata, "
+        "tracking) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            *key,
+            job.state.value,
+            job.job_type,
+            to_ts(job.first_seen_at),
+            to_ts(job.updated_at),
+            to_ts(job.completed_at),
+            to_ts(job.failed_at),
+            to_ts(job.archived_at),
+            to_ts(job.deadline),
+            job.error,
+            job.credits_refunded,
+            json.dumps(job.metadata),
+            json.dumps(job.tracking) if job.tracking is not None else None,
+        ),
+    )
+    for d in job.deliveries:
+        conn.execute(
+            "INSERT INTO deliveries (provider, job_id, delivery_id, received_at, source, auth, "
+            "event, payload_sha256, body, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                *key,
+                d.delivery_id,
+                to_ts(d.received_at),
+                d.source,
+                d.auth,
+                d.event,
+                d.payload_sha256,
+                d.body,
+                d.outcome,
+            ),
+        )
+    for a in job.assets:
+        conn.execute(
+            "INSERT INTO assets (provider, job_id, n, name, key, source_url, content_type, "
+            "deadline, state, uri, size, sha256, archived_at, error) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                *key,
+                a.n,
+                a.name,
+                a.key,
+                a.source_url,
+                a.content_type,
+                to_ts(a.deadline),
+                a.state,
+                a.uri,
+                a.size,
+                a.sha256,
+                to_ts(a.archived_at),
+                a.error,
+            ),
+        )
+    return True

@@ -1,7 +1,12 @@
-"""Apex Studio: `job.completed` / `job.failed` webhooks; outputs are signed R2 URLs valid 24 h."""
+"""Apex Studio: `job.completed` / `job.failed` webhooks; outputs are signed R2 URLs valid 24 h.
+
+Its status endpoint, `GET /api/jobs?id=<jobId>` (`{"data": {...job}}`, the webhook's `data`
+shape), recovers a webhook that never arrived. Reads are limited to 20 requests per 10 s.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -9,7 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from receiver.domain import EventKind, JobEvent, Output, output_name
 from receiver.errors import InvalidPayload, UnknownEvent
-from receiver.providers.base import ProviderSpec, require_object, validate
+from receiver.providers.base import (
+    ProviderSpec,
+    RateBudget,
+    StatusApi,
+    StatusRequest,
+    bearer,
+    require_object,
+    validate,
+)
 
 NAME = "apex"
 # Job types from the webhook documentation's table; others are accepted (Apex adds types).
@@ -103,10 +116,105 @@ def parse_webhook(payload: Any) -> JobEvent:
     )
 
 
+# Job statuses before the end; the docs show "queued" and the final pair, the rest are guesses
+# that mean the same thing (an unknown status is refused as malformed, never guessed final).
+PENDING_STATUSES = ("queued", "pending", "processing", "running", "in_progress", "started")
+
+
+class StatusJob(_Model):
+    status: str = Field(min_length=1, max_length=64)
+    jobId: str | None = Field(default=None, max_length=256)
+    id: str | None = Field(default=None, max_length=256)
+    type: str | None = Field(default=None, max_length=64)
+    outputUrl: str | None = Field(
+        default=None, min_length=1, max_length=8192, pattern=r"^[hH][tT][tT][pP][sS]?://"
+    )
+    outputType: str | None = Field(default=None, max_length=255)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = Field(default=None, max_length=4096)
+    creditsRefunded: int | None = Field(default=None, ge=0)
+    completedAt: datetime | None = None
+    failedAt: datetime | None = None
+
+
+def status_request(job_id: str, tracking: Mapping[str, Any]) -> StatusRequest:
+    return StatusRequest("/api/jobs", {"id": job_id})
+
+
+def parse_status_response(payload: Any, job_id: str) -> JobEvent:
+    """`{"data": {...}}` from `GET /api/jobs?id=`; a one-job list is accepted too."""
+    data = require_object(payload).get("data")
+    if isinstance(data, list):
+        # The list endpoint filtered by id: pick our job (by jobId or id).
+        data = next(
+            (j for j in data if isinstance(j, dict) and job_id in (j.get("jobId"), j.get("id"))),
+            None,
+        )
+        if data is None:
+            raise InvalidPayload(
+                f"the job list has no job {job_id!r}", [{"field": "data", "problem": "missing"}]
+            )
+    job = validate(StatusJob, data, prefix="data")
+    reported = job.jobId or job.id
+    if reported is not None and reported != job_id:
+        raise InvalidPayload(
+            "the status answer is about another job",
+            [{"field": "data.jobId", "problem": f"expected {job_id!r}, got {reported!r}"}],
+        )
+    status = job.status.strip().lower()
+    if status == "completed":
+        if job.outputUrl is None:
+            raise InvalidPayload(
+                "a completed Apex job must carry its outputUrl",
+                [{"field": "data.outputUrl", "problem": "Field required when completed"}],
+            )
+        return JobEvent(
+            provider=NAME,
+            job_id=job_id,
+            kind=EventKind.COMPLETED,
+            job_type=job.type,
+            outputs=(
+                Output(
+                    url=job.outputUrl,
+                    name=output_name(job.outputUrl, 0, job.outputType),
+                    content_type=job.outputType,
+                ),
+            ),
+            completed_at=job.completedAt,
+            metadata=job.metadata,
+        )
+    if status == "failed":
+        return JobEvent(
+            provider=NAME,
+            job_id=job_id,
+            kind=EventKind.FAILED,
+            job_type=job.type,
+            failed_at=job.failedAt,
+            error=job.error,
+            credits_refunded=job.creditsRefunded,
+        )
+    if status in PENDING_STATUSES:
+        return JobEvent(provider=NAME, job_id=job_id, kind=EventKind.PROGRESS, job_type=job.type)
+    raise UnknownEvent(
+        f"unknown Apex job status {job.status!r}",
+        {"status": job.status, "known": ["completed", "failed", *PENDING_STATUSES]},
+    )
+
+
+STATUS_API = StatusApi(
+    request=status_request,
+    parse=parse_status_response,
+    auth_headers=bearer,
+    # Documented: 20 read requests per 10 s per key. We keep 4 in reserve for the operator's
+    # own tools sharing the key; X-RateLimit-* headers and 429s pause us further.
+    budget=RateBudget(requests=16, per_seconds=10),
+)
+
 SPEC = ProviderSpec(
     name=NAME,
     window=timedelta(hours=24),  # "Signed URLs valid for 24 hours"
     download_hosts=("cdn.useapexstudio.com", "*.r2.cloudflarestorage.com", "*.r2.dev"),
     default_base_url="https://useapexstudio.com",
     parse_webhook=parse_webhook,
+    status_api=STATUS_API,
 )

@@ -1,4 +1,4 @@
-"""What a provider module declares: its webhook parser, retention window and download hosts.
+"""What a provider module declares: its webhook parser, status API, retention window and hosts.
 
 Adding a provider means adding one module that builds a `ProviderSpec`, and listing it in
 `receiver.providers`.
@@ -6,7 +6,7 @@ Adding a provider means adding one module that builds a `ProviderSpec`, and list
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -20,6 +20,39 @@ M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
+class StatusRequest:
+    """One status call, relative to the provider's base URL (the key is added by the client)."""
+
+    path: str  # already percent-encoded
+    params: dict[str, str]
+
+
+@dataclass(frozen=True)
+class RateBudget:
+    """At most `requests` status calls in any `per_seconds` window, for all tracked jobs."""
+
+    requests: int
+    per_seconds: float
+
+
+@dataclass(frozen=True)
+class StatusApi:
+    """How to ask a provider about one job, and how to read its answer.
+
+    `parse` gets the decoded JSON body and the job id we asked about; it returns a `JobEvent`
+    (COMPLETED with every output, FAILED with the error, or PROGRESS) or raises a
+    `RequestRejected` (InvalidPayload / UnknownEvent) for a response it cannot trust.
+    """
+
+    request: Callable[[str, Mapping[str, Any]], StatusRequest]  # (job id, tracking) -> call
+    parse: Callable[[Any, str], JobEvent]
+    auth_headers: Callable[[str], dict[str, str]]  # API key -> headers (never logged)
+    budget: RateBudget
+    needs_technique: bool = False  # FLORA: the run's URL contains its technique slug
+    base_url_is_placeholder: bool = False  # the documented base URL must be configured
+
+
+@dataclass(frozen=True)
 class ProviderSpec:
     name: str
     # How long the provider keeps outputs, counted from its completion time when the event
@@ -28,6 +61,12 @@ class ProviderSpec:
     download_hosts: tuple[str, ...]  # documented defaults; operators extend them in settings
     default_base_url: str
     parse_webhook: Callable[[Any], JobEvent] | None  # None: the provider has no webhooks
+    status_api: StatusApi | None = None  # None: no status endpoint (jobs cannot be polled)
+
+
+def bearer(key: str) -> dict[str, str]:
+    """`Authorization: Bearer <key>`, the scheme Apex, Fliki and FLORA document."""
+    return {"Authorization": f"Bearer {key}"}
 
 
 def validate(model: type[M], data: Any, prefix: str = "") -> M:

@@ -3,10 +3,15 @@
 Fliki deletes generated files three hours after completion and sends no completion time, so the
 window counts from receipt. Its docs do not enumerate status values; we map the common spellings
 and refuse others with a 422 that lists what we understand.
+
+`GET /v1/generate/status?fileId=` answers in the same shape, so a missed callback is recovered by
+polling it. Its docs insist on exponential backoff ("otherwise ... all consecutive API calls will
+fail"): the poller backs off per job, and this module's budget is deliberately small.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -14,7 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from receiver.domain import EventKind, JobEvent, Output, output_name
 from receiver.errors import InvalidPayload, UnknownEvent
-from receiver.providers.base import ProviderSpec, require_object, validate
+from receiver.providers.base import (
+    ProviderSpec,
+    RateBudget,
+    StatusApi,
+    StatusRequest,
+    bearer,
+    require_object,
+    validate,
+)
 
 NAME = "fliki"
 
@@ -77,10 +90,37 @@ def parse_status(payload: Any) -> JobEvent:
     )
 
 
+def status_request(job_id: str, tracking: Mapping[str, Any]) -> StatusRequest:
+    return StatusRequest("/v1/generate/status", {"fileId": job_id})
+
+
+def parse_status_response(payload: Any, job_id: str) -> JobEvent:
+    """The documented status shape; a `{"data": {...}}` envelope is tolerated."""
+    body = require_object(payload)
+    if "fileId" not in body and isinstance(body.get("data"), dict):
+        body = body["data"]
+    event = parse_status(body)
+    if event.job_id != job_id:
+        raise InvalidPayload(
+            "the status answer is about another file",
+            [{"field": "fileId", "problem": f"expected {job_id!r}, got {event.job_id!r}"}],
+        )
+    return event
+
+
+STATUS_API = StatusApi(
+    request=status_request,
+    parse=parse_status_response,
+    auth_headers=bearer,
+    # Undocumented limit, and the docs warn that exceeding it fails *all* later calls: stay low.
+    budget=RateBudget(requests=10, per_seconds=60),
+)
+
 SPEC = ProviderSpec(
     name=NAME,
     window=timedelta(hours=3),  # "deleted automatically after three hours"
     download_hosts=("*.fliki.ai",),
     default_base_url="https://api.fliki.ai",
     parse_webhook=parse_status,
+    status_api=STATUS_API,
 )

@@ -4,7 +4,8 @@ What crosses this line: a worker leases a task (provider, job id, output number,
 while, heartbeats to keep it, and ends it with `ack`, `retry` (not before a time) or
 `dead_letter`. A lease that is not renewed expires and the task comes back, so a worker killed
 at any moment loses nothing. Tasks carry no URLs: the worker reads the current link from the
-ledger. Adapters: `sqlite.py` (embedded; tasks are written by the ledger's own transaction).
+ledger. Adapters: `sqlite.py` (embedded; tasks are written by the ledger's own transaction) and
+`sqs.py` (distributed; tasks are sent by the DynamoDB ledger's outbox).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Lease:
     deadline: datetime
     attempt: int  # 1 for the first try
     owner: str
+    handle: str = ""  # adapter-specific (SQS: the lane and the message's receipt handle)
 
 
 @dataclass(frozen=True)

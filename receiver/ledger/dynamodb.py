@@ -1,0 +1,981 @@
+"""The DynamoDB ledger: the same port as SQLite, for many stateless replicas sharing one table.
+
+`RECEIVER_LEDGER_URL=dynamodb://TABLE` (with `RECEIVER_QUEUE_URL=sqs://NAME`). One table, keys
+`pk`/`sk` (strings); infra/receiver.yaml creates it with the indexes below.
+
+Items (single-table design; a job's items share its partition):
+
+| pk                             | sk                          | what                              |
+|--------------------------------|-----------------------------|-----------------------------------|
+| `JOB#{provider}#{job_id}`      | `JOB`                       | the job, with `version`           |
+| `JOB#{provider}#{job_id}`      | `JOB#AST#{n:04d}`           | an asset (output) and its outcome |
+| `JOB#{provider}#{job_id}`      | `DLV#{received µs}#{rand}`  | a delivery (body zlib-compressed) |
+| `JOB#{provider}#{job_id}`      | `PART#{delivery sk}#{k}`    | more of a body over ~350 KB       |
+| `JOB#{provider}#{job_id}`      | `TASK#{n:04d}`              | the archive task (the outbox)     |
+| `DLVID#{provider}#{webhook id}`| `DLVID`                     | a webhook id seen (replays)       |
+
+The job and its assets sort together (`begins_with(sk, "JOB")`), so the state `record` decides
+on is one consistent Query.
+
+Writes: read, decide, one transaction. `record` reads the job and its assets (consistent read)
+and whether the webhook id was seen, runs `receiver.domain.decide` (the one state machine), then
+writes everything the SQLite adapter writes in its one transaction with one TransactWriteItems:
+the job item (conditional: `attribute_not_exists(pk)` for a new job, else `version = :seen`), the
+delivery, the webhook-id marker, assets and tasks. A concurrent writer that changed the job first
+makes the condition fail; we re-read and decide again (bounded, with jittered backoff). So 50
+concurrent copies of one webhook make one job and one task: one creates the job, the other 49
+re-read it and record duplicates. Every write that changes the job, its assets or its tasks
+increments `version`; a duplicate or ignored delivery does not (it only appends history and
+touches `updated_at`, still conditional on the version it saw), so a burst of duplicates commits
+in parallel instead of queueing behind each other. Each attempt carries a ClientRequestToken, so
+botocore's retry of a transaction whose answer was lost cannot record a delivery twice.
+
+Queries (no Scan anywhere): two global secondary indexes over job items, both sorted by `seq`
+(first-seen time in microseconds * 65536 + 16 bits of a hash of the job's identity: unique in
+practice, time-ordered across replicas up to clock skew, and stable, so it is the audit cursor):
+
+- `by_time`: `gsi1pk = JOBS#{shard}`, newest first, for `GET /jobs` with or without filters
+  (provider and type filter within the query; `since`/`until` narrow the key range);
+- `by_state`: `gsi2pk = STATE#{state}#{shard}`, for the common "what is dead/queued" question.
+
+Each is spread over SHARDS partitions (by the job's hash) so that a burst of new jobs does not
+make one hot index partition; a listing queries every shard and merges them by `seq`. SHARDS is
+part of the stored format: changing it needs a backfill.
+
+The outbox. A DynamoDB commit and an SQS send cannot be one transaction. So the task is written
+as an item in the record transaction, marked unsent (`obpk`/`obat`, which put it in the sparse
+`outbox` index); after the commit `record` sends the SQS message and marks the task sent
+(conditional on the task's `gen`, so a newer enqueue of the same task is not marked by an older
+send). If the process dies in between, or SQS refuses, the task stays in the outbox: the relay
+(`relay_outbox`, run by workers at start and every 30 s) re-sends tasks unsent for over a minute.
+A task may therefore be sent twice; the worker reads the asset's state from the ledger and only
+acknowledges a message whose asset is already archived.
+
+Limits: a transaction holds at most 100 items (4 MB), so a job may have at most ~45 outputs;
+an item at most 400 KB, hence compressed and split delivery bodies.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from itertools import islice
+from typing import Any, TypeVar
+
+import structlog
+from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
+from botocore.exceptions import ClientError
+
+from receiver.aws import client, error_code, resource_name, run_blocking
+from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
+from receiver.ledger import (
+    ArchivedAsset,
+    AssetRecord,
+    AssetToCopy,
+    DeliveryRecord,
+    IncomingDelivery,
+    JobFilter,
+    JobRecord,
+    JobSummary,
+    PlannedOutput,
+    RecordResult,
+)
+from receiver.workqueue.sqs import TaskMessage
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Item = dict[str, Any]
+Publisher = Callable[[Sequence[TaskMessage], datetime], Awaitable[None]]
+
+SHARDS = 4
+BODY_CHUNK = 350_000  # bytes of compressed body per item (DynamoDB items: 400 KB)
+OUTBOX_GRACE = timedelta(seconds=60)  # unsent this long: the sender died, the relay re-sends
+_MAX_SEQ = 10**37  # DynamoDB numbers: 38 significant digits
+_CONFLICTS = frozenset({"ConditionalCheckFailed", "TransactionConflict"})
+
+_ser = TypeSerializer()
+_deser = TypeDeserializer()
+
+
+class LedgerBusy(RuntimeError):
+    """A job kept changing under us for every attempt (pathological contention)."""
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+
+def _to_dynamo(value: Any) -> Any:
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return value
+
+
+def encode(item: Item) -> dict[str, Any]:
+    """Python values to DynamoDB attribute values; None means "no attribute"."""
+    return {k: _ser.serialize(_to_dynamo(v)) for k, v in item.items() if v is not None}
+
+
+def decode(raw: dict[str, Any]) -> Item:
+    out: Item = {}
+    for key, value in raw.items():
+        plain = _deser.deserialize(value)
+        if isinstance(plain, Decimal):
+            plain = int(plain) if plain == plain.to_integral_value() else float(plain)
+        elif isinstance(plain, Binary):
+            plain = bytes(plain.value)  # type: ignore[attr-defined]
+        out[key] = plain
+    return out
+
+
+def job_pk(provider: str, job_id: str) -> str:
+    return f"JOB#{provider}#{job_id}"
+
+
+def asset_sk(n: int) -> str:
+    return f"JOB#AST#{n:04d}"
+
+
+def task_sk(n: int) -> str:
+    return f"TASK#{n:04d}"
+
+
+def _identity_hash(provider: str, job_id: str) -> int:
+    return zlib.crc32(f"{provider}#{job_id}".encode())
+
+
+def shard_of(provider: str, job_id: str) -> int:
+    return _identity_hash(provider, job_id) % SHARDS
+
+
+def _micros(ts: float) -> int:
+    return round(ts * 1_000_000)
+
+
+def job_seq(provider: str, job_id: str, first_seen_at: float) -> int:
+    return _micros(first_seen_at) * 65536 + (_identity_hash(provider, job_id) >> 16)
+
+
+def _seq_floor(at: datetime) -> int:
+    return _micros(at.timestamp()) * 65536
+
+
+def _at(value: float) -> datetime:
+    return datetime.fromtimestamp(value, tz=UTC)
+
+
+def _opt_at(value: float | None) -> datetime | None:
+    return _at(value) if value is not None else None
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+# --- the adapter --------------------------------------------------------------------------------
+
+
+class DynamoLedger:
+    def __init__(
+        self,
+        table: str,
+        *,
+        ddb: Any | None = None,
+        publish: Publisher | None = None,
+        max_attempts: int = 40,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.table = table
+        self.ddb = ddb if ddb is not None else client("dynamodb")
+        self.publish = publish  # the queue's sender; None leaves tasks in the outbox
+        self.max_attempts = max_attempts
+        self.rng = rng
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> DynamoLedger:
+        return cls(resource_name(url, "dynamodb", "RECEIVER_LEDGER_URL"), **options)
+
+    # -- the port -------------------------------------------------------------------------------
+
+    async def record(
+        self, event: JobEvent, delivery: IncomingDelivery, plan: list[PlannedOutput]
+    ) -> RecordResult:
+        result, tasks = await run_blocking(self._record, event, delivery, plan)
+        await self._send(tasks, delivery.received_at)
+        return result
+
+    async def track(
+        self, provider: str, job_id: str, tracking: dict[str, Any], now: datetime
+    ) -> bool:
+        return await run_blocking(self._track, provider, job_id, tracking, now.timestamp())
+
+    async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None:
+        def read() -> AssetToCopy | None:
+            job, assets = self._head(provider, job_id)
+            asset = assets.get(n)
+            if job is None or asset is None:
+                return None
+            return AssetToCopy(
+                provider=provider,
+                job_id=job_id,
+                n=n,
+                url=asset["source_url"],
+                name=asset["name"],
+                key=asset["key"],
+                content_type=asset.get("content_type"),
+                job_type=job.get("job_type"),
+                deadline=_at(asset["deadline"]),
+                state=asset["state"],
+                completed_at=_opt_at(job.get("completed_at")),
+            )
+
+        return await run_blocking(read)
+
+    async def mark_archived(
+        self, provider: str, job_id: str, n: int, asset: ArchivedAsset, now: datetime
+    ) -> JobState:
+        def change(a: Item) -> Item | None:
+            a.update(
+                state="archived",
+                uri=asset.uri,
+                key=asset.key,
+                size=asset.size,
+                sha256=asset.sha256,
+                content_type=asset.content_type,
+                archived_at=now.timestamp(),
+                error=None,
+            )
+            return a
+
+        return await run_blocking(self._end_asset, provider, job_id, n, change, now.timestamp())
+
+    async def mark_asset_ended(
+        self, provider: str, job_id: str, n: int, state: JobState, error: str, now: datetime
+    ) -> JobState:
+        if state not in (JobState.EXPIRED, JobState.DEAD):
+            raise ValueError(f"an asset ends as expired or dead, not {state}")
+
+        def change(a: Item) -> Item | None:
+            if a["state"] != "pending":
+                return None
+            a.update(state=state.value, error=error)
+            return a
+
+        return await run_blocking(self._end_asset, provider, job_id, n, change, now.timestamp())
+
+    async def job(self, provider: str, job_id: str) -> JobRecord | None:
+        return await run_blocking(self._job, provider, job_id)
+
+    async def list_jobs(
+        self, where: JobFilter, *, before_seq: int | None, limit: int
+    ) -> list[JobSummary]:
+        def read() -> list[JobSummary]:
+            return [_summary(j) for j in islice(self._listing(where, before_seq), limit)]
+
+        return await run_blocking(read)
+
+    async def requeue(self, provider: str, job_id: str, now: datetime) -> int:
+        count, tasks = await run_blocking(self._requeue, provider, job_id, now.timestamp())
+        await self._send(tasks, now)
+        return count
+
+    async def archived_assets(self, where: JobFilter) -> list[tuple[str, str, AssetRecord]]:
+        # An operator command (verify), not the request path: walk the listing index, oldest
+        # first like SQLite, and read each job's assets.
+        def read() -> list[tuple[str, str, AssetRecord]]:
+            found: list[tuple[str, str, AssetRecord]] = []
+            for summary in reversed(list(self._listing(where, None))):
+                record = self._job(summary["provider"], summary["job_id"])
+                if record is not None:
+                    found.extend(
+                        (record.provider, record.job_id, a)
+                        for a in record.assets
+                        if a.state == "archived"
+                    )
+            return found
+
+        return await run_blocking(read)
+
+    async def restore(self, job: JobRecord) -> bool:
+        return await run_blocking(self._restore, job)
+
+    async def ping(self) -> None:
+        await run_blocking(
+            lambda: self.ddb.get_item(
+                TableName=self.table, Key=encode({"pk": "PING", "sk": "PING"})
+            )
+        )
+
+    async def relay_outbox(self, now: datetime, *, limit: int = 500) -> int:
+        """Re-send tasks that stayed unsent past OUTBOX_GRACE; how many were sent."""
+        tasks = await run_blocking(self._unsent, now - OUTBOX_GRACE, limit)
+        if tasks:
+            log.warning("outbox_relay", tasks=len(tasks))
+        return await self._send(tasks, now)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _query(self, **kwargs: Any) -> Iterator[Item]:
+        args = {"TableName": self.table, **kwargs}
+        while True:
+            page = self.ddb.query(**args)
+            for raw in page.get("Items", []):
+                yield decode(raw)
+            if "LastEvaluatedKey" not in page:
+                return
+            args["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _head(self, provider: str, job_id: str) -> tuple[Item | None, dict[int, Item]]:
+        """The job item and its assets, by n (one consistent Query)."""
+        job: Item | None = None
+        assets: dict[int, Item] = {}
+        for item in self._query(
+            KeyConditionExpression="pk = :pk AND begins_with(sk, :job)",
+            ExpressionAttributeValues=encode({":pk": job_pk(provider, job_id), ":job": "JOB"}),
+            ConsistentRead=True,
+        ):
+            if item["sk"] == "JOB":
+                job = item
+            else:
+                assets[int(item["n"])] = item
+        return job, assets
+
+    def _get(self, pk: str, sk: str) -> Item | None:
+        raw = self.ddb.get_item(
+            TableName=self.table, Key=encode({"pk": pk, "sk": sk}), ConsistentRead=True
+        ).get("Item")
+        return decode(raw) if raw else None
+
+    def _job(self, provider: str, job_id: str) -> JobRecord | None:
+        job: Item | None = None
+        assets: list[Item] = []
+        deliveries: list[Item] = []
+        parts: dict[str, list[tuple[int, bytes]]] = {}
+        for item in self._query(
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues=encode({":pk": job_pk(provider, job_id)}),
+            ConsistentRead=True,
+        ):
+            sk: str = item["sk"]
+            if sk == "JOB":
+                job = item
+            elif sk.startswith("JOB#AST#"):
+                assets.append(item)
+            elif sk.startswith("DLV#"):
+                deliveries.append(item)
+            elif sk.startswith("PART#"):
+                owner, _, k = sk[len("PART#") :].rpartition("#")
+                parts.setdefault(owner, []).append((int(k), item["chunk"]))
+        if job is None:
+            return None
+        return JobRecord(
+            provider=provider,
+            job_id=job_id,
+            state=JobState(job["state"]),
+            job_type=job.get("job_type"),
+            first_seen_at=_at(job["first_seen_at"]),
+            updated_at=_at(job["updated_at"]),
+            completed_at=_opt_at(job.get("completed_at")),
+            failed_at=_opt_at(job.get("failed_at")),
+            archived_at=_opt_at(job.get("archived_at")),
+            deadline=_opt_at(job.get("deadline")),
+            error=job.get("error"),
+            credits_refunded=job.get("credits_refunded"),
+            metadata=json.loads(job.get("metadata", "{}")),
+            tracking=json.loads(job["tracking"]) if job.get("tracking") else None,
+            deliveries=[
+                _delivery_record(d, parts.get(d["sk"], []))
+                for d in sorted(deliveries, key=lambda d: str(d["sk"]))
+            ],
+            assets=[_asset_record(a) for a in sorted(assets, key=lambda a: int(a["n"]))],
+        )
+
+    def _listing(self, where: JobFilter, before_seq: int | None) -> Iterator[Item]:
+        """Job summaries newest first, merged from every shard of the fitting index."""
+        if where.state is not None:
+            index, pk_name = "by_state", "gsi2pk"
+            keys = [f"STATE#{where.state}#{s}" for s in range(SHARDS)]
+        else:
+            index, pk_name = "by_time", "gsi1pk"
+            keys = [f"JOBS#{s}" for s in range(SHARDS)]
+        low = _seq_floor(where.since) if where.since is not None else 0
+        high = _seq_floor(where.until) - 1 if where.until is not None else _MAX_SEQ
+        if before_seq is not None:
+            high = min(high, before_seq - 1)
+        if low > high:
+            return iter(())
+        filters: list[str] = []
+        values: Item = {":lo": low, ":hi": high}
+        if where.provider is not None:
+            filters.append("provider = :provider")
+            values[":provider"] = where.provider
+        if where.job_type is not None:
+            filters.append("job_type = :job_type")
+            values[":job_type"] = where.job_type
+        streams = []
+        for key in keys:
+            args: Item = {
+                "IndexName": index,
+                "KeyConditionExpression": f"{pk_name} = :pk AND seq BETWEEN :lo AND :hi",
+                "ExpressionAttributeValues": encode({**values, ":pk": key}),
+                "ScanIndexForward": False,
+                "Limit": 100,
+            }
+            if filters:
+                args["FilterExpression"] = " AND ".join(filters)
+            streams.append(self._query(**args))
+        return heapq.merge(*streams, key=lambda j: -int(j["seq"]))
+
+    def _unsent(self, older_than: datetime, limit: int) -> list[TaskMessage]:
+        found: list[TaskMessage] = []
+        for s in range(SHARDS):
+            for item in self._query(
+                IndexName="outbox",
+                KeyConditionExpression="obpk = :pk AND obat < :before",
+                ExpressionAttributeValues=encode(
+                    {":pk": f"OUTBOX#{s}", ":before": older_than.timestamp()}
+                ),
+            ):
+                found.append(_task_message(item))
+                if len(found) >= limit:
+                    return found
+        return found
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _transact(self, build: Callable[[], tuple[list[Item], T]]) -> T:
+        """Build a transaction from a fresh read and commit it; on a conflict, read again."""
+        for attempt in range(self.max_attempts):
+            items, result = build()
+            if not items:
+                return result
+            try:
+                self.ddb.transact_write_items(
+                    TransactItems=items, ClientRequestToken=uuid.uuid4().hex
+                )
+                return result
+            except ClientError as exc:
+                if not _is_conflict(exc):
+                    raise
+            # Jittered exponential backoff: contenders spread out instead of colliding again.
+            time.sleep(min(0.2, 0.002 * 2**attempt) * (0.5 + self.rng()))
+        raise LedgerBusy(f"gave up after {self.max_attempts} conflicting attempts")
+
+    def _put(self, item: Item, condition: str | None = None, values: Item | None = None) -> Item:
+        put: Item = {"TableName": self.table, "Item": encode(item)}
+        if condition:
+            put["ConditionExpression"] = condition
+        if values:
+            put["ExpressionAttributeValues"] = encode(values)
+        return {"Put": put}
+
+    def _put_job(self, new: Item, seen: Item | None) -> Item:
+        """The job item, written only if nobody changed it since we read it."""
+        _index(new)
+        if seen is None:
+            return self._put(new, "attribute_not_exists(pk)")
+        return self._put(new, "version = :seen", {":seen": seen["version"]})
+
+    def _record(
+        self, event: JobEvent, delivery: IncomingDelivery, plan: list[PlannedOutput]
+    ) -> tuple[RecordResult, list[TaskMessage]]:
+        pk = job_pk(event.provider, event.job_id)
+        now = delivery.received_at.timestamp()
+        marker = f"DLVID#{event.provider}#{delivery.delivery_id}" if delivery.delivery_id else None
+
+        def build() -> tuple[list[Item], tuple[RecordResult, list[TaskMessage]]]:
+            job, assets = self._head(event.provider, event.job_id)
+            current = JobState(job["state"]) if job else None
+            current_urls = tuple(assets[n]["source_url"] for n in sorted(assets))
+            seen_id = marker is not None and self._get(marker, "DLVID") is not None
+            decision = decide(current, current_urls, event, seen_id=seen_id)
+
+            new = dict(job) if job else _new_job(event.provider, event.job_id, now)
+            new["state"] = decision.state.value
+            new["updated_at"] = now
+            if decision.outcome is DeliveryOutcome.ACCEPTED:
+                _apply_event(new, event, now)
+            items: list[Item] = []
+            tasks: list[TaskMessage] = []
+            if decision.queue_outputs:
+                for out in plan:
+                    assets[out.n] = _asset_item(pk, out)
+                    items.append(self._put(assets[out.n]))
+                    task = _task_item(pk, event.provider, event.job_id, out.n, out.deadline, now)
+                    items.append(self._put(task))
+                    tasks.append(_task_message(task))
+            if decision.refresh_outputs:
+                for out in plan:
+                    old = assets.get(out.n)
+                    if old is not None and old["state"] == "pending":
+                        old.update(source_url=out.url, deadline=out.deadline.timestamp())
+                        items.append(self._put(old))
+            if decision.queue_outputs or decision.refresh_outputs:
+                new["deadline"] = _earliest_pending(assets)
+            # Duplicates and ignored news change nothing a decision depends on: they keep the
+            # version, so concurrent duplicates do not conflict with each other.
+            changed = job is None or decision.outcome in (
+                DeliveryOutcome.ACCEPTED,
+                DeliveryOutcome.REFRESHED,
+            )
+            new["version"] = int(new["version"]) + (1 if changed else 0)
+            items.insert(0, self._put_job(new, job))
+            seq = _micros(now)
+            dlv_sk = f"DLV#{seq:017d}#{uuid.uuid4().hex[:12]}"
+            items.extend(self._delivery_items(pk, dlv_sk, event, delivery, decision.outcome))
+            if marker is not None and not seen_id:
+                items.append(self._put({"pk": marker, "sk": "DLVID", "job": pk, "at": now}))
+            result = RecordResult(
+                outcome=decision.outcome,
+                job_state=decision.state,
+                delivery_seq=seq,
+                tasks_queued=len(tasks),
+            )
+            return items, (result, tasks)
+
+        return self._transact(build)
+
+    def _delivery_items(
+        self,
+        pk: str,
+        sk: str,
+        event: JobEvent,
+        delivery: IncomingDelivery,
+        outcome: DeliveryOutcome,
+    ) -> list[Item]:
+        body = zlib.compress(delivery.body)
+        chunks = [body[i : i + BODY_CHUNK] for i in range(0, len(body), BODY_CHUNK)] or [b""]
+        items = [
+            self._put(
+                {
+                    "pk": pk,
+                    "sk": sk,
+                    "delivery_id": delivery.delivery_id,
+                    "received_at": delivery.received_at.timestamp(),
+                    "source": delivery.source,
+                    "auth": delivery.auth,
+                    "event": event.kind.value,
+                    "payload_sha256": delivery.payload_sha256,
+                    "outcome": outcome.value,
+                    "body": chunks[0],
+                    "parts": len(chunks),
+                }
+            )
+        ]
+        items.extend(
+            self._put({"pk": pk, "sk": f"PART#{sk}#{k:03d}", "chunk": chunk})
+            for k, chunk in enumerate(chunks[1:], start=1)
+        )
+        return items
+
+    def _track(self, provider: str, job_id: str, tracking: dict[str, Any], now: float) -> bool:
+        def build() -> tuple[list[Item], bool]:
+            job = self._get(job_pk(provider, job_id), "JOB")
+            if job is None:
+                new = _new_job(provider, job_id, now)
+                new.update(state=JobState.TRACKING.value, tracking=json.dumps(tracking))
+                new["version"] = 1
+                return [self._put_job(new, None)], True
+            if job.get("tracking"):
+                return [], False
+            # Known already (a webhook may have come first): keep its state, add the caller's
+            # registration.
+            new = dict(job, tracking=json.dumps(tracking), version=int(job["version"]) + 1)
+            return [self._put_job(new, job)], False
+
+        return self._transact(build)
+
+    def _end_asset(
+        self,
+        provider: str,
+        job_id: str,
+        n: int,
+        change: Callable[[Item], Item | None],
+        now: float,
+    ) -> JobState:
+        def build() -> tuple[list[Item], JobState]:
+            job, assets = self._head(provider, job_id)
+            if job is None:
+                raise LookupError(f"no job {provider}/{job_id} in the ledger")
+            items: list[Item] = []
+            if n in assets:
+                changed = change(dict(assets[n]))
+                if changed is not None:
+                    assets[n] = changed
+                    items.append(self._put(changed))
+            new = dict(job, version=int(job["version"]) + 1)
+            state = _settle(new, assets, now)
+            items.insert(0, self._put_job(new, job))
+            return items, state
+
+        return self._transact(build)
+
+    def _requeue(self, provider: str, job_id: str, now: float) -> tuple[int, list[TaskMessage]]:
+        pk = job_pk(provider, job_id)
+
+        def build() -> tuple[list[Item], tuple[int, list[TaskMessage]]]:
+            job, assets = self._head(provider, job_id)
+            if job is None:
+                return [], (0, [])
+            items: list[Item] = []
+            tasks: list[TaskMessage] = []
+            for n, asset in sorted(assets.items()):
+                if asset["state"] in ("dead", "expired"):
+                    asset.update(state="pending", error=None)
+                    items.append(self._put(asset))
+                    task = _task_item(pk, provider, job_id, n, _at(asset["deadline"]), now)
+                    items.append(self._put(task))
+                    tasks.append(_task_message(task))
+            if not tasks:
+                return [], (0, [])
+            new = dict(job, version=int(job["version"]) + 1)
+            new.update(
+                state=JobState.QUEUED.value,
+                error=None,
+                updated_at=now,
+                deadline=_earliest_pending(assets),
+            )
+            items.insert(0, self._put_job(new, job))
+            return items, (len(tasks), tasks)
+
+        return self._transact(build)
+
+    def _restore(self, job: JobRecord) -> bool:
+        pk = job_pk(job.provider, job.job_id)
+        if self._get(pk, "JOB") is not None:
+            return False
+        # Children first, the job item last and conditionally: a crash in between leaves no job
+        # item, so running reindex again completes the restore.
+        for d in job.deliveries:
+            sk = f"DLV#{_micros(d.received_at.timestamp()):017d}#{uuid.uuid4().hex[:12]}"
+            delivery = IncomingDelivery(
+                received_at=d.received_at,
+                source=d.source,
+                auth=d.auth,
+                body=d.body,
+                payload_sha256=d.payload_sha256,
+                delivery_id=d.delivery_id,
+            )
+            event = JobEvent(job.provider, job.job_id, EventKind(d.event))
+            for put in self._delivery_items(pk, sk, event, delivery, DeliveryOutcome(d.outcome)):
+                self.ddb.put_item(**put["Put"])
+            if d.delivery_id:
+                self.ddb.put_item(
+                    TableName=self.table,
+                    Item=encode(
+                        {
+                            "pk": f"DLVID#{job.provider}#{d.delivery_id}",
+                            "sk": "DLVID",
+                            "job": pk,
+                            "at": d.received_at.timestamp(),
+                        }
+                    ),
+                )
+        for a in job.assets:
+            self.ddb.put_item(
+                TableName=self.table,
+                Item=encode(
+                    {
+                        "pk": pk,
+                        "sk": asset_sk(a.n),
+                        "n": a.n,
+                        "name": a.name,
+                        "key": a.key,
+                        "source_url": a.source_url,
+                        "content_type": a.content_type,
+                        "deadline": a.deadline.timestamp(),
+                        "state": a.state,
+                        "uri": a.uri,
+                        "size": a.size,
+                        "sha256": a.sha256,
+                        "archived_at": _ts(a.archived_at),
+                        "error": a.error,
+                    }
+                ),
+            )
+        new = _new_job(job.provider, job.job_id, job.first_seen_at.timestamp())
+        new.update(
+            state=job.state.value,
+            job_type=job.job_type,
+            updated_at=job.updated_at.timestamp(),
+            completed_at=_ts(job.completed_at),
+            failed_at=_ts(job.failed_at),
+            archived_at=_ts(job.archived_at),
+            deadline=_ts(job.deadline),
+            error=job.error,
+            credits_refunded=job.credits_refunded,
+            metadata=json.dumps(job.metadata),
+            tracking=json.dumps(job.tracking) if job.tracking is not None else None,
+            version=1,
+        )
+        try:
+            self.ddb.put_item(**self._put_job(new, None)["Put"])
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False  # restored concurrently by someone else
+            raise
+        return True
+
+    # -- the outbox -----------------------------------------------------------------------------
+
+    async def _send(self, tasks: list[TaskMessage], now: datetime) -> int:
+        """Send committed tasks to the queue and mark them sent; failures wait for the relay."""
+        if not tasks or self.publish is None:
+            return 0
+        try:
+            await self.publish(tasks, now)
+        except Exception as exc:
+            log.warning("outbox_send_failed", tasks=len(tasks), error=str(exc))
+            return 0
+        await run_blocking(self._mark_sent, tasks, now.timestamp())
+        return len(tasks)
+
+    def _mark_sent(self, tasks: list[TaskMessage], now: float) -> None:
+        for task in tasks:
+            try:
+                self.ddb.update_item(
+                    TableName=self.table,
+                    Key=encode({"pk": job_pk(task.provider, task.job_id), "sk": task_sk(task.n)}),
+                    UpdateExpression="REMOVE obpk, obat SET sent_at = :now",
+                    ConditionExpression="gen = :gen",
+                    ExpressionAttributeValues=encode({":gen": task.gen, ":now": now}),
+                )
+            except ClientError as exc:
+                if error_code(exc) != "ConditionalCheckFailedException":
+                    raise
+                # Enqueued again since (a requeue): that enqueue will be marked by its own send.
+
+
+# --- item helpers -------------------------------------------------------------------------------
+
+
+def _is_conflict(exc: ClientError) -> bool:
+    code = error_code(exc)
+    if code == "ConditionalCheckFailedException":
+        return True
+    if code == "TransactionConflictException":
+        return True
+    if code != "TransactionCanceledException":
+        return False
+    reasons = exc.response.get("CancellationReasons")
+    if reasons:
+        codes = {r.get("Code") for r in reasons} - {None, "None"}
+        return bool(codes) and codes <= _CONFLICTS
+    message = str(exc.response.get("Error", {}).get("Message", ""))
+    return any(c in message for c in _CONFLICTS)
+
+
+def _new_job(provider: str, job_id: str, now: float) -> Item:
+    return {
+        "pk": job_pk(provider, job_id),
+        "sk": "JOB",
+        "provider": provider,
+        "job_id": job_id,
+        "state": JobState.PROCESSING.value,
+        "first_seen_at": now,
+        "updated_at": now,
+        "metadata": "{}",
+        "version": 0,
+        "seq": job_seq(provider, job_id, now),
+    }
+
+
+def _index(job: Item) -> None:
+    """The listing indexes' keys, kept in step with the job's state."""
+    shard = shard_of(job["provider"], job["job_id"])
+    job["gsi1pk"] = f"JOBS#{shard}"
+    job["gsi2pk"] = f"STATE#{job['state']}#{shard}"
+
+
+def _apply_event(job: Item, event: JobEvent, now: float) -> None:
+    metadata: dict[str, Any] = json.loads(job.get("metadata", "{}"))
+    metadata.update(event.metadata)
+    job["metadata"] = json.dumps(metadata)
+    job["job_type"] = event.job_type or job.get("job_type")
+    if event.kind is EventKind.FAILED:
+        job.update(
+            failed_at=_ts(event.failed_at),
+            error=event.error,
+            credits_refunded=event.credits_refunded,
+        )
+    elif event.kind is EventKind.COMPLETED:
+        # When the provider gives no completion time (Fliki), the receipt stands in for it.
+        job["completed_at"] = _ts(event.completed_at) if event.completed_at else now
+
+
+def _asset_item(pk: str, out: PlannedOutput) -> Item:
+    return {
+        "pk": pk,
+        "sk": asset_sk(out.n),
+        "n": out.n,
+        "name": out.name,
+        "key": out.key,
+        "source_url": out.url,
+        "content_type": out.content_type,
+        "deadline": out.deadline.timestamp(),
+        "state": "pending",
+    }
+
+
+def _task_item(pk: str, provider: str, job_id: str, n: int, deadline: datetime, now: float) -> Item:
+    return {
+        "pk": pk,
+        "sk": task_sk(n),
+        "provider": provider,
+        "job_id": job_id,
+        "n": n,
+        "deadline": deadline.timestamp(),
+        "gen": uuid.uuid4().hex,
+        # Unsent: in the sparse outbox index until the send is confirmed.
+        "obpk": f"OUTBOX#{shard_of(provider, job_id)}",
+        "obat": now,
+    }
+
+
+def _task_message(item: Item) -> TaskMessage:
+    return TaskMessage(
+        provider=item["provider"],
+        job_id=item["job_id"],
+        n=int(item["n"]),
+        deadline=_at(item["deadline"]),
+        gen=item["gen"],
+    )
+
+
+def _earliest_pending(assets: dict[int, Item]) -> float | None:
+    pending = [a["deadline"] for a in assets.values() if a["state"] == "pending"]
+    return min(pending) if pending else None
+
+
+def _settle(job: Item, assets: dict[int, Item], now: float) -> JobState:
+    """After an asset ends, the job ends too once no asset is pending: archived if all were.
+
+    The same rule as the SQLite adapter's `_settle_job`, on items instead of rows.
+    """
+    states = [a["state"] for a in assets.values()]
+    current = JobState(job["state"])
+    if current in FINAL_STATES or "pending" in states:
+        return current
+    if all(s == "archived" for s in states):
+        new, archived_at = JobState.ARCHIVED, now
+    else:
+        new = JobState.EXPIRED if "expired" in states else JobState.DEAD
+        archived_at = None
+    errors = "; ".join(a["error"] for _, a in sorted(assets.items()) if a.get("error"))
+    job.update(
+        state=new.value,
+        archived_at=archived_at,
+        updated_at=now,
+        deadline=None,
+        error=errors or job.get("error"),
+    )
+    return new
+
+
+def _delivery_record(item: Item, parts: list[tuple[int, bytes]]) -> DeliveryRecord:
+    body = bytes(item.get("body", b"")) + b"".join(bytes(c) for _, c in sorted(parts))
+    return DeliveryRecord(
+        seq=int(item["sk"].split("#")[1]),
+        delivery_id=item.get("delivery_id"),
+        received_at=_at(item["received_at"]),
+        source=item["source"],
+        auth=item["auth"],
+        event=item["event"],
+        payload_sha256=item["payload_sha256"],
+        outcome=item["outcome"],
+        body=zlib.decompress(body),
+    )
+
+
+def _asset_record(item: Item) -> AssetRecord:
+    return AssetRecord(
+        n=int(item["n"]),
+        name=item["name"],
+        key=item["key"],
+        source_url=item["source_url"],
+        content_type=item.get("content_type"),
+        deadline=_at(item["deadline"]),
+        state=item["state"],
+        uri=item.get("uri"),
+        size=item.get("size"),
+        sha256=item.get("sha256"),
+        archived_at=_opt_at(item.get("archived_at")),
+        error=item.get("error"),
+    )
+
+
+def _summary(job: Item) -> JobSummary:
+    return JobSummary(
+        seq=int(job["seq"]),
+        provider=job["provider"],
+        job_id=job["job_id"],
+        state=JobState(job["state"]),
+        job_type=job.get("job_type"),
+        first_seen_at=_at(job["first_seen_at"]),
+        completed_at=_opt_at(job.get("completed_at")),
+        archived_at=_opt_at(job.get("archived_at")),
+        deadline=_opt_at(job.get("deadline")),
+        error=job.get("error"),
+    )
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+SUMMARY_ATTRIBUTES = [
+    "provider",
+    "job_id",
+    "state",
+    "job_type",
+    "first_seen_at",
+    "completed_at",
+    "archived_at",
+    "deadline",
+    "error",
+]
+
+
+def table_definition(name: str) -> dict[str, Any]:
+    """CreateTable arguments matching infra/receiver.yaml (for tests and local set-ups)."""
+
+    def index(name: str, pk: str, sk: str, attributes: list[str]) -> dict[str, Any]:
+        return {
+            "IndexName": name,
+            "KeySchema": [
+                {"AttributeName": pk, "KeyType": "HASH"},
+                {"AttributeName": sk, "KeyType": "RANGE"},
+            ],
+            "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": attributes},
+        }
+
+    return {
+        "TableName": name,
+        "BillingMode": "PAY_PER_REQUEST",
+        "AttributeDefinitions": [
+            {"AttributeName": a, "AttributeType": t}
+            for a, t in (
+                ("pk", "S"),
+                ("sk", "S"),
+                ("gsi1pk", "S"),
+                ("gsi2pk", "S"),
+                ("seq", "N"),
+                ("obpk", "S"),
+                ("obat", "N"),
+            )
+        ],
+        "KeySchema": [
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        "GlobalSecondaryIndexes": [
+            index("by_time", "gsi1pk", "seq", SUMMARY_ATTRIBUTES),
+            index("by_state", "gsi2pk", "seq", SUMMARY_ATTRIBUTES),
+            index("outbox", "obpk", "obat", ["provider", "job_id", "n", "deadline", "gen"]),
+        ],
+    }
