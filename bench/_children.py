@@ -1,24 +1,35 @@
-"""Child processes measured by the benchmarks (one job each, so peak RSS is theirs alone).
+"""Child processes measured by the archive benchmarks (one job each, so peak RSS is theirs alone).
 
-    python -m bench._children receiver URL BUCKET WORKDIR    # receiver's archiver: URL -> S3
-    python -m bench._children boto3 FILE BUCKET              # floor: boto3 upload_file, disk -> S3
-Prints the seconds the copy itself took (imports and set-up excluded) on stdout.
+    python -m bench._children receiver URL BUCKET WORKDIR  # receiver's archiver: URL -> S3
+    python -m bench._children parts BUCKET WORKDIR         # receiver's set-up only, no copy
+    python -m bench._children boto3 FILE BUCKET            # floor: boto3 upload_file, disk -> S3
+    python -m bench._children boto3-many DIR BUCKET WIDTH  # every file in DIR, WIDTH threads
+
+Each prints one JSON line: ``seconds``, the time the copy itself took (imports and set-up
+excluded), and ``peak_rss_mib``, the process's own peak RSS. The S3 endpoint and credentials
+come from the environment, as boto3 always reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+from bench._common import vm_hwm_mib
 
 
-async def _receiver(url: str, bucket: str, workdir: Path) -> float:
-    from receiver.app import build_parts
-    from receiver.domain import EventKind, JobEvent, Output
+def _settings(bucket: str, workdir: Path) -> Any:
+    from receiver import logs
     from receiver.settings import Settings
 
-    settings = Settings(
+    logs.configure("json", "warning")
+    return Settings(
         _env_file=None,  # type: ignore[call-arg]
         ledger_url=f"sqlite:///{workdir / 'bench.db'}",
         archive_url=f"s3://{bucket}/bench",
@@ -28,7 +39,36 @@ async def _receiver(url: str, bucket: str, workdir: Path) -> float:
         log_format="json",
         log_level="warning",
     )
-    parts = build_parts(settings)
+
+
+def _time_calls(client: Any, operations: tuple[str, ...]) -> dict[str, float]:
+    """Seconds spent in each of ``operations`` (botocore's before/after-call events)."""
+    spent = dict.fromkeys(operations, 0.0)
+    started: dict[str, float] = {}
+
+    def before(operation: str) -> Callable[..., None]:
+        return lambda **_: started.__setitem__(operation, time.perf_counter())
+
+    def after(operation: str) -> Callable[..., None]:
+        def record(**_: Any) -> None:
+            spent[operation] += time.perf_counter() - started.pop(operation)
+
+        return record
+
+    for operation in operations:
+        client.meta.events.register(f"before-call.s3.{operation}", before(operation))
+        client.meta.events.register(f"after-call.s3.{operation}", after(operation))
+    return spent
+
+
+async def _receiver(url: str, bucket: str, workdir: Path) -> dict[str, Any]:
+    from receiver.app import build_parts
+    from receiver.domain import EventKind, JobEvent, Output
+    from receiver.store.s3 import S3Store
+
+    parts = build_parts(_settings(bucket, workdir))
+    assert isinstance(parts.store, S3Store)
+    spent = _time_calls(parts.store._client, ("CompleteMultipartUpload", "CopyObject"))
     parts.start(workers=0)
     try:
         event = JobEvent(
@@ -46,29 +86,65 @@ async def _receiver(url: str, bucket: str, workdir: Path) -> float:
         elapsed = time.perf_counter() - started
         job = await parts.ledger.job("apex", event.job_id)
         assert job is not None and job.state == "archived", job and job.assets[0].error
-        return elapsed
+        return {
+            "seconds": elapsed,
+            "complete_s": spent["CompleteMultipartUpload"],
+            "copy_s": spent["CopyObject"],
+            "sha256": job.assets[0].sha256,
+            "key": f"bench/{job.assets[0].key}",
+        }
     finally:
         await parts.stop()
 
 
-def _boto3(path: str, bucket: str) -> float:
+async def _parts_only(bucket: str, workdir: Path) -> dict[str, Any]:
+    from receiver.app import build_parts
+
+    parts = build_parts(_settings(bucket, workdir))
+    parts.start(workers=0)
+    try:
+        await parts.store.ping()  # the S3 client has made a request, as in a copy
+    finally:
+        await parts.stop()
+    return {}
+
+
+def _boto3(path: str, bucket: str) -> dict[str, Any]:
     import boto3
 
     s3 = boto3.session.Session().client("s3")
     started = time.perf_counter()
     s3.upload_file(path, bucket, f"floor/{Path(path).name}")
-    return time.perf_counter() - started
+    return {"seconds": time.perf_counter() - started}
+
+
+def _boto3_many(directory: str, bucket: str, width: int) -> dict[str, Any]:
+    import boto3
+
+    s3 = boto3.session.Session().client("s3")
+    files = sorted(Path(directory).iterdir())
+    started = time.perf_counter()
+    with ThreadPoolExecutor(width) as pool:
+        for future in [
+            pool.submit(s3.upload_file, str(path), bucket, f"floor/{path.name}") for path in files
+        ]:
+            future.result()
+    return {"seconds": time.perf_counter() - started, "objects": len(files)}
 
 
 def main() -> None:
     kind, *args = sys.argv[1:]
     if kind == "receiver":
-        seconds = asyncio.run(_receiver(args[0], args[1], Path(args[2])))
+        result = asyncio.run(_receiver(args[0], args[1], Path(args[2])))
+    elif kind == "parts":
+        result = asyncio.run(_parts_only(args[0], Path(args[1])))
     elif kind == "boto3":
-        seconds = _boto3(args[0], args[1])
+        result = _boto3(args[0], args[1])
+    elif kind == "boto3-many":
+        result = _boto3_many(args[0], args[1], int(args[2]))
     else:
         raise SystemExit(f"unknown child {kind!r}")
-    print(f"{seconds:.6f}")
+    print(json.dumps({**result, "peak_rss_mib": vm_hwm_mib()}))
 
 
 if __name__ == "__main__":

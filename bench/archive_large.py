@@ -1,87 +1,137 @@
 """Archive, large: one big object from a local HTTP source into moto's S3 server.
 
-Baseline (the floor): boto3 `upload_file` of the same bytes from local disk to the same server.
-Each side runs in its own child process, alternating, several rounds; we report medians of the
-copy time, the ratio receiver/floor, and each child's peak RSS (ru_maxrss via wait4).
+Sides, each in a child process of its own, alternating, ``BENCH_ROUNDS`` rounds (default 3):
+
+- receiver: ``Archiver.run_once`` on a queued job whose output link points at the file source
+  (guarded streaming fetch, S3 multipart with per-part SHA-256, full-object SHA-256, then the
+  in-place CopyObject that stores that digest as the object's metadata and S3 checksum). The
+  CopyObject's own duration is reported beside the total: it is a design trade-off (invariant 3)
+  whose cost is server-side work proportional to the object's size.
+- floor: boto3 ``upload_file`` of the same bytes from local disk to the same server.
+- rclone: ``rclone copyurl`` from the same source URL into the same server (a versioned bucket:
+  rclone's S3 backend needs versioning to work against moto), if rclone is installed.
+
+The source serves the file from disk with ``sendfile`` (see ``_common.file_source``). Reported:
+medians of the copy time (process start-up excluded for the Python sides; rclone is timed as a
+whole process, its start-up is tens of milliseconds) and of the CPU time moto's server process
+spent meanwhile (one Python process: on a small machine it, not the client, often sets the
+pace), and each side's worst peak RSS. A child that only builds receiver's parts and pings S3
+gives the RSS that the interpreter, the imports and the S3 client cost before any byte is copied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
-
-from tests.s3server import moto_server_process
-from tests.sources import SourceServer, iter_content
-
-MiB = 2**20
+from bench._common import (
+    CHILD,
+    S3,
+    ChildResult,
+    MiB,
+    moto_s3,
+    run_child,
+    workdir,
+    write_random_file,
+)
+from bench._common import file_source as serve_files
 
 
 @dataclass
-class Run:
-    seconds: float
-    peak_rss_mib: float
+class LargeResult:
+    size_mib: int
+    receiver_s: float
+    copy_s: float  # of receiver_s: the in-place CopyObject
+    complete_s: float  # of receiver_s: CompleteMultipartUpload
+    floor_s: float
+    rclone_s: float | None
+    receiver_rss_mib: float
+    floor_rss_mib: float
+    rclone_rss_mib: float | None
+    parts_rss_mib: float  # receiver's process before copying anything
+    receiver_s3_cpu_s: float  # moto's CPU time during receiver's copy
+    floor_s3_cpu_s: float
+    rclone_s3_cpu_s: float | None
 
 
-def _child(args: list[str], env: dict[str, str]) -> Run:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench._children", *args], stdout=subprocess.PIPE, env=env
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while block := source.read(4 * MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _rclone_env(s3: S3) -> dict[str, str]:
+    env = {k: v for k, v in s3.env.items() if not k.startswith("AWS_")}  # rclone reads AWS_*
+    env.update(
+        RCLONE_CONFIG_MOTO_TYPE="s3",
+        RCLONE_CONFIG_MOTO_PROVIDER="Other",
+        RCLONE_CONFIG_MOTO_ENDPOINT=s3.endpoint,
+        RCLONE_CONFIG_MOTO_ACCESS_KEY_ID="bench",
+        RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY="bench",
+        RCLONE_CONFIG_MOTO_REGION="us-east-1",
+        RCLONE_CONFIG="/dev/null",
     )
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child {args[0]} failed ({proc.returncode})")
-    return Run(float(out.decode().strip().splitlines()[-1]), usage.ru_maxrss / 1024)
+    return env
 
 
-def run(size_mib: int, rounds: int = 3) -> dict[str, object]:
+def run(size_mib: int, rounds: int) -> LargeResult:
     size = size_mib * MiB
-    with tempfile.TemporaryDirectory() as tmp, moto_server_process() as endpoint:
-        env = {
-            **os.environ,
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-        os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-        bucket = f"bench-{uuid.uuid4().hex[:12]}"
-        boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
-        source = Path(tmp) / "source.bin"
-        with source.open("wb") as out:
-            for chunk in iter_content("bench", 0, size):
-                out.write(chunk)
-        server = SourceServer()
-        server.add("/bench.mp4", size, seed="bench", content_type="video/mp4")
-        server.start()
-        try:
-            floor, ours = [], []
+    rclone = shutil.which("rclone")
+    with workdir() as tmp, moto_s3() as s3:
+        source = tmp / "files" / "large.mp4"
+        source.parent.mkdir()
+        write_random_file(source, size)
+        expected = _sha256(source)
+        bucket, rclone_bucket = s3.bucket(), s3.bucket(versioned=True)
+        parts = run_child([*CHILD, "parts", bucket, str(tmp)], s3.env)
+        floor, ours, theirs = [], [], []
+        cpu: dict[str, list[float]] = {"floor": [], "receiver": [], "rclone": []}
+
+        def measured(side: str, argv: list[str], env: dict[str, str]) -> ChildResult:
+            before = s3.cpu_seconds()
+            result = run_child(argv, env)
+            cpu[side].append(s3.cpu_seconds() - before)
+            return result
+
+        with serve_files(source.parent) as base:
+            url = f"{base}/{source.name}"
             for i in range(rounds):
-                floor.append(_child(["boto3", str(source), bucket], env))
-                workdir = Path(tmp) / f"r{i}"
-                workdir.mkdir()
-                ours.append(
-                    _child(["receiver", server.url("/bench.mp4"), bucket, str(workdir)], env)
-                )
-        finally:
-            server.stop()
-    f = statistics.median(r.seconds for r in floor)
-    o = statistics.median(r.seconds for r in ours)
-    return {
-        "size_mib": size_mib,
-        "receiver_s": o,
-        "floor_s": f,
-        "ratio": o / f,
-        "receiver_rss_mib": max(r.peak_rss_mib for r in ours),
-        "floor_rss_mib": max(r.peak_rss_mib for r in floor),
-    }
+                floor.append(measured("floor", [*CHILD, "boto3", str(source), bucket], s3.env))
+                s3.empty(bucket)
+                run_dir = tmp / f"round-{i}"
+                run_dir.mkdir()
+                argv = [*CHILD, "receiver", url, bucket, str(run_dir)]
+                result = measured("receiver", argv, s3.env)
+                if result.out["sha256"] != expected:
+                    raise RuntimeError("receiver archived the wrong bytes")
+                ours.append(result)
+                s3.empty(bucket)
+                if rclone is not None:
+                    argv = [rclone, "copyurl", url, f"moto:{rclone_bucket}/large.mp4"]
+                    theirs.append(measured("rclone", argv, _rclone_env(s3)))
+                    s3.empty(rclone_bucket)
+    return LargeResult(
+        size_mib=size_mib,
+        receiver_s=statistics.median(r.out["seconds"] for r in ours),
+        copy_s=statistics.median(r.out["copy_s"] for r in ours),
+        complete_s=statistics.median(r.out["complete_s"] for r in ours),
+        floor_s=statistics.median(r.out["seconds"] for r in floor),
+        rclone_s=statistics.median(r.wall_s for r in theirs) if theirs else None,
+        receiver_rss_mib=max(r.peak_rss_mib for r in ours),
+        floor_rss_mib=max(r.peak_rss_mib for r in floor),
+        rclone_rss_mib=max(r.peak_rss_mib for r in theirs) if theirs else None,
+        parts_rss_mib=parts.peak_rss_mib,
+        receiver_s3_cpu_s=statistics.median(cpu["receiver"]),
+        floor_s3_cpu_s=statistics.median(cpu["floor"]),
+        rclone_s3_cpu_s=statistics.median(cpu["rclone"]) if theirs else None,
+    )
+
+
+def sizes() -> list[int]:
+    return [int(s) for s in os.environ.get("BENCH_SIZES_MIB", "256,1024").split(",") if s]
