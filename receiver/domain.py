@@ -6,6 +6,7 @@ Pure code: no I/O, no clock. Every function that needs "now" takes it as an argu
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -158,10 +159,14 @@ def compute_deadline(
     return min(candidates) - margin
 
 
+# Letters, digits, "_", "." and "-" survive in object keys; anything else could change a path.
+_UNSAFE_IN_NAME = re.compile(r"[^\w.-]")
+
+
 def output_name(url: str, index: int, content_type: str | None) -> str:
     """A safe file name for an output: the URL's last path segment, else output-N.ext."""
     last = urlsplit(url).path.rsplit("/", 1)[-1]
-    safe = "".join(c for c in last if c.isalnum() or c in "._-")[:128].lstrip(".")
+    safe = _UNSAFE_IN_NAME.sub("", last)[:128].lstrip(".")
     if safe:
         return safe
     return f"output-{index}{_extension(content_type)}"
@@ -186,7 +191,7 @@ def archive_key(
 ) -> str:
     """Deterministic object key: a retried copy lands on the same key."""
     day = completed_at.astimezone(UTC)
-    safe_job = "".join(c if c.isalnum() or c in "._-" else "_" for c in job_id)
+    safe_job = _UNSAFE_IN_NAME.sub("_", job_id)
     parts = [provider, f"{day:%Y}", f"{day:%m}", f"{day:%d}", safe_job, name]
     return "/".join([prefix.strip("/"), *parts] if prefix.strip("/") else parts)
 

@@ -163,34 +163,70 @@ def _record(
     delivery: IncomingDelivery,
     plan: list[PlannedOutput],
 ) -> RecordResult:
+    # The hot path of every webhook: as few statements as the state machine allows
+    # (a new completed job is one read and four inserts).
     key = (event.provider, event.job_id)
-    row = conn.execute("SELECT state FROM jobs WHERE provider = ? AND job_id = ?", key).fetchone()
+    row = conn.execute(
+        "SELECT state, metadata, job_type FROM jobs WHERE provider = ? AND job_id = ?", key
+    ).fetchone()
     current = JobState(row["state"]) if row else None
-    current_urls = tuple(
-        r["source_url"]
-        for r in conn.execute(
-            "SELECT source_url FROM assets WHERE provider = ? AND job_id = ? ORDER BY n", key
+    current_urls: tuple[str, ...] = ()
+    seen_id = False
+    if row is not None:
+        # A new job has no links yet, and a replayed delivery id only matters for a known job.
+        current_urls = tuple(
+            r["source_url"]
+            for r in conn.execute(
+                "SELECT source_url FROM assets WHERE provider = ? AND job_id = ? ORDER BY n", key
+            )
         )
-    )
-    seen_id = (
-        delivery.delivery_id is not None
-        and conn.execute(
-            "SELECT 1 FROM deliveries WHERE provider = ? AND delivery_id = ? LIMIT 1",
-            (event.provider, delivery.delivery_id),
-        ).fetchone()
-        is not None
-    )
+        seen_id = (
+            delivery.delivery_id is not None
+            and conn.execute(
+                "SELECT 1 FROM deliveries WHERE provider = ? AND delivery_id = ? LIMIT 1",
+                (event.provider, delivery.delivery_id),
+            ).fetchone()
+            is not None
+        )
     decision = decide(current, current_urls, event, seen_id=seen_id)
     now = delivery.received_at.timestamp()
+    deadline = min((to_ts(o.deadline) or 0.0 for o in plan), default=None)
 
-    if current is None:
-        conn.execute(
-            "INSERT INTO jobs (provider, job_id, state, first_seen_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (*key, decision.state.value, now, now),
-        )
     if decision.outcome is DeliveryOutcome.ACCEPTED:
-        _apply_event(conn, event, decision.state, now)
+        metadata: dict[str, Any] = json.loads(row["metadata"]) if row else {}
+        metadata.update(event.metadata)
+        fields: dict[str, Any] = {
+            "state": decision.state.value,
+            "job_type": event.job_type or (row["job_type"] if row else None),
+            "metadata": json.dumps(metadata),
+            "updated_at": now,
+        }
+        if event.kind is EventKind.FAILED:
+            fields |= {
+                "failed_at": to_ts(event.failed_at),
+                "error": event.error,
+                "credits_refunded": event.credits_refunded,
+            }
+        elif event.kind is EventKind.COMPLETED:
+            # When the provider gives no completion time (Fliki), the receipt stands in for it.
+            fields["completed_at"] = to_ts(event.completed_at) if event.completed_at else now
+        if decision.queue_outputs:
+            fields["deadline"] = deadline
+        if row is None:
+            fields |= {"provider": event.provider, "job_id": event.job_id, "first_seen_at": now}
+            names = ", ".join(fields)
+            marks = ", ".join("?" * len(fields))
+            conn.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", tuple(fields.values()))  # noqa: S608
+        else:
+            assignments = ", ".join(f"{name} = ?" for name in fields)
+            conn.execute(
+                f"UPDATE jobs SET {assignments} WHERE provider = ? AND job_id = ?",  # noqa: S608
+                (*fields.values(), *key),
+            )
+    else:
+        conn.execute(
+            "UPDATE jobs SET updated_at = ? WHERE provider = ? AND job_id = ?", (now, *key)
+        )
 
     tasks = 0
     if decision.queue_outputs:
@@ -218,7 +254,6 @@ def _record(
                 "AND state IN ('ready', 'leased')",
                 (to_ts(out.deadline), *key, out.n),
             )
-    if decision.queue_outputs or decision.refresh_outputs:
         conn.execute(
             "UPDATE jobs SET deadline = (SELECT MIN(deadline) FROM assets "
             "WHERE provider = ? AND job_id = ? AND state = 'pending') "
@@ -241,43 +276,12 @@ def _record(
             decision.outcome.value,
         ),
     )
-    conn.execute("UPDATE jobs SET updated_at = ? WHERE provider = ? AND job_id = ?", (now, *key))
     return RecordResult(
         outcome=decision.outcome,
         job_state=decision.state,
         delivery_seq=cursor.lastrowid or 0,
         tasks_queued=tasks,
     )
-
-
-def _apply_event(conn: sqlite3.Connection, event: JobEvent, state: JobState, now: float) -> None:
-    key = (event.provider, event.job_id)
-    row = conn.execute(
-        "SELECT metadata, job_type FROM jobs WHERE provider = ? AND job_id = ?", key
-    ).fetchone()
-    metadata: dict[str, Any] = json.loads(row["metadata"])
-    metadata.update(event.metadata)
-    common = (state.value, event.job_type or row["job_type"], json.dumps(metadata), now)
-    if event.kind is EventKind.FAILED:
-        conn.execute(
-            "UPDATE jobs SET state = ?, job_type = ?, metadata = ?, updated_at = ?, "
-            "failed_at = ?, error = ?, credits_refunded = ? WHERE provider = ? AND job_id = ?",
-            (*common, to_ts(event.failed_at), event.error, event.credits_refunded, *key),
-        )
-    elif event.kind is EventKind.COMPLETED:
-        # When the provider gives no completion time (Fliki), the receipt stands in for it.
-        completed = to_ts(event.completed_at) if event.completed_at else now
-        conn.execute(
-            "UPDATE jobs SET state = ?, job_type = ?, metadata = ?, updated_at = ?, "
-            "completed_at = ? WHERE provider = ? AND job_id = ?",
-            (*common, completed, *key),
-        )
-    else:
-        conn.execute(
-            "UPDATE jobs SET state = ?, job_type = ?, metadata = ?, updated_at = ? "
-            "WHERE provider = ? AND job_id = ?",
-            (*common, *key),
-        )
 
 
 def _settle_job(conn: sqlite3.Connection, provider: str, job_id: str, now: datetime) -> JobState:
