@@ -7,7 +7,8 @@ provider's dialect, lying Content-Length, redirects, an ETag that changes, a Ran
 Every request is recorded so tests can assert what the client sent (Range, If-Match, Host).
 
 File content is a function of (seed, offset) -- SHAKE-128 per 64 KiB block -- so a 1 GiB file
-costs nothing to register and ``expected_sha256`` / ``content`` reproduce it independently.
+costs nothing to register and ``expected_sha256`` / ``content`` reproduce it (the generator is
+``receiver.simulator``'s, so the demo and the benchmarks serve the same bytes).
 
 Usage::
 
@@ -21,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import socket
 import sys
@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-BLOCK = 64 * 1024
+from receiver.simulator import BLOCK, content_sha256, iter_content
 
 R2_EXPIRED_XML = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ExpiredRequest</Code>'
@@ -55,31 +55,14 @@ GCS_EXPIRED_JSON = (
 )
 
 
-def _block(seed: str, index: int) -> bytes:
-    return hashlib.shake_128(f"{seed}:{index}".encode()).digest(BLOCK)
-
-
-def iter_content(seed: str, start: int, end: int) -> Iterator[bytes]:
-    """Yield bytes ``[start, end)`` of the file generated from ``seed``, block-aligned chunks."""
-    position = start
-    while position < end:
-        index, skip = divmod(position, BLOCK)
-        chunk = _block(seed, index)[skip : skip + end - position]
-        position += len(chunk)
-        yield chunk
-
-
 def content(seed: str, size: int) -> bytes:
     """The whole generated file (for small files)."""
     return b"".join(iter_content(seed, 0, size))
 
 
-def expected_sha256(seed: str, size: int) -> str:
-    """Hex SHA-256 of the generated file, computed by streaming."""
-    digest = hashlib.sha256()
-    for chunk in iter_content(seed, 0, size):
-        digest.update(chunk)
-    return digest.hexdigest()
+# The generator is the simulator's (shipped in the package), so tests, benchmarks and the demo
+# all serve the same bytes; these names are what the tests have always used.
+expected_sha256 = content_sha256
 
 
 @dataclass
