@@ -11,7 +11,7 @@ import pytest
 
 from receiver.ledger import JobRecord
 from tests.conftest import Harness, post_signed
-from tests.payloads import APEX_SECRET, FLIKI_SECRET, apex_completed, fliki_status
+from tests.payloads import APEX_SECRET, FLIKI_SECRET, apex_completed, apex_failed, fliki_status
 from tests.sources import (
     GCS_EXPIRED_XML,
     R2_EXPIRED_XML,
@@ -256,14 +256,20 @@ async def test_wrong_content_length_is_retried(
 
 
 async def test_duplicate_webhook_after_archive_does_not_copy_again(
-    archive: Harness, source_server: SourceServer
+    archive: Harness, source_server: SourceServer, tmp_path: Path
 ) -> None:
     url = source_server.add("/o/once.png", 1000)
     await completed(archive, "once", url)
     assert await archive.parts.archiver.run_once()
 
     again = await post_signed(archive, "apex", apex_completed("once", url=url), APEX_SECRET)
+    late = await post_signed(archive, "apex", apex_failed("once"), APEX_SECRET)
 
-    assert again.status_code == 200
+    assert (again.status_code, late.status_code) == (200, 200)
+    # The archiver refreshes the manifest with the late deliveries, and downloads nothing.
+    assert await archive.parts.archiver.run_once()
     assert not await archive.parts.archiver.run_once()
     assert len(source_server.requests("/o/once.png")) == 1
+    manifest = json.loads((tmp_path / "archive/apex/2026/03/16/once/manifest.json").read_text())
+    assert [d["outcome"] for d in manifest["deliveries"]] == ["accepted", "duplicate", "ignored"]
+    assert (await job(archive, "once")).state == "archived"

@@ -261,6 +261,15 @@ def _record(
             (*key, *key),
         )
 
+    if current is JobState.ARCHIVED:
+        # The manifest beside the assets must list this delivery too: hand the job's finished
+        # task back to the archiver, which rewrites the manifest of an archived asset and
+        # copies nothing (see Archiver._process).
+        conn.execute(
+            "UPDATE tasks SET state = 'ready', not_before = ?, attempts = 0 "
+            "WHERE provider = ? AND job_id = ? AND n = 0 AND state = 'done'",
+            (now, *key),
+        )
     cursor = conn.execute(
         "INSERT INTO deliveries (provider, job_id, delivery_id, received_at, source, auth, "
         "event, payload_sha256, body, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
