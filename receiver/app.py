@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import certifi
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -126,8 +128,9 @@ def build_parts(
         part_size=settings.part_size,
         parts_in_flight=settings.parts_in_flight,
     )
+    tls = ssl.create_default_context(cafile=certifi.where())
     fetchers = {
-        name: Fetcher(policy, resolver=resolver)
+        name: Fetcher(policy, resolver=resolver, tls=tls)
         for name, policy in fetch_policies(settings).items()
     }
     archiver = Archiver(

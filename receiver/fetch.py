@@ -24,6 +24,7 @@ import ipaddress
 import json
 import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -422,12 +423,15 @@ class Fetcher:
         resolver: Resolver | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._policy = policy
         self._resolver: Resolver = resolver if resolver is not None else SystemResolver()
         self._clock = clock
         self._client = httpx.AsyncClient(
             transport=transport,
+            # One context can serve every fetcher: loading the CA bundle is the costly part.
+            verify=tls if tls is not None else True,
             timeout=httpx.Timeout(
                 connect=policy.connect_timeout,
                 read=policy.read_timeout,
