@@ -100,16 +100,30 @@ def moto_server_process() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(endpoint, timeout=1, trust_env=False)
-                break
-            except httpx.TransportError:
-                if child.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server process did not start") from None
-                time.sleep(0.05)
+        wait_until_serving(endpoint, child)
         yield endpoint
     finally:
-        child.terminate()
-        child.wait(timeout=10)
+        stop_child(child)
+
+
+def wait_until_serving(endpoint: str, child: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Block until a server child answers HTTP at `endpoint`; fail fast if it died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(endpoint, timeout=1, trust_env=False)
+            return
+        except httpx.TransportError:
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server at {endpoint} did not start") from None
+            time.sleep(0.05)
+
+
+def stop_child(child: subprocess.Popen[bytes], grace: float = 5) -> None:
+    child.terminate()
+    try:
+        child.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        # moto's request threads can outlive SIGTERM (it exits from the main thread only).
+        child.kill()
+        child.wait(timeout=grace)

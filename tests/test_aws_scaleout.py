@@ -32,7 +32,7 @@ from receiver.ledger import JobFilter
 from receiver.ledger.dynamodb import DynamoLedger
 from receiver.workqueue.sqs import SqsQueue
 from tests.payloads import APEX_SECRET, apex_completed, signed
-from tests.s3server import point_boto3_at
+from tests.s3server import point_boto3_at, stop_child, wait_until_serving
 from tests.sources import SourceServer, expected_sha256
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -86,24 +86,10 @@ def moto_child(logs: Path) -> Iterator[str]:
             stderr=out,
         )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(endpoint, timeout=1, trust_env=False)
-                break
-            except httpx.TransportError:
-                if child.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server process did not start") from None
-                time.sleep(0.05)
+        wait_until_serving(endpoint, child)
         yield endpoint
     finally:
-        child.terminate()
-        try:
-            child.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            # Its request threads can outlive SIGTERM (moto exits from the main thread only).
-            child.kill()
-            child.wait()
+        stop_child(child)
 
 
 def free_port() -> int:
