@@ -120,7 +120,17 @@ class Archiver:
         started = time.perf_counter()
         heartbeat = asyncio.create_task(self._heartbeat(lease))
         copy = asyncio.create_task(self._copy(asset))
-        done, _ = await asyncio.wait({heartbeat, copy}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({heartbeat, copy}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Stopping (deploy, SIGTERM): let the copy clean up (abort its upload), then give
+            # the task back now instead of when its lease lapses.
+            heartbeat.cancel()
+            copy.cancel()
+            await asyncio.gather(heartbeat, copy, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.queue.retry(lease, self.clock(), "worker stopped before finishing")
+            raise
         if heartbeat in done:
             # We lost the lease (another worker took the task over): stop copying, keep quiet.
             copy.cancel()

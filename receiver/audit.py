@@ -11,6 +11,7 @@ import base64
 import binascii
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -27,6 +28,10 @@ from receiver.store import Store
 
 PRESIGN_SECONDS = 300
 MAX_LIMIT = 500
+
+
+def _ascii_name(name: str) -> str:
+    return name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -182,7 +187,11 @@ class AuditApi:
             q.get("until") or None,
         )
         raw_limit = q.get("limit", "50")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        # isascii: str.isdigit also accepts digits int() refuses, such as "²".
+        if (
+            not (raw_limit.isascii() and raw_limit.isdigit())
+            or not 1 <= int(raw_limit) <= MAX_LIMIT
+        ):
             raise InvalidPayload(
                 "invalid limit", [{"field": "limit", "problem": f"an integer 1..{MAX_LIMIT}"}]
             )
@@ -229,7 +238,11 @@ class AuditApi:
             media_type=asset.content_type or "application/octet-stream",
             headers={
                 "content-length": str(asset.size),
-                "content-disposition": f'attachment; filename="{asset.name}"',
+                # HTTP headers are Latin-1: an ASCII fallback plus the RFC 6266 UTF-8 form.
+                "content-disposition": (
+                    f'attachment; filename="{_ascii_name(asset.name)}"; '
+                    f"filename*=UTF-8''{quote(asset.name)}"
+                ),
                 "x-content-sha256": asset.sha256 or "",
             },
         )

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 
 class EventKind(enum.StrEnum):
@@ -129,7 +129,7 @@ def signed_url_expiry(url: str) -> datetime | None:
             try:
                 start = datetime.strptime(date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
                 return start + timedelta(seconds=int(expires))
-            except ValueError:
+            except (ValueError, OverflowError):
                 return None
     expires = query.get("expires")
     if expires and expires.isdigit():
@@ -152,7 +152,10 @@ def compute_deadline(
     With neither a window nor a signed expiry there is no known limit; we still want the copy
     soon, so such outputs get a nominal 24 h window and sort behind anything more urgent.
     """
-    candidates = [window_start + (window if window is not None else timedelta(hours=24))]
+    try:
+        candidates = [window_start + (window if window is not None else timedelta(hours=24))]
+    except OverflowError:  # a completion time near year 9999: only the link's expiry limits it
+        candidates = [datetime.max.replace(tzinfo=UTC)]
     expiry = signed_url_expiry(url)
     if expiry is not None:
         candidates.append(expiry)
@@ -191,7 +194,11 @@ def archive_key(
 ) -> str:
     """Deterministic object key: a retried copy lands on the same key."""
     day = completed_at.astimezone(UTC)
-    safe_job = _UNSAFE_IN_NAME.sub("_", job_id)
+    # Percent-encoding keeps distinct job ids distinct ("a/b" and "a:b" must not share a
+    # folder) and the key ASCII; "." and ".." would be path segments, so they are encoded too.
+    safe_job = quote(job_id, safe="")
+    if set(safe_job) <= {"."}:
+        safe_job = safe_job.replace(".", "%2E")
     parts = [provider, f"{day:%Y}", f"{day:%m}", f"{day:%d}", safe_job, name]
     return "/".join([prefix.strip("/"), *parts] if prefix.strip("/") else parts)
 

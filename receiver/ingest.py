@@ -30,8 +30,10 @@ def plan_outputs(
     used: set[str] = set(RESERVED_NAMES)
     for n, output in enumerate(event.outputs):
         name = output.name
-        if name in used:
-            name = f"{n}-{name}"
+        prefix = n
+        while name in used:  # each output needs a key of its own
+            name = f"{prefix}-{output.name}"
+            prefix += 1
         used.add(name)
         plan.append(
             PlannedOutput(

@@ -91,6 +91,8 @@ class Webhooks:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MalformedJson("the body is not valid JSON", {"error": str(exc)}) from None
+        except RecursionError:
+            raise MalformedJson("the body is nested too deeply", None) from None
         assert endpoint.spec.parse_webhook is not None  # only webhook providers get endpoints
         event = endpoint.spec.parse_webhook(payload)
         result = await self.ingestor.ingest(

@@ -122,15 +122,24 @@ def _required_time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+UNRECOVERABLE = "restored from the archive's manifest: the download link was not kept"
+
+
 def job_from_manifest(manifest: dict[str, Any]) -> JobRecord:
+    """The job a manifest describes. Assets it lists as not yet archived come back dead: the
+    manifest keeps links without their signatures, so nothing could copy them any more."""
     if manifest.get("schema") != SCHEMA:
         raise ValueError(f"not a {SCHEMA} manifest")
     job = manifest["job"]
     first_seen = _required_time(job["first_seen_at"])
+    unfinished = any(a["state"] == "pending" for a in manifest["assets"])
+    state = JobState(job["state"])
+    if unfinished and state is JobState.QUEUED:
+        state = JobState.DEAD
     return JobRecord(
         provider=manifest["provider"],
         job_id=manifest["job_id"],
-        state=JobState(job["state"]),
+        state=state,
         job_type=job["type"],
         first_seen_at=first_seen,
         updated_at=_time(job.get("updated_at")) or first_seen,
@@ -138,7 +147,7 @@ def job_from_manifest(manifest: dict[str, Any]) -> JobRecord:
         failed_at=_time(job["failed_at"]),
         archived_at=_time(job["archived_at"]),
         deadline=None,
-        error=job["error"],
+        error=job["error"] or (UNRECOVERABLE if unfinished else None),
         credits_refunded=job["credits_refunded"],
         metadata=job["metadata"],
         tracking=job.get("tracking"),
@@ -165,12 +174,12 @@ def job_from_manifest(manifest: dict[str, Any]) -> JobRecord:
                 source_url=a["source"],
                 content_type=a["content_type"],
                 deadline=_required_time(a["deadline"]),
-                state=a["state"],
+                state="dead" if a["state"] == "pending" else a["state"],
                 uri=a["uri"],
                 size=a["size"],
                 sha256=a["sha256"],
                 archived_at=_time(a["archived_at"]),
-                error=a["error"],
+                error=UNRECOVERABLE if a["state"] == "pending" else a["error"],
             )
             for a in manifest["assets"]
         ],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import boto3
 import pytest
 
+from receiver.domain import JobState
 from receiver.ledger import JobRecord
 from tests.conftest import Harness, post_signed
 from tests.payloads import APEX_SECRET, FLIKI_SECRET, apex_completed, apex_failed, fliki_status
@@ -273,3 +276,61 @@ async def test_duplicate_webhook_after_archive_does_not_copy_again(
     manifest = json.loads((tmp_path / "archive/apex/2026/03/16/once/manifest.json").read_text())
     assert [d["outcome"] for d in manifest["deliveries"]] == ["accepted", "duplicate", "ignored"]
     assert (await job(archive, "once")).state == "archived"
+
+
+async def test_a_stopping_worker_gives_its_task_back_at_once(
+    archive: Harness, source_server: SourceServer
+) -> None:
+    url = source_server.add("/o/slow.mp4", 2_000_000, trickle=0.05)
+    await completed(archive, "slow", url)
+    runner = asyncio.create_task(archive.parts.archiver.run(1))
+    for _ in range(200):
+        if archive.rows("tasks")[0]["state"] == "leased":
+            break
+        await asyncio.sleep(0.02)
+    assert archive.rows("tasks")[0]["state"] == "leased"
+
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+
+    task = archive.rows("tasks")[0]
+    assert (task["state"], task["last_error"]) == ("ready", "worker stopped before finishing")
+    assert task["not_before"] <= archive.clock.wall()
+    assert (await job(archive, "slow")).state == "queued"
+    assert (
+        list(
+            (
+                archive.parts.settings.archive_url[7:]
+                and Path(archive.parts.settings.archive_url[7:])
+            ).rglob("*.mp4")
+        )
+        == []
+    )
+
+
+async def test_retry_leaves_a_running_copy_of_another_asset_alone(archive: Harness) -> None:
+    from datetime import timedelta
+
+    from receiver.domain import EventKind, JobEvent, Output
+
+    outputs = tuple(Output(f"http://127.0.0.1:1/o/{i}.png", f"{i}.png") for i in range(2))
+    event = JobEvent(provider="apex", job_id="two", kind=EventKind.COMPLETED, outputs=outputs)
+    await archive.parts.ingestor.ingest(
+        event, body=b"{}", source="webhook", auth="signature", delivery_id=None
+    )
+    queue, now = archive.parts.queue, archive.clock()
+    first = await queue.lease("w1", now, timedelta(seconds=60))
+    running = await queue.lease("w2", now, timedelta(seconds=60))
+    assert first is not None and running is not None
+    await archive.parts.ledger.mark_asset_ended(
+        "apex", "two", first.n, JobState.DEAD, "gave up", now
+    )
+    await queue.dead_letter(first, "gave up")
+
+    assert await archive.parts.ledger.requeue("apex", "two", now) == 1
+
+    tasks = {t["n"]: t for t in archive.rows("tasks")}
+    assert (tasks[first.n]["state"], tasks[first.n]["attempts"]) == ("ready", 0)
+    assert (tasks[running.n]["state"], tasks[running.n]["lease_owner"]) == ("leased", "w2")
+    assert await queue.heartbeat(running, now, timedelta(seconds=60))

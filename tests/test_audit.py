@@ -253,3 +253,25 @@ async def test_openapi_document_covers_the_interface(audit: Harness) -> None:
     ):
         assert path in doc["paths"], path
     json.dumps(doc)
+
+
+async def test_download_of_an_asset_with_a_non_latin1_name(
+    audit: Harness, source_server: SourceServer
+) -> None:
+    source_server.add("/o/%E5%87%BA%E5%8A%9B.png", 1234, content_type="image/png")
+    url = f"http://127.0.0.1:{source_server.port}/o/出力.png"
+    response = await post_signed(audit, "apex", apex_completed("cjk", url=url), APEX_SECRET)
+    assert response.status_code == 202
+    assert await audit.parts.archiver.run_once()
+
+    download = await audit.client.get("/jobs/apex/cjk/assets/0", headers=AUTH)
+
+    assert download.status_code == 200
+    assert len(download.content) == 1234
+    disposition = download.headers["content-disposition"]
+    assert "filename*=UTF-8''%E5%87%BA%E5%8A%9B.png" in disposition
+
+
+async def test_limit_with_a_non_ascii_digit_is_422(audit: Harness) -> None:
+    response = await audit.client.get("/jobs?limit=%C2%B2", headers=AUTH)
+    assert response.status_code == 422

@@ -40,6 +40,14 @@ def leased(db: Path) -> int:
         conn.close()
 
 
+def unfinished(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM tasks WHERE state != 'done'").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def wait_for(condition: object, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -111,7 +119,9 @@ async def test_sigkill_mid_copy_then_restart_archives_everything_once(
 
     second = start_worker(tmp_path, env)
     try:
-        wait_for(lambda: states(db) == {"archived": JOBS}, 150)
+        # Done means every task acked too: a task whose copy was recorded just before the kill
+        # comes back when its lease lapses, and the new worker finishes it (manifest, ack).
+        wait_for(lambda: states(db) == {"archived": JOBS} and unfinished(db) == 0, 150)
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(15)

@@ -117,7 +117,13 @@ def test_keys_are_deterministic_and_safe() -> None:
     key = archive_key(
         prefix="arch/", provider="apex", job_id="a/../b", completed_at=T0, name="o.png"
     )
-    assert key == "arch/apex/2026/03/16/a_.._b/o.png"
+    assert key == "arch/apex/2026/03/16/a%2F..%2Fb/o.png"
+    keys = {
+        archive_key(prefix="", provider="p", job_id=j, completed_at=T0, name="o")
+        for j in ("a/b", "a:b", "a_b", "..", ".", "出力")
+    }
+    assert len(keys) == 6
+    assert all(k.isascii() and "/../" not in k and "/./" not in k for k in keys)
     assert archive_key(prefix="", provider="fliki", job_id="f", completed_at=T0, name="v.mp4") == (
         "fliki/2026/03/16/f/v.mp4"
     )

@@ -450,3 +450,48 @@ async def test_health_and_readiness(harness: Harness) -> None:
     ready = await harness.client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
+
+
+async def test_time_without_offset_is_utc_and_huge_expiry_is_ignored(harness: Harness) -> None:
+    signed_url = (
+        "https://acct.r2.cloudflarestorage.com/o/v.mp4?X-Amz-Date=20260316T120000Z"
+        "&X-Amz-Expires=3600"
+    )
+    naive = apex_completed("naive", url=signed_url, completed_at="2026-03-16T12:00:00")
+    huge = apex_completed(
+        "huge",
+        url=signed_url.replace("3600", "99999999999999"),
+        completed_at="9999-12-31T23:00:00Z",
+    )
+    first = await post_signed(harness, "apex", naive, APEX_SECRET)
+    second = await post_signed(harness, "apex", huge, APEX_SECRET)
+
+    assert (first.status_code, second.status_code) == (202, 202), second.text
+    job = await harness.parts.ledger.job("apex", "naive")
+    assert job is not None and job.deadline is not None
+    assert job.deadline.isoformat() == "2026-03-16T12:50:00+00:00"
+
+
+async def test_deeply_nested_json_is_a_clear_400(harness: Harness) -> None:
+    response = await post_signed(harness, "apex", b"[" * 100_000 + b"]" * 100_000, APEX_SECRET)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "malformed_json"
+    assert harness.counts() == NOTHING
+
+
+def test_output_names_never_share_a_key() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from receiver.domain import EventKind, JobEvent, Output
+    from receiver.ingest import plan_outputs
+    from receiver.providers import REGISTRY
+
+    outputs = tuple(
+        Output(f"https://ik.imagekit.io/{i}", n)
+        for i, n in enumerate(["a.png", "2-a.png", "a.png", "manifest.json", "a.png"])
+    )
+    event = JobEvent(provider="flora", job_id="r", kind=EventKind.COMPLETED, outputs=outputs)
+    plan = plan_outputs(event, REGISTRY["flora"], datetime(2026, 3, 16, tzinfo=UTC), timedelta())
+    keys = [p.key for p in plan]
+    assert len(set(keys)) == len(keys) == 5
+    assert not any(k.endswith("/manifest.json") for k in keys)

@@ -195,3 +195,53 @@ def _event(job_id: str, url: str) -> Any:
         kind=EventKind.COMPLETED,
         outputs=(Output(url, "f.png", "image/png"),),
     )
+
+
+def test_reindexed_assets_that_were_never_copied_come_back_dead() -> None:
+    from receiver.operations import UNRECOVERABLE, job_from_manifest
+
+    asset = {
+        "n": 0,
+        "name": "a.png",
+        "key": "k",
+        "uri": None,
+        "state": "pending",
+        "size": None,
+        "sha256": None,
+        "content_type": None,
+        "source": "https://ik.imagekit.io/a.png",
+        "deadline": "2026-03-16T12:00:00+00:00",
+        "archived_at": None,
+        "error": None,
+    }
+    archived = {
+        **asset,
+        "n": 1,
+        "state": "archived",
+        "uri": "file:///x",
+        "size": 1,
+        "sha256": "ab" * 32,
+        "archived_at": "2026-03-16T12:00:00+00:00",
+    }
+    manifest = {
+        "schema": "receiver.manifest/1",
+        "provider": "flora",
+        "job_id": "r",
+        "job": {
+            "state": "queued",
+            "type": None,
+            "first_seen_at": "2026-03-16T11:00:00+00:00",
+            "completed_at": None,
+            "failed_at": None,
+            "archived_at": None,
+            "error": None,
+            "credits_refunded": None,
+            "metadata": {},
+        },
+        "deliveries": [],
+        "assets": [asset, archived],
+    }
+    job = job_from_manifest(manifest)
+    assert job.state == "dead"
+    assert job.error == UNRECOVERABLE
+    assert [(a.state, a.error) for a in job.assets] == [("dead", UNRECOVERABLE), ("archived", None)]

@@ -449,8 +449,9 @@ def _requeue(conn: sqlite3.Connection, provider: str, job_id: str, now: float) -
     ).rowcount
     if requeued:
         conn.execute(
+            # Only the dead-lettered tasks: a copy of another asset may be running right now.
             "UPDATE tasks SET state = 'ready', attempts = 0, not_before = ?, lease_owner = NULL, "
-            "lease_expires = NULL WHERE provider = ? AND job_id = ? AND n IN "
+            "lease_expires = NULL WHERE provider = ? AND job_id = ? AND state = 'dead' AND n IN "
             "(SELECT n FROM assets WHERE provider = ? AND job_id = ? AND state = 'pending')",
             (now, *key, *key),
         )

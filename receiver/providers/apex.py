@@ -7,7 +7,7 @@ shape), recovers a webhook that never arrived. Reads are limited to 20 requests 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +19,7 @@ from receiver.providers.base import (
     RateBudget,
     StatusApi,
     StatusRequest,
+    UtcDatetime,
     bearer,
     require_object,
     validate,
@@ -52,8 +53,8 @@ class CompletedData(_Model):
     outputUrl: str = Field(min_length=1, max_length=8192, pattern=r"^[hH][tT][tT][pP][sS]?://")
     outputType: str | None = Field(default=None, max_length=255)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    createdAt: datetime | None = None
-    completedAt: datetime
+    createdAt: UtcDatetime | None = None
+    completedAt: UtcDatetime
 
 
 class FailedData(_Model):
@@ -62,19 +63,19 @@ class FailedData(_Model):
     status: Literal["failed"] = "failed"
     error: str | None = Field(default=None, max_length=4096)
     creditsRefunded: int | None = Field(default=None, ge=0)
-    createdAt: datetime | None = None
-    failedAt: datetime
+    createdAt: UtcDatetime | None = None
+    failedAt: UtcDatetime
 
 
 class Completed(_Model):
     event: Literal["job.completed"]
-    timestamp: datetime | None = None
+    timestamp: UtcDatetime | None = None
     data: CompletedData
 
 
 class Failed(_Model):
     event: Literal["job.failed"]
-    timestamp: datetime | None = None
+    timestamp: UtcDatetime | None = None
     data: FailedData
 
 
@@ -133,8 +134,8 @@ class StatusJob(_Model):
     metadata: dict[str, Any] = Field(default_factory=dict)
     error: str | None = Field(default=None, max_length=4096)
     creditsRefunded: int | None = Field(default=None, ge=0)
-    completedAt: datetime | None = None
-    failedAt: datetime | None = None
+    completedAt: UtcDatetime | None = None
+    failedAt: UtcDatetime | None = None
 
 
 def status_request(job_id: str, tracking: Mapping[str, Any]) -> StatusRequest:

@@ -8,15 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from receiver.domain import JobEvent
 from receiver.errors import InvalidPayload
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _assume_utc(value: datetime) -> datetime:
+    # Providers document UTC ("...Z"); a time sent without an offset means the same, and a
+    # naive datetime must never meet the aware ones in deadline arithmetic.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_assume_utc)]
 
 
 @dataclass(frozen=True)
