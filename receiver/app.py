@@ -41,7 +41,7 @@ from receiver.providers import REGISTRY
 from receiver.settings import Settings
 from receiver.sqlite_db import Database
 from receiver.store import Store, open_store
-from receiver.tracking import Registrar, TrackedStore, TrackingApi
+from receiver.tracking import Registrar, TrackedStore, Tracker, TrackingApi
 from receiver.webhook_auth import SignatureVerifier
 from receiver.workqueue import WorkQueue
 from receiver.workqueue.sqlite import SqliteQueue
@@ -119,10 +119,17 @@ def build_parts(
     db = Database(settings.local_db_path)
     ledger: Ledger
     queue: WorkQueue
+    tracked: Tracker
     if settings.distributed:  # dynamodb:// + sqs:// (scale-out): see receiver/aws.py
-        ledger, queue = open_distributed(settings)
+        from receiver.tracking_dynamodb import DynamoTrackedStore
+
+        dynamo, queue = open_distributed(settings)
+        # The poll schedule shares the ledger's table: a job registered on any replica is
+        # polled by whichever worker process claims it first.
+        ledger, tracked = dynamo, DynamoTrackedStore(dynamo.table, ddb=dynamo.ddb)
     else:
         ledger, queue = SqliteLedger(db), SqliteQueue(db)
+        tracked = TrackedStore(db)
     store = open_store(
         settings.archive_url,
         part_size=settings.part_size,
@@ -155,7 +162,7 @@ def build_parts(
     parts = Parts(
         settings, db, ledger, queue, store, ingestor, archiver, metrics, clock, wall_clock
     )
-    parts.poller = Poller(TrackedStore(db), ingestor, settings, REGISTRY, clock=clock, rng=rng)
+    parts.poller = Poller(tracked, ingestor, settings, REGISTRY, clock=clock, rng=rng)
     return parts
 
 
@@ -214,7 +221,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
     poller = parts.poller
     registrar = Registrar(
         parts.ledger,
-        TrackedStore(parts.db),
+        poller.tracked if poller else TrackedStore(parts.db),  # the schedule the poller reads
         settings,
         clock=parts.clock,
         provider_problem=poller.problem if poller else lambda provider: None,

@@ -35,7 +35,7 @@ from receiver.ingest import Clock, Ingestor
 from receiver.providers.base import ProviderSpec, RateBudget
 from receiver.settings import Settings
 from receiver.status_clients import PollOutcome, PollResult, RateHeaders, StatusClient
-from receiver.tracking import StopReason, TrackedJob, TrackedStore
+from receiver.tracking import StopReason, TrackedJob, Tracker
 
 log = structlog.get_logger(__name__)
 
@@ -130,7 +130,7 @@ class Problem:
 class Poller:
     def __init__(
         self,
-        tracked: TrackedStore,
+        tracked: Tracker,
         ingestor: Ingestor,
         settings: Settings,
         specs: Mapping[str, ProviderSpec],

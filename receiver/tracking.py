@@ -1,10 +1,14 @@
 """Tracking jobs by polling: `POST /jobs`, `receiver track`, and the `tracked` schedule.
 
 A registration writes twice: `ledger.track` (the job, in state `tracking`, with the caller's
-technique and metadata, which end up in the manifest) and a row in `tracked`, the poller's
-schedule. Both are idempotent, so registering twice, or retrying after a crash between the two
+technique and metadata, which end up in the manifest) and an entry in the poller's schedule (a
+`Tracker`). Both are idempotent, so registering twice, or retrying after a crash between the two
 writes, is harmless. Providers without webhooks are polled at once; Apex and Fliki jobs only
 after a grace period, to recover a webhook that never came (reconciliation).
+
+The schedule is a port with two adapters, beside the ledger's: `TrackedStore`, the `tracked`
+table in the SQLite file, and `receiver.tracking_dynamodb.DynamoTrackedStore`, items in the
+DynamoDB ledger's table, so every replica of a scale-out deployment shares one schedule.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -92,8 +96,69 @@ def _row(row: sqlite3.Row) -> TrackedJob:
     )
 
 
+class Tracker(Protocol):
+    """The poller's schedule: who to poll, when, and why not (the port; two adapters).
+
+    Every write is idempotent or conditional, so several poller processes may share one
+    schedule: `claim` is the only way to take a due job, and it succeeds for one of them.
+    """
+
+    async def add(
+        self, provider: str, job_id: str, technique: str | None, first_poll: datetime, now: datetime
+    ) -> str:
+        """Insert (`created`), reactivate a stopped job (`reactivated`) or leave it (`known`)."""
+        ...
+
+    async def get(self, provider: str, job_id: str) -> TrackedJob | None: ...
+
+    async def due(self, now: datetime, limit: int, *, provider: str) -> list[TrackedJob]:
+        """A provider's active jobs whose time has come, most overdue first."""
+        ...
+
+    async def next_due_by_provider(self) -> dict[str, datetime]:
+        """Per provider with active jobs: the earliest next poll."""
+        ...
+
+    async def claim(
+        self, jobs: list[TrackedJob], until: datetime, now: datetime
+    ) -> set[tuple[str, str]]:
+        """Push the chosen jobs' next poll to `until`; the (provider, job id) pairs claimed."""
+        ...
+
+    async def reschedule(
+        self,
+        provider: str,
+        job_id: str,
+        at: datetime,
+        now: datetime,
+        *,
+        counted: bool,
+        status: str | None = None,
+        error: str | None = None,
+        not_found: bool = False,
+    ) -> None:
+        """Next poll of an active job at `at`; `counted` adds to the poll count (backoff)."""
+        ...
+
+    async def finish(
+        self, provider: str, job_id: str, now: datetime, *, status: str | None, polled: bool
+    ) -> None:
+        """The job needs no more polls (whatever its tracking state was)."""
+        ...
+
+    async def stop(
+        self, provider: str, job_id: str | None, reason: str, error: str, now: datetime
+    ) -> int:
+        """Stop one job, or (job_id None) every active job of the provider. Returns how many."""
+        ...
+
+    async def resume_stopped(self, reasons: tuple[str, ...], now: datetime) -> int:
+        """Jobs stopped for one of `reasons` become active and due now. Returns how many."""
+        ...
+
+
 class TrackedStore:
-    """The `tracked` table (see `receiver.sqlite_db.SCHEMA`): who to poll, when, and why not."""
+    """The SQLite tracker: the `tracked` table (see `receiver.sqlite_db.SCHEMA`)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -323,7 +388,7 @@ class Registrar:
     def __init__(
         self,
         ledger: Ledger,
-        tracked: TrackedStore,
+        tracked: Tracker,
         settings: Settings,
         *,
         clock: Clock,
@@ -473,6 +538,16 @@ async def _read_body(request: Request) -> bytes:
 
 async def register_offline(settings: Settings, data: Any, *, clock: Clock) -> Registration:
     """`receiver track`: register straight into the database; a running poller picks it up."""
+    if settings.distributed:
+        # The ledger's table holds the schedule too: any `receiver worker` polls the job.
+        from receiver.ledger.dynamodb import DynamoLedger
+        from receiver.tracking_dynamodb import DynamoTrackedStore
+
+        # No publisher: a registration writes no archive task, so nothing goes to the queue.
+        ledger = DynamoLedger.from_url(settings.ledger_url)
+        tracker = DynamoTrackedStore(ledger.table, ddb=ledger.ddb)
+        return await Registrar(ledger, tracker, settings, clock=clock).register(data, source="cli")
+
     from receiver.ledger.sqlite import SqliteLedger
 
     db = Database(settings.sqlite_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,7 +20,8 @@ from structlog.testing import capture_logs
 from receiver.poller import Poller
 from receiver.providers import REGISTRY
 from receiver.providers.base import RateBudget
-from receiver.tracking import TrackedJob, TrackedStore
+from receiver.tracking import TrackedJob, Tracker
+from receiver.tracking_dynamodb import DynamoTrackedStore
 from tests.conftest import FakeClock, Harness, post_signed
 from tests.payloads import APEX_SECRET, FLIKI_SECRET, apex_completed, fliki_status
 from tests.sources import SourceServer, expected_sha256
@@ -95,7 +97,7 @@ class Polling:
     harness: Harness
     poller: Poller
     apis: FakeApis
-    tracked: TrackedStore
+    tracked: Tracker
 
     async def register(self, provider: str, job_id: str, **extra: Any) -> httpx.Response:
         body = {"provider": provider, "job_id": job_id, **extra}
@@ -125,14 +127,36 @@ PollingFactory = Callable[..., Awaitable[Polling]]
 
 
 @pytest.fixture
-async def polling_factory(harness_factory: Any, clock: FakeClock) -> Any:
+def tracker_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where the poll schedule lives: SQLite, or (indirect parametrisation) DynamoDB.
+
+    The DynamoDB schedule is a table on moto's server under the same SQLite ledger and fake
+    clock: every tracker call takes its time as an argument.
+    """
+    backend: str = getattr(request, "param", "sqlite")
+    if backend == "dynamodb":
+        from tests.test_contract import serialize_moto
+        from tests.test_tracking_contract import create_table
+
+        serialize_moto()
+        request.getfixturevalue("moto_s3")
+        table = create_table(f"p-{uuid.uuid4().hex[:12]}")
+        # build_parts makes the poller's (and so `POST /jobs`'s) tracker from this name.
+        monkeypatch.setattr("receiver.app.TrackedStore", lambda db: DynamoTrackedStore(table))
+    return backend
+
+
+@pytest.fixture
+async def polling_factory(harness_factory: Any, clock: FakeClock, tracker_backend: str) -> Any:
     made: list[Poller] = []
 
     async def make(budgets: dict[str, RateBudget] | None = None, **overrides: Any) -> Polling:
         harness: Harness = await harness_factory(**{**SETTINGS, **overrides})
         apis = FakeApis(clock)
         http = httpx.AsyncClient(transport=httpx.MockTransport(apis.handler))
-        tracked = TrackedStore(harness.parts.db)
+        assert harness.parts.poller is not None
+        tracked = harness.parts.poller.tracked  # the schedule `POST /jobs` writes to
+        assert isinstance(tracked, DynamoTrackedStore) == (tracker_backend == "dynamodb")
         poller = Poller(
             tracked,
             harness.parts.ingestor,
@@ -286,6 +310,7 @@ async def test_apex_webhook_first_means_no_status_call_at_all(polling: Polling) 
     assert polling.poller.stats.settled_by_webhook == 1
 
 
+@pytest.mark.parametrize("tracker_backend", ["sqlite", "dynamodb"], indirect=True)
 async def test_webhook_racing_a_poll_makes_the_poll_the_duplicate(polling: Polling) -> None:
     payload = apex_completed("a2")
 
@@ -399,6 +424,7 @@ async def test_ratelimit_remaining_zero_waits_for_the_reset(polling: Polling) ->
 # --- errors --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("tracker_backend", ["sqlite", "dynamodb"], indirect=True)
 async def test_auth_error_stops_the_provider_once_and_loudly(polling: Polling) -> None:
     refused = ok({"error": {"code": "invalid_api_key", "message": "Bad or revoked key"}}, 401)
     for n in range(3):
@@ -429,6 +455,7 @@ async def test_auth_error_stops_the_provider_once_and_loudly(polling: Polling) -
     assert polling.apis.calls_for("vividflow") != []
 
 
+@pytest.mark.parametrize("tracker_backend", ["sqlite", "dynamodb"], indirect=True)
 async def test_a_restart_gives_auth_stopped_jobs_one_more_try(
     polling_factory: PollingFactory,
 ) -> None:
