@@ -217,7 +217,9 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         on_auth_failure=lambda provider: parts.metrics.auth_failures.labels(provider).inc(),
     )
     api_token = settings.api_token.get_secret_value() if settings.api_token else None
-    audit = AuditApi(parts.ledger, parts.store, api_token)
+    audit = AuditApi(
+        parts.ledger, parts.store, api_token, parts.poller.tracked if parts.poller else None
+    )
     poller = parts.poller
     registrar = Registrar(
         parts.ledger,

@@ -25,6 +25,7 @@ from receiver.manifest import redact, redacted_payload
 from receiver.operator_auth import require_operator
 from receiver.providers import REGISTRY
 from receiver.store import Store
+from receiver.tracking import TrackedJob, Tracker
 
 PRESIGN_SECONDS = 300
 MAX_LIMIT = 500
@@ -38,7 +39,21 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def job_json(job: JobRecord) -> dict[str, Any]:
+def polling_json(tracked: TrackedJob | None) -> dict[str, Any] | None:
+    """Where polling stands for a tracked job: support must see when and why it stopped."""
+    if tracked is None:
+        return None
+    return {
+        "state": tracked.state,
+        "polls": tracked.polls,
+        "next_poll_at": _iso(tracked.next_poll_at) if tracked.state == "active" else None,
+        "last_status": tracked.last_status,
+        "last_error": tracked.last_error,
+        "stop_reason": tracked.stop_reason,
+    }
+
+
+def job_json(job: JobRecord, tracked: TrackedJob | None = None) -> dict[str, Any]:
     deadlines = [a.deadline for a in job.assets]
     slacks = [
         (a.deadline - a.archived_at).total_seconds()
@@ -61,6 +76,7 @@ def job_json(job: JobRecord) -> dict[str, Any]:
         "credits_refunded": job.credits_refunded,
         "metadata": redact(job.metadata),
         "tracking": redact(job.tracking),
+        "polling": polling_json(tracked),
         "deliveries": [
             {
                 "received_at": _iso(d.received_at),
@@ -164,10 +180,13 @@ def job_filter(
 
 
 class AuditApi:
-    def __init__(self, ledger: Ledger, store: Store, api_token: str | None) -> None:
+    def __init__(
+        self, ledger: Ledger, store: Store, api_token: str | None, tracker: Tracker | None = None
+    ) -> None:
         self.ledger = ledger
         self.store = store
         self.api_token = api_token
+        self.tracker = tracker
 
     def routes(self) -> list[Route]:
         return [
@@ -218,7 +237,9 @@ class AuditApi:
         return job
 
     async def show_job(self, request: Request) -> JSONResponse:
-        return JSONResponse(job_json(await self._job(request)))
+        job = await self._job(request)
+        tracked = await self.tracker.get(job.provider, job.job_id) if self.tracker else None
+        return JSONResponse(job_json(job, tracked))
 
     async def asset(self, request: Request) -> Response:
         job = await self._job(request)

@@ -214,12 +214,17 @@ def jobs_show(
     from receiver.audit import job_json
 
     provider, job_id = _split_job(job)
-    record = _run(
-        load_settings(env_file, log_level="warning"), lambda p: p.ledger.job(provider, job_id)
-    )
-    if record is None:
+
+    async def lookup(parts: Parts) -> dict[str, Any] | None:
+        record = await parts.ledger.job(provider, job_id)
+        if record is None:
+            return None
+        tracker = parts.poller.tracked if parts.poller else None
+        return job_json(record, await tracker.get(provider, job_id) if tracker else None)
+
+    body = _run(load_settings(env_file, log_level="warning"), lookup)
+    if body is None:
         raise fail(f"no job {job}")
-    body = job_json(record)
     if as_json:
         typer.echo(json.dumps(body, indent=2))
         return
@@ -238,6 +243,14 @@ def jobs_show(
     ):
         if body[label] is not None:
             console.print(f"  {label}: {body[label]}")
+    if body["polling"] is not None:
+        polling = body["polling"]
+        console.print(
+            f"  polling: {polling['state']} after {polling['polls']} poll(s)"
+            + (f", next at {polling['next_poll_at']}" if polling["next_poll_at"] else "")
+            + (f", stopped: {polling['stop_reason']}" if polling["stop_reason"] else "")
+            + (f", last error: {polling['last_error']}" if polling["last_error"] else "")
+        )
     deliveries = Table(
         "received", "webhook id", "source", "auth", "event", "outcome", title="deliveries"
     )

@@ -499,6 +499,15 @@ async def test_not_found_is_retried_then_stopped_with_a_clear_error(polling: Pol
     assert (row.state, row.stop_reason) == ("stopped", "not_found")
     assert row.last_error is not None and "not found" in row.last_error
     assert await polling.state("vividflow", "nope") == "tracking"
+    # Support sees that polling stopped, and why, in the audit answer.
+    audit = await polling.harness.client.get("/jobs/vividflow/nope", headers=OPERATOR)
+    shown = audit.json()["polling"]
+    assert (shown["state"], shown["stop_reason"], shown["next_poll_at"]) == (
+        "stopped",
+        "not_found",
+        None,
+    )
+    assert "not found" in shown["last_error"]
 
     # Registering it again is how an operator retries.
     polling.apis.script("vividflow", "nope", ok({"status": "PROCESSING"}))
