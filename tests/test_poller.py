@@ -478,8 +478,11 @@ async def test_a_restart_gives_auth_stopped_jobs_one_more_try(
     )
     task = asyncio.create_task(restarted.run())
     try:
+        # Wait for the poll's outcome to be written, not just for the call: with DynamoDB the
+        # write is a round trip of its own after the provider answered.
         for _ in range(500):  # up to 5 s on a loaded machine; usually a few ms
-            if len(polling.apis.calls) == 2:
+            row = await polling.row("flora", "r")
+            if row.last_status == "progress":
                 break
             await asyncio.sleep(0.01)
     finally:
