@@ -354,13 +354,20 @@ async def test_a_fresher_link_refreshes_a_pending_copy_but_never_an_archived_one
     assert job.assets[0].source_url == "https://cdn.example/a.png?v=2"
     assert job.deadline == job.assets[0].deadline
     assert job.deadline is not None and job.deadline - b.now() < timedelta(hours=3)
+    # A later link never moves the deadline later (Fliki's window counts from completion).
+    later = await record(b, completed("r1", "https://cdn.example/a.png?v=3"), hours=30)
+    assert later.outcome == "refreshed"
+    again = await b.ledger.job("apex", "r1")
+    assert again is not None
+    assert again.assets[0].source_url == "https://cdn.example/a.png?v=3"
+    assert again.assets[0].deadline == job.assets[0].deadline
 
     assert await b.ledger.mark_archived("apex", "r1", 0, stored(), b.now()) == "archived"
     other = await record(b, completed("r1", "https://cdn.example/other.png"))
     assert other.outcome == "ignored"
     job = await b.ledger.job("apex", "r1")
     assert job is not None
-    assert (job.state, job.assets[0].source_url) == ("archived", "https://cdn.example/a.png?v=2")
+    assert (job.state, job.assets[0].source_url) == ("archived", "https://cdn.example/a.png?v=3")
 
 
 async def test_fifty_concurrent_identical_deliveries_make_one_job_and_one_task(

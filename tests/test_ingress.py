@@ -495,3 +495,19 @@ def test_output_names_never_share_a_key() -> None:
     keys = [p.key for p in plan]
     assert len(set(keys)) == len(keys) == 5
     assert not any(k.endswith("/manifest.json") for k in keys)
+
+
+async def test_a_refreshed_fliki_link_keeps_the_original_deadline(harness: Harness) -> None:
+    await post_signed(harness, "fliki", fliki_status("f-refresh"), FLIKI_SECRET)
+    harness.clock.advance(3600)
+    fresh = fliki_status("f-refresh", download="https://files.fliki.ai/out/f-refresh.mp4?v=2")
+    second = await post_signed(harness, "fliki", fresh, FLIKI_SECRET)
+
+    assert second.json()["outcome"] == "refreshed"
+    job = await harness.parts.ledger.job("fliki", "f-refresh")
+    assert job is not None
+    # Still 3 h from the first receipt (12:05) minus the margin, not from the refresh (13:05).
+    assert job.assets[0].deadline.isoformat() == "2026-03-16T14:55:00+00:00"
+    assert job.assets[0].source_url.endswith("?v=2")
+    task = harness.rows("tasks")[0]
+    assert task["deadline"] == job.assets[0].deadline.timestamp()

@@ -515,7 +515,9 @@ class DynamoLedger:
                 for out in plan:
                     old = assets.get(out.n)
                     if old is not None and old["state"] == "pending":
-                        old.update(source_url=out.url, deadline=out.deadline.timestamp())
+                        # Never later: the window counts from the original completion.
+                        deadline = min(float(old["deadline"]), out.deadline.timestamp())
+                        old.update(source_url=out.url, deadline=deadline)
                         items.append(self._put(old))
             if decision.queue_outputs or decision.refresh_outputs:
                 new["deadline"] = _earliest_pending(assets)

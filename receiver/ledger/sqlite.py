@@ -243,15 +243,18 @@ def _record(
             )
             tasks += 1
     if decision.refresh_outputs:
+        # A fresher link never moves a deadline later: the provider's window still counts from
+        # the original completion (Fliki gives no completion time, so a later delivery's
+        # receipt would otherwise stretch its 3 hours).
         for out in plan:
             conn.execute(
-                "UPDATE assets SET source_url = ?, deadline = ? "
+                "UPDATE assets SET source_url = ?, deadline = MIN(deadline, ?) "
                 "WHERE provider = ? AND job_id = ? AND n = ? AND state = 'pending'",
                 (out.url, to_ts(out.deadline), *key, out.n),
             )
             conn.execute(
-                "UPDATE tasks SET deadline = ? WHERE provider = ? AND job_id = ? AND n = ? "
-                "AND state IN ('ready', 'leased')",
+                "UPDATE tasks SET deadline = MIN(deadline, ?) "
+                "WHERE provider = ? AND job_id = ? AND n = ? AND state IN ('ready', 'leased')",
                 (to_ts(out.deadline), *key, out.n),
             )
         conn.execute(
