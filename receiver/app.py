@@ -162,7 +162,9 @@ def build_parts(
     parts = Parts(
         settings, db, ledger, queue, store, ingestor, archiver, metrics, clock, wall_clock
     )
-    parts.poller = Poller(tracked, ingestor, settings, REGISTRY, clock=clock, rng=rng)
+    parts.poller = Poller(
+        tracked, ingestor, settings, REGISTRY, clock=clock, rng=rng, metrics=metrics
+    )
     return parts
 
 

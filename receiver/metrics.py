@@ -59,6 +59,19 @@ class Metrics:
         )
         self.expired = Counter("receiver_archive_expired", "Assets whose link expired", registry=r)
 
+        self.status_calls = Counter(
+            "receiver_status_calls",
+            "Provider status API calls by outcome (polling)",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.polls_settled_by_webhook = Counter(
+            "receiver_polls_settled_by_webhook",
+            "Tracked jobs a webhook (or an earlier poll) settled before they were polled",
+            ["provider"],
+            registry=r,
+        )
+
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when absent): for tests and the CLI."""
         return self.registry.get_sample_value(name, labels) or 0.0

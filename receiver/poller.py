@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import httpx
@@ -32,6 +32,7 @@ import structlog
 
 from receiver.domain import EventKind, JobState, backoff_delay
 from receiver.ingest import Clock, Ingestor
+from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec, RateBudget
 from receiver.settings import Settings
 from receiver.status_clients import PollOutcome, PollResult, RateHeaders, StatusClient
@@ -112,15 +113,6 @@ class RateLimiter:
         self.server_reset = reset
 
 
-@dataclass
-class PollerStats:
-    """Counters for tests and metrics: (provider, outcome) -> calls."""
-
-    calls: Counter[tuple[str, str]] = field(default_factory=Counter)
-    recorded: Counter[tuple[str, str]] = field(default_factory=Counter)  # delivery outcomes
-    settled_by_webhook: int = 0
-
-
 @dataclass(frozen=True)
 class Problem:
     reason: str  # StopReason.AUTH | StopReason.CONFIG
@@ -139,6 +131,7 @@ class Poller:
         rng: Callable[[], float] = random.random,
         http: httpx.AsyncClient | None = None,
         budgets: Mapping[str, RateBudget] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.tracked = tracked
         self.ingestor = ingestor
@@ -149,7 +142,8 @@ class Poller:
         self.http = http or httpx.AsyncClient(
             timeout=settings.poll_timeout_seconds, follow_redirects=False
         )
-        self.stats = PollerStats()
+        # What polls recorded is counted by the ingestor (receiver_deliveries_total{source="poll"}).
+        self.metrics = metrics or Metrics()
         self.wake = asyncio.Event()
         self.clients: dict[str, StatusClient] = {}
         self.limiters: dict[str, RateLimiter] = {}
@@ -251,7 +245,7 @@ class Poller:
         """Handle a due job that must not be polled; True if it was handled."""
         if job.job_state is not None and job.job_state not in OPEN_STATES:
             # A webhook (or an earlier poll) already brought the answer.
-            self.stats.settled_by_webhook += 1
+            self.metrics.polls_settled_by_webhook.labels(job.provider).inc()
             await self.tracked.finish(
                 job.provider, job.job_id, now, status=f"settled:{job.job_state}", polled=False
             )
@@ -286,7 +280,7 @@ class Poller:
         try:
             async with self._semaphore:
                 result = await self.clients[job.provider].poll(job.job_id, job.tracking)
-            self.stats.calls[(job.provider, result.outcome.value)] += 1
+            self.metrics.status_calls.labels(job.provider, result.outcome.value).inc()
             await self._handle(job, result)
         except Exception as exc:
             # Never let one job's surprise stop the others: keep it, retry later.
@@ -388,7 +382,6 @@ class Poller:
         recorded = await self.ingestor.ingest(
             result.event, body=result.body, source="poll", auth="api", delivery_id=None
         )
-        self.stats.recorded[(job.provider, recorded.outcome.value)] += 1
         return recorded.outcome.value
 
     async def _retry(

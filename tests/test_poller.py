@@ -166,6 +166,7 @@ async def polling_factory(harness_factory: Any, clock: FakeClock, tracker_backen
             rng=lambda: 0.5,  # backoff = base * 2^(n-1) * 0.75
             http=http,
             budgets=budgets,
+            metrics=harness.parts.metrics,  # what /metrics shows
         )
         made.append(poller)
         return Polling(harness, poller, apis, tracked)
@@ -307,7 +308,8 @@ async def test_apex_webhook_first_means_no_status_call_at_all(polling: Polling) 
     assert polling.apis.calls == []
     row = await polling.row("apex", "a1")
     assert (row.state, row.last_status) == ("done", "settled:queued")
-    assert polling.poller.stats.settled_by_webhook == 1
+    metrics = polling.harness.parts.metrics
+    assert metrics.value("receiver_polls_settled_by_webhook_total", provider="apex") == 1
 
 
 @pytest.mark.parametrize("tracker_backend", ["sqlite", "dynamodb"], indirect=True)
@@ -437,6 +439,8 @@ async def test_auth_error_stops_the_provider_once_and_loudly(polling: Polling) -
         await polling.run_for(30)
 
     assert len(polling.apis.calls) == 1  # one refused call, not a hammering
+    metrics = polling.harness.parts.metrics
+    assert metrics.value("receiver_status_calls_total", provider="flora", outcome="auth_error") == 1
     errors = [e for e in logs if e["log_level"] == "error"]
     assert [e["event"] for e in errors] == ["provider_auth_failed"]
     for job_id in ("r0", "r1", "r2", "r9"):
