@@ -17,7 +17,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,7 @@ from receiver.errors import (
 )
 from receiver.ingest import Clock
 from receiver.ledger import Ledger
+from receiver.ledger import at_ts as _at
 from receiver.operator_auth import require_operator
 from receiver.providers import REGISTRY
 from receiver.providers.base import validate
@@ -74,10 +75,6 @@ class TrackedJob:
     @property
     def tracking(self) -> dict[str, Any]:
         return {"technique": self.technique}
-
-
-def _at(value: float) -> datetime:
-    return datetime.fromtimestamp(value, tz=UTC)
 
 
 def _row(row: sqlite3.Row) -> TrackedJob:

@@ -10,10 +10,23 @@ the SQS queue). Time is always passed in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from receiver.domain import DeliveryOutcome, JobEvent, JobState
+
+
+def to_ts(value: datetime | None) -> float | None:
+    """Adapters store times as UTC epoch seconds."""
+    return value.timestamp() if value is not None else None
+
+
+def at_ts(value: float) -> datetime:
+    return datetime.fromtimestamp(value, tz=UTC)
+
+
+def from_ts(value: float | None) -> datetime | None:
+    return at_ts(value) if value is not None else None
 
 
 @dataclass(frozen=True)

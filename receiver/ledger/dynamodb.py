@@ -64,7 +64,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from itertools import islice
 from typing import Any, TypeVar
@@ -87,6 +87,9 @@ from receiver.ledger import (
     PlannedOutput,
     RecordResult,
 )
+from receiver.ledger import at_ts as _at
+from receiver.ledger import from_ts as _opt_at
+from receiver.ledger import to_ts as _ts
 from receiver.workqueue.sqs import TaskMessage
 
 log = structlog.get_logger(__name__)
@@ -165,18 +168,6 @@ def job_seq(provider: str, job_id: str, first_seen_at: float) -> int:
 
 def _seq_floor(at: datetime) -> int:
     return _micros(at.timestamp()) * 65536
-
-
-def _at(value: float) -> datetime:
-    return datetime.fromtimestamp(value, tz=UTC)
-
-
-def _opt_at(value: float | None) -> datetime | None:
-    return _at(value) if value is not None else None
-
-
-def _ts(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
 
 
 # --- the adapter --------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
@@ -19,20 +19,11 @@ from receiver.ledger import (
     JobSummary,
     PlannedOutput,
     RecordResult,
+    from_ts,
+    to_ts,
 )
+from receiver.ledger import at_ts as _at
 from receiver.sqlite_db import Database
-
-
-def to_ts(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
-
-
-def from_ts(value: float | None) -> datetime | None:
-    return datetime.fromtimestamp(value, tz=UTC) if value is not None else None
-
-
-def _at(value: float) -> datetime:
-    return datetime.fromtimestamp(value, tz=UTC)
 
 
 class SqliteLedger:

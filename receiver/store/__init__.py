@@ -160,6 +160,11 @@ class Store(Protocol):
         ...
 
 
+async def single_chunk(data: bytes) -> AsyncIterator[bytes]:
+    """`data` as a stream: `put_bytes` is `put_stream` of one chunk in every adapter."""
+    yield data
+
+
 def check_key(key: str) -> None:
     """Refuse keys that are empty, absolute or have empty/``.``/``..`` segments (ValueError).
 

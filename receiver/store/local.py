@@ -32,6 +32,7 @@ from receiver.store import (
     check_key,
     check_metadata,
     run_to_end,
+    single_chunk,
 )
 
 _T = TypeVar("_T")
@@ -113,7 +114,7 @@ class LocalStore:
         metadata: Mapping[str, str] = NO_METADATA,
     ) -> StoredObject:
         return await self.put_stream(
-            key, _single_chunk(data), content_type=content_type, metadata=metadata
+            key, single_chunk(data), content_type=content_type, metadata=metadata
         )
 
     async def head(self, key: str) -> ObjectInfo | None:
@@ -210,10 +211,6 @@ def _sidecar(path: Path) -> Path:
 
 def _is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(_TEMP_SUFFIX)
-
-
-async def _single_chunk(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 async def _io(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:

@@ -34,6 +34,7 @@ from receiver.store import (
     check_key,
     check_metadata,
     run_to_end,
+    single_chunk,
 )
 
 if TYPE_CHECKING:
@@ -303,7 +304,7 @@ class S3Store:
         metadata: Mapping[str, str] = NO_METADATA,
     ) -> StoredObject:
         return await self.put_stream(
-            key, _single_chunk(data), content_type=content_type, metadata=metadata
+            key, single_chunk(data), content_type=content_type, metadata=metadata
         )
 
     async def head(self, key: str) -> ObjectInfo | None:
@@ -425,10 +426,6 @@ async def _parts(
     if filled:
         del buffer[filled:]
         yield buffer
-
-
-async def _single_chunk(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 def _b64(digest: bytes) -> str:
