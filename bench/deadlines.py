@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from bench._common import workdir
 from receiver.app import build_parts
 from receiver.domain import EventKind, JobEvent, Output
-from receiver.ingest import plan_outputs
+from receiver.ingest.record import plan_outputs
 from receiver.providers import REGISTRY
 from receiver.settings import Settings
 

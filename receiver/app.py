@@ -30,8 +30,8 @@ from receiver.audit import AuditApi
 from receiver.aws import open_distributed
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.fetch import Fetcher, FetchPolicy, Resolver
-from receiver.ingest import Clock, Ingestor
-from receiver.ingress import WebhookAuth, WebhookEndpoint, Webhooks, error_payload
+from receiver.ingest.record import Clock, Ingestor
+from receiver.ingest.routes import WebhookAuth, WebhookEndpoint, Webhooks, error_payload
 from receiver.ledger import Ledger
 from receiver.ledger.sqlite import SqliteLedger
 from receiver.metrics import Metrics

@@ -21,7 +21,7 @@ import structlog
 
 from receiver.domain import JobState, backoff_delay, signed_url_expiry
 from receiver.fetch import Fetcher, FetchError, SourceGone
-from receiver.ingest import Clock
+from receiver.ingest.record import Clock
 from receiver.ledger import ArchivedAsset, AssetToCopy, Ledger
 from receiver.manifest import build_manifest, encode, manifest_key
 from receiver.metrics import Metrics

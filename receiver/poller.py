@@ -31,7 +31,7 @@ import httpx
 import structlog
 
 from receiver.domain import EventKind, JobState, backoff_delay
-from receiver.ingest import Clock, Ingestor
+from receiver.ingest.record import Clock, Ingestor
 from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec, RateBudget
 from receiver.settings import Settings

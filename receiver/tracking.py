@@ -31,7 +31,7 @@ from receiver.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from receiver.ingest import Clock
+from receiver.ingest.record import Clock
 from receiver.ledger import Ledger
 from receiver.ledger import at_ts as _at
 from receiver.operator_auth import require_operator

@@ -483,7 +483,7 @@ def test_output_names_never_share_a_key() -> None:
     from datetime import UTC, datetime, timedelta
 
     from receiver.domain import EventKind, JobEvent, Output
-    from receiver.ingest import plan_outputs
+    from receiver.ingest.record import plan_outputs
     from receiver.providers import REGISTRY
 
     outputs = tuple(

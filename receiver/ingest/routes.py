@@ -27,7 +27,7 @@ from receiver.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from receiver.ingest import Ingestor
+from receiver.ingest.record import Ingestor
 from receiver.providers.base import ProviderSpec
 from receiver.webhook_auth import SignatureVerifier, Verified, check_token
 
