@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import cast
 
-from receiver.webhook_auth import sign
+from receiver.ingest.auth import sign
 from tests.payloads import apex_completed
 
 _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")

@@ -37,7 +37,7 @@ from bench._common import (
     workdir,
     write_random_file,
 )
-from receiver.webhook_auth import sign
+from receiver.ingest.auth import sign
 from tests.payloads import apex_completed
 
 COUNT = int(os.environ.get("BENCH_MANY_COUNT", "1000"))

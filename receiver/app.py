@@ -42,7 +42,7 @@ from receiver.settings import Settings
 from receiver.sqlite_db import Database
 from receiver.store import Store, open_store
 from receiver.tracking import Registrar, TrackedStore, Tracker, TrackingApi
-from receiver.webhook_auth import SignatureVerifier
+from receiver.ingest.auth import SignatureVerifier
 from receiver.workqueue import WorkQueue
 from receiver.workqueue.sqlite import SqliteQueue
 

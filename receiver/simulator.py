@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from receiver.webhook_auth import sign
+from receiver.ingest.auth import sign
 
 BLOCK = 64 * 1024
 PROVIDERS = ("apex", "fliki", "flora", "vividflow")

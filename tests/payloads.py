@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any
 
-from receiver.webhook_auth import sign
+from receiver.ingest.auth import sign
 
 APEX_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # base64 of 24 bytes
 APEX_OLD_SECRET = "whsec_" + "c2VjcmV0LXJvdGF0ZWQtb3V0LTAxMjM0NTY3"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from receiver.errors import ConfigurationError, Unauthorized
-from receiver.webhook_auth import SignatureVerifier, check_token, decode_secret, sign
+from receiver.ingest.auth import SignatureVerifier, check_token, decode_secret, sign
 from tests.payloads import APEX_OLD_SECRET, APEX_SECRET, FLIKI_SECRET
 
 BODY = b'{"event":"job.completed"}'

@@ -29,7 +29,7 @@ from receiver.errors import (
 )
 from receiver.ingest.record import Ingestor
 from receiver.providers.base import ProviderSpec
-from receiver.webhook_auth import SignatureVerifier, Verified, check_token
+from receiver.ingest.auth import SignatureVerifier, Verified, check_token
 
 log = structlog.get_logger(__name__)
 
