@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from receiver.archiver import Archiver, RetryPolicy
+from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit import AuditApi
 from receiver.aws import open_distributed
 from receiver.errors import ConfigurationError, RequestRejected
