@@ -29,7 +29,7 @@ from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit import AuditApi
 from receiver.aws import open_distributed
 from receiver.errors import ConfigurationError, RequestRejected
-from receiver.fetch import Fetcher, FetchPolicy, Resolver
+from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.ingest.record import Clock, Ingestor
 from receiver.ingest.routes import WebhookAuth, WebhookEndpoint, Webhooks, error_payload
 from receiver.ledger import Ledger

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from receiver.domain import JobState
 from receiver.errors import Conflict, InvalidPayload, NotFound
-from receiver.fetch import redact_url
+from receiver.archive.fetch import redact_url
 from receiver.ledger import JobFilter, JobRecord, JobSummary, Ledger
 from receiver.manifest import redact, redacted_payload
 from receiver.operator_auth import require_operator

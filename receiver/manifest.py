@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from receiver.fetch import redact_url
+from receiver.archive.fetch import redact_url
 from receiver.ledger import JobRecord
 
 SCHEMA = "receiver.manifest/1"

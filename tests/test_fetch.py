@@ -1,4 +1,4 @@
-"""Tests of receiver.fetch against a real, misbehaving local source server."""
+"""Tests of receiver.archive.fetch against a real, misbehaving local source server."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from receiver.fetch import (
+from receiver.archive.fetch import (
     Fetcher,
     FetchError,
     FetchPolicy,

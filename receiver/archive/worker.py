@@ -20,7 +20,7 @@ from datetime import timedelta
 import structlog
 
 from receiver.domain import JobState, backoff_delay, signed_url_expiry
-from receiver.fetch import Fetcher, FetchError, SourceGone
+from receiver.archive.fetch import Fetcher, FetchError, SourceGone
 from receiver.ingest.record import Clock
 from receiver.ledger import ArchivedAsset, AssetToCopy, Ledger
 from receiver.manifest import build_manifest, encode, manifest_key
