@@ -21,7 +21,7 @@ from receiver.domain import JobState
 from receiver.errors import Conflict, InvalidPayload, NotFound
 from receiver.archive.fetch import redact_url
 from receiver.ledger import JobFilter, JobRecord, JobSummary, Ledger
-from receiver.manifest import redact, redacted_payload
+from receiver.archive.manifest import redact, redacted_payload
 from receiver.operator_auth import require_operator
 from receiver.providers import REGISTRY
 from receiver.store import Store

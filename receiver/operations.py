@@ -15,7 +15,7 @@ from typing import Any
 
 from receiver.domain import JobState
 from receiver.ledger import AssetRecord, DeliveryRecord, JobFilter, JobRecord, Ledger
-from receiver.manifest import SCHEMA
+from receiver.archive.manifest import SCHEMA
 from receiver.store import ObjectMissing, Store
 
 
