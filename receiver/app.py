@@ -36,7 +36,7 @@ from receiver.ledger import Ledger
 from receiver.ledger.sqlite import SqliteLedger
 from receiver.metrics import Metrics
 from receiver.openapi import document
-from receiver.poller import Poller
+from receiver.polling.poller import Poller
 from receiver.providers import REGISTRY
 from receiver.settings import Settings
 from receiver.sqlite_db import Database

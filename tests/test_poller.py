@@ -17,7 +17,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from receiver.poller import Poller
+from receiver.polling.poller import Poller
 from receiver.providers import REGISTRY
 from receiver.providers.base import RateBudget
 from receiver.tracking import TrackedJob, Tracker

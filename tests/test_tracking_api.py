@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from receiver.cli import app as cli
-from receiver.poller import RateLimiter
+from receiver.polling.poller import RateLimiter
 from receiver.providers.base import RateBudget
 from receiver.tracking import TrackedStore
 from tests.conftest import Harness
