@@ -10,7 +10,7 @@ import pytest
 
 from receiver.domain import EventKind
 from receiver.providers import REGISTRY
-from receiver.status_clients import PollOutcome, PollResult, StatusClient
+from receiver.polling.status import PollOutcome, PollResult, StatusClient
 
 pytestmark = pytest.mark.anyio
 

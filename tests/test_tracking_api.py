@@ -204,7 +204,7 @@ def test_rate_limiter_sliding_window_and_server_hints() -> None:
     limiter.pause(30)
     assert limiter.available(20) == 0 and limiter.next_free(20) == 30
     assert limiter.available(30) == 3
-    from receiver.status_clients import RateHeaders
+    from receiver.polling.status import RateHeaders
 
     limiter.observe(RateHeaders(limit=20, remaining=1, reset=9), 31)  # delta: until 40
     assert limiter.acquire(31) and not limiter.acquire(32)

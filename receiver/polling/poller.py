@@ -35,7 +35,7 @@ from receiver.ingest.record import Clock, Ingestor
 from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec, RateBudget
 from receiver.settings import Settings
-from receiver.status_clients import PollOutcome, PollResult, RateHeaders, StatusClient
+from receiver.polling.status import PollOutcome, PollResult, RateHeaders, StatusClient
 from receiver.tracking import StopReason, TrackedJob, Tracker
 
 log = structlog.get_logger(__name__)
