@@ -121,7 +121,7 @@ def build_parts(
     queue: WorkQueue
     tracked: Tracker
     if settings.distributed:  # dynamodb:// + sqs:// (scale-out): see receiver/aws.py
-        from receiver.tracking_dynamodb import DynamoTrackedStore
+        from receiver.polling.schedule.dynamodb import DynamoTrackedStore
 
         dynamo, queue = open_distributed(settings)
         # The poll schedule shares the ledger's table: a job registered on any replica is

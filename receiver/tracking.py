@@ -7,7 +7,7 @@ writes, is harmless. Providers without webhooks are polled at once; Apex and Fli
 after a grace period, to recover a webhook that never came (reconciliation).
 
 The schedule is a port with two adapters, beside the ledger's: `TrackedStore`, the `tracked`
-table in the SQLite file, and `receiver.tracking_dynamodb.DynamoTrackedStore`, items in the
+table in the SQLite file, and `receiver.polling.schedule.dynamodb.DynamoTrackedStore`, items in the
 DynamoDB ledger's table, so every replica of a scale-out deployment shares one schedule.
 """
 
@@ -538,7 +538,7 @@ async def register_offline(settings: Settings, data: Any, *, clock: Clock) -> Re
     if settings.distributed:
         # The ledger's table holds the schedule too: any `receiver worker` polls the job.
         from receiver.ledger.dynamodb import DynamoLedger
-        from receiver.tracking_dynamodb import DynamoTrackedStore
+        from receiver.polling.schedule.dynamodb import DynamoTrackedStore
 
         # No publisher: a registration writes no archive task, so nothing goes to the queue.
         ledger = DynamoLedger.from_url(settings.ledger_url)

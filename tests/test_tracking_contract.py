@@ -27,7 +27,7 @@ from receiver.ledger.dynamodb import DynamoLedger
 from receiver.simulator import Simulator, demo_settings
 from receiver.sqlite_db import Database
 from receiver.tracking import StopReason, TrackedJob, TrackedStore, Tracker
-from receiver.tracking_dynamodb import DynamoTrackedStore, table_definition
+from receiver.polling.schedule.dynamodb import DynamoTrackedStore, table_definition
 from tests.conftest import FakeClock
 from tests.test_contract import serialize_moto
 
