@@ -41,7 +41,7 @@ from receiver.providers import REGISTRY
 from receiver.settings import Settings
 from receiver.sqlite_db import Database
 from receiver.store import Store, open_store
-from receiver.tracking import Registrar, TrackedStore, Tracker, TrackingApi
+from receiver.polling.schedule.sqlite import Registrar, TrackedStore, Tracker, TrackingApi
 from receiver.ingest.auth import SignatureVerifier
 from receiver.workqueue import WorkQueue
 from receiver.workqueue.sqlite import SqliteQueue

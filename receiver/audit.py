@@ -25,7 +25,7 @@ from receiver.archive.manifest import redact, redacted_payload
 from receiver.operator_auth import require_operator
 from receiver.providers import REGISTRY
 from receiver.store import Store
-from receiver.tracking import TrackedJob, Tracker
+from receiver.polling.schedule.sqlite import TrackedJob, Tracker
 
 PRESIGN_SECONDS = 300
 MAX_LIMIT = 500

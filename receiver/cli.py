@@ -376,7 +376,7 @@ def track(
     from datetime import UTC, datetime
 
     from receiver.errors import RequestRejected as _Rejected
-    from receiver.tracking import register_offline
+    from receiver.polling.schedule.sqlite import register_offline
 
     settings = load_settings(env_file)
     data: dict[str, Any] = {"provider": provider, "job_id": job_id}

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from receiver.polling.poller import Poller
 from receiver.providers import REGISTRY
 from receiver.providers.base import RateBudget
-from receiver.tracking import TrackedJob, Tracker
+from receiver.polling.schedule.sqlite import TrackedJob, Tracker
 from receiver.polling.schedule.dynamodb import DynamoTrackedStore
 from tests.conftest import FakeClock, Harness, post_signed
 from tests.payloads import APEX_SECRET, FLIKI_SECRET, apex_completed, fliki_status

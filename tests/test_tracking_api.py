@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from receiver.cli import app as cli
 from receiver.polling.poller import RateLimiter
 from receiver.providers.base import RateBudget
-from receiver.tracking import TrackedStore
+from receiver.polling.schedule.sqlite import TrackedStore
 from tests.conftest import Harness
 
 pytestmark = pytest.mark.anyio

@@ -26,7 +26,7 @@ from receiver.cli import app as cli
 from receiver.ledger.dynamodb import DynamoLedger
 from receiver.simulator import Simulator, demo_settings
 from receiver.sqlite_db import Database
-from receiver.tracking import StopReason, TrackedJob, TrackedStore, Tracker
+from receiver.polling.schedule.sqlite import StopReason, TrackedJob, TrackedStore, Tracker
 from receiver.polling.schedule.dynamodb import DynamoTrackedStore, table_definition
 from tests.conftest import FakeClock
 from tests.test_contract import serialize_moto

@@ -36,7 +36,7 @@ from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec, RateBudget
 from receiver.settings import Settings
 from receiver.polling.status import PollOutcome, PollResult, RateHeaders, StatusClient
-from receiver.tracking import StopReason, TrackedJob, Tracker
+from receiver.polling.schedule.sqlite import StopReason, TrackedJob, Tracker
 
 log = structlog.get_logger(__name__)
 

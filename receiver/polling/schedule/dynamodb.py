@@ -44,7 +44,7 @@ from receiver.aws import client, error_code, run_blocking
 from receiver.ledger.dynamodb import Item, decode, encode
 from receiver.ledger.dynamodb import table_definition as ledger_table_definition
 from receiver.providers import REGISTRY
-from receiver.tracking import TrackedJob, TrackState
+from receiver.polling.schedule.sqlite import TrackedJob, TrackState
 
 INDEX = "polling"
 INDEX_ATTRIBUTES = [
