@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import certifi
 import structlog
@@ -25,11 +26,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit import AuditApi
 from receiver.aws import open_distributed
 from receiver.errors import ConfigurationError, RequestRejected
-from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
+from receiver.ingest.auth import SignatureVerifier
 from receiver.ingest.record import Clock, Ingestor
 from receiver.ingest.routes import WebhookAuth, WebhookEndpoint, Webhooks, error_payload
 from receiver.ledger import Ledger
@@ -37,12 +39,13 @@ from receiver.ledger.sqlite import SqliteLedger
 from receiver.metrics import Metrics
 from receiver.openapi import document
 from receiver.polling.poller import Poller
+from receiver.polling.registration import Registrar, Registration, TrackingApi
+from receiver.polling.schedule import Tracker
+from receiver.polling.schedule.sqlite import TrackedStore
 from receiver.providers import REGISTRY
 from receiver.settings import Settings
 from receiver.sqlite_db import Database
 from receiver.store import Store, open_store
-from receiver.polling.schedule.sqlite import Registrar, TrackedStore, Tracker, TrackingApi
-from receiver.ingest.auth import SignatureVerifier
 from receiver.workqueue import WorkQueue
 from receiver.workqueue.sqlite import SqliteQueue
 
@@ -166,6 +169,27 @@ def build_parts(
         tracked, ingestor, settings, REGISTRY, clock=clock, rng=rng, metrics=metrics
     )
     return parts
+
+
+async def register_offline(settings: Settings, data: Any, *, clock: Clock) -> Registration:
+    """`receiver track`: register straight into the database; a running poller picks it up."""
+    if settings.distributed:
+        # The ledger's table holds the schedule too: any `receiver worker` polls the job.
+        from receiver.ledger.dynamodb import DynamoLedger
+        from receiver.polling.schedule.dynamodb import DynamoTrackedStore
+
+        # No publisher: a registration writes no archive task, so nothing goes to the queue.
+        ledger = DynamoLedger.from_url(settings.ledger_url)
+        tracker = DynamoTrackedStore(ledger.table, ddb=ledger.ddb)
+        return await Registrar(ledger, tracker, settings, clock=clock).register(data, source="cli")
+
+    db = Database(settings.sqlite_path)
+    db.start()
+    try:
+        registrar = Registrar(SqliteLedger(db), TrackedStore(db), settings, clock=clock)
+        return await registrar.register(data, source="cli")
+    finally:
+        db.stop()
 
 
 def webhook_endpoints(settings: Settings) -> dict[str, WebhookEndpoint]:

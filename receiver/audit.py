@@ -17,15 +17,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from receiver.archive.fetch import redact_url
+from receiver.archive.manifest import redact, redacted_payload
 from receiver.domain import JobState
 from receiver.errors import Conflict, InvalidPayload, NotFound
-from receiver.archive.fetch import redact_url
 from receiver.ledger import JobFilter, JobRecord, JobSummary, Ledger
-from receiver.archive.manifest import redact, redacted_payload
 from receiver.operator_auth import require_operator
+from receiver.polling.schedule import TrackedJob, Tracker
 from receiver.providers import REGISTRY
 from receiver.store import Store
-from receiver.polling.schedule.sqlite import TrackedJob, Tracker
 
 PRESIGN_SECONDS = 300
 MAX_LIMIT = 500

@@ -375,8 +375,8 @@ def track(
     import json as _json
     from datetime import UTC, datetime
 
+    from receiver.app import register_offline
     from receiver.errors import RequestRejected as _Rejected
-    from receiver.polling.schedule.sqlite import register_offline
 
     settings = load_settings(env_file)
     data: dict[str, Any] = {"provider": provider, "job_id": job_id}

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from receiver.archive.manifest import SCHEMA
 from receiver.domain import JobState
 from receiver.ledger import AssetRecord, DeliveryRecord, JobFilter, JobRecord, Ledger
-from receiver.archive.manifest import SCHEMA
 from receiver.store import ObjectMissing, Store
 
 

@@ -94,7 +94,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_due ON tasks (state, deadline);
 CREATE INDEX IF NOT EXISTS tasks_lapsed ON tasks (state, lease_expires);
--- Jobs followed by polling (receiver.polling.schedule.sqlite): when to ask next and why polling stopped.
+-- Jobs followed by polling (receiver.polling.schedule.sqlite): when to ask next, why stopped.
 CREATE TABLE IF NOT EXISTS tracked (
     provider TEXT NOT NULL,
     job_id TEXT NOT NULL,

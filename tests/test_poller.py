@@ -18,10 +18,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from receiver.polling.poller import Poller
+from receiver.polling.schedule import TrackedJob, Tracker
+from receiver.polling.schedule.dynamodb import DynamoTrackedStore
 from receiver.providers import REGISTRY
 from receiver.providers.base import RateBudget
-from receiver.polling.schedule.sqlite import TrackedJob, Tracker
-from receiver.polling.schedule.dynamodb import DynamoTrackedStore
 from tests.conftest import FakeClock, Harness, post_signed
 from tests.payloads import APEX_SECRET, FLIKI_SECRET, apex_completed, fliki_status
 from tests.sources import SourceServer, expected_sha256

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from receiver.domain import EventKind
-from receiver.providers import REGISTRY
 from receiver.polling.status import PollOutcome, PollResult, StatusClient
+from receiver.providers import REGISTRY
 
 pytestmark = pytest.mark.anyio
 

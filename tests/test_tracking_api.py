@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from receiver.cli import app as cli
 from receiver.polling.poller import RateLimiter
-from receiver.providers.base import RateBudget
 from receiver.polling.schedule.sqlite import TrackedStore
+from receiver.providers.base import RateBudget
 from tests.conftest import Harness
 
 pytestmark = pytest.mark.anyio

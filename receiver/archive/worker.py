@@ -19,11 +19,11 @@ from datetime import timedelta
 
 import structlog
 
-from receiver.domain import JobState, backoff_delay, signed_url_expiry
 from receiver.archive.fetch import Fetcher, FetchError, SourceGone
+from receiver.archive.manifest import build_manifest, encode, manifest_key
+from receiver.domain import JobState, backoff_delay, signed_url_expiry
 from receiver.ingest.record import Clock
 from receiver.ledger import ArchivedAsset, AssetToCopy, Ledger
-from receiver.archive.manifest import build_manifest, encode, manifest_key
 from receiver.metrics import Metrics
 from receiver.store import Store
 from receiver.workqueue import Lease, WorkQueue

@@ -27,9 +27,9 @@ from receiver.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from receiver.ingest.auth import SignatureVerifier, Verified, check_token
 from receiver.ingest.record import Ingestor
 from receiver.providers.base import ProviderSpec
-from receiver.ingest.auth import SignatureVerifier, Verified, check_token
 
 log = structlog.get_logger(__name__)
 

@@ -33,10 +33,10 @@ import structlog
 from receiver.domain import EventKind, JobState, backoff_delay
 from receiver.ingest.record import Clock, Ingestor
 from receiver.metrics import Metrics
+from receiver.polling.schedule import StopReason, TrackedJob, Tracker
+from receiver.polling.status import PollOutcome, PollResult, RateHeaders, StatusClient
 from receiver.providers.base import ProviderSpec, RateBudget
 from receiver.settings import Settings
-from receiver.polling.status import PollOutcome, PollResult, RateHeaders, StatusClient
-from receiver.polling.schedule.sqlite import StopReason, TrackedJob, Tracker
 
 log = structlog.get_logger(__name__)
 

@@ -43,8 +43,8 @@ from botocore.exceptions import ClientError
 from receiver.aws import client, error_code, run_blocking
 from receiver.ledger.dynamodb import Item, decode, encode
 from receiver.ledger.dynamodb import table_definition as ledger_table_definition
+from receiver.polling.schedule import TrackedJob, TrackState
 from receiver.providers import REGISTRY
-from receiver.polling.schedule.sqlite import TrackedJob, TrackState
 
 INDEX = "polling"
 INDEX_ATTRIBUTES = [
