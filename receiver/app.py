@@ -30,6 +30,7 @@ from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit import AuditApi
 from receiver.aws import open_distributed
+from receiver.backends.sqlite import Database
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ingest.auth import SignatureVerifier
 from receiver.ingest.record import Clock, Ingestor
@@ -44,7 +45,6 @@ from receiver.polling.schedule import Tracker
 from receiver.polling.schedule.sqlite import TrackedStore
 from receiver.providers import REGISTRY
 from receiver.settings import Settings
-from receiver.sqlite_db import Database
 from receiver.store import Store, open_store
 from receiver.workqueue import WorkQueue
 from receiver.workqueue.sqlite import SqliteQueue

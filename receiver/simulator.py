@@ -707,8 +707,8 @@ def run_demo(
     from pathlib import Path
 
     from receiver.app import build_parts, create_app
+    from receiver.backends.sqlite import Database
     from receiver.ledger.sqlite import read_job
-    from receiver.sqlite_db import Database
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from typing import Any
 import boto3
 import pytest
 
+from receiver.backends.sqlite import Database
 from receiver.domain import EventKind, JobEvent, JobState, Output
 from receiver.ledger import (
     ArchivedAsset,
@@ -34,7 +35,6 @@ from receiver.ledger import (
 )
 from receiver.ledger.dynamodb import DynamoLedger, table_definition
 from receiver.ledger.sqlite import SqliteLedger
-from receiver.sqlite_db import Database
 from receiver.workqueue import Lease, WorkQueue
 from receiver.workqueue.sqlite import SqliteQueue
 from receiver.workqueue.sqs import SqsQueue, TaskMessage

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.sqlite_db import Database
+from receiver.backends.sqlite import Database
 
 pytestmark = pytest.mark.anyio
 

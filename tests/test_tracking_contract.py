@@ -22,13 +22,13 @@ import pytest
 from typer.testing import CliRunner
 
 from receiver.app import Parts, build_parts, create_app
+from receiver.backends.sqlite import Database
 from receiver.cli import app as cli
 from receiver.ledger.dynamodb import DynamoLedger
 from receiver.polling.schedule import StopReason, TrackedJob, Tracker
 from receiver.polling.schedule.dynamodb import DynamoTrackedStore, table_definition
 from receiver.polling.schedule.sqlite import TrackedStore
 from receiver.simulator import Simulator, demo_settings
-from receiver.sqlite_db import Database
 from tests.conftest import FakeClock
 from tests.test_contract import serialize_moto
 

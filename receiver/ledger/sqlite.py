@@ -7,6 +7,7 @@ import sqlite3
 from datetime import datetime
 from typing import Any
 
+from receiver.backends.sqlite import Database
 from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
 from receiver.ledger import (
     ArchivedAsset,
@@ -23,7 +24,6 @@ from receiver.ledger import (
     to_ts,
 )
 from receiver.ledger import at_ts as _at
-from receiver.sqlite_db import Database
 
 
 class SqliteLedger:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime, timedelta
 
-from receiver.sqlite_db import Database
+from receiver.backends.sqlite import Database
 from receiver.workqueue import Lease, QueueStats
 
 

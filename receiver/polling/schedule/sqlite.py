@@ -1,13 +1,13 @@
-"""The SQLite schedule: the `tracked` table in the ledger's file (`receiver.sqlite_db.SCHEMA`)."""
+"""The SQLite schedule: the `tracked` table in the ledger's file (`receiver.backends.sqlite.SCHEMA`)."""
 
 from __future__ import annotations
 
 import sqlite3
 from datetime import datetime
 
+from receiver.backends.sqlite import Database
 from receiver.ledger import at_ts as _at
 from receiver.polling.schedule import TrackedJob
-from receiver.sqlite_db import Database
 
 
 def _row(row: sqlite3.Row) -> TrackedJob:
@@ -27,7 +27,7 @@ def _row(row: sqlite3.Row) -> TrackedJob:
 
 
 class TrackedStore:
-    """The SQLite tracker: the `tracked` table (see `receiver.sqlite_db.SCHEMA`)."""
+    """The SQLite tracker: the `tracked` table (see `receiver.backends.sqlite.SCHEMA`)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
