@@ -29,7 +29,7 @@ from starlette.routing import Route
 from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit import AuditApi
-from receiver.aws import open_distributed
+from receiver.backends.aws import open_distributed
 from receiver.backends.sqlite import Database
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ingest.auth import SignatureVerifier

@@ -73,7 +73,7 @@ import structlog
 from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
-from receiver.aws import client, error_code, resource_name, run_blocking
+from receiver.backends.aws import client, error_code, resource_name, run_blocking
 from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
 from receiver.ledger import (
     ArchivedAsset,

@@ -50,7 +50,7 @@ from typing import Any
 import structlog
 from botocore.exceptions import ClientError
 
-from receiver.aws import client, error_code, resource_name, run_blocking
+from receiver.backends.aws import client, error_code, resource_name, run_blocking
 from receiver.workqueue import Lease, QueueStats
 
 log = structlog.get_logger(__name__)

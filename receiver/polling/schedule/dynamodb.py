@@ -40,7 +40,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from receiver.aws import client, error_code, run_blocking
+from receiver.backends.aws import client, error_code, run_blocking
 from receiver.ledger.dynamodb import Item, decode, encode
 from receiver.ledger.dynamodb import table_definition as ledger_table_definition
 from receiver.polling.schedule import TrackedJob, TrackState
