@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import certifi
 import structlog
@@ -29,25 +31,30 @@ from starlette.routing import Route
 from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit import AuditApi
-from receiver.backends.aws import open_distributed
 from receiver.backends.sqlite import Database
+from receiver.domain import Clock
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ingest.auth import SignatureVerifier
-from receiver.ingest.record import Clock, Ingestor
+from receiver.ingest.record import Ingestor
 from receiver.ingest.routes import WebhookAuth, WebhookEndpoint, Webhooks, error_payload
 from receiver.ledger import Ledger
+from receiver.ledger.dynamodb import DynamoLedger
 from receiver.ledger.sqlite import SqliteLedger
 from receiver.metrics import Metrics
 from receiver.openapi import document
 from receiver.polling.poller import Poller
 from receiver.polling.registration import Registrar, Registration, TrackingApi
 from receiver.polling.schedule import Tracker
+from receiver.polling.schedule.dynamodb import DynamoTrackedStore
 from receiver.polling.schedule.sqlite import TrackedStore
 from receiver.providers import REGISTRY
 from receiver.settings import Settings
-from receiver.store import Store, open_store
+from receiver.store import Store
+from receiver.store.local import LocalStore
+from receiver.store.s3 import S3Store
 from receiver.workqueue import WorkQueue
 from receiver.workqueue.sqlite import SqliteQueue
+from receiver.workqueue.sqs import SqsQueue
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +103,51 @@ class Parts:
         self.db.stop()
 
 
+def open_store(url: str, *, part_size: int = 8 * 2**20, parts_in_flight: int = 2) -> Store:
+    """Open the store named by ``url``.
+
+    ``file:///abs/path`` or ``file://./relative/path`` (resolved against the current directory):
+    a local folder. ``s3://bucket`` or ``s3://bucket/prefix``: S3 or any S3-compatible endpoint,
+    configured the way boto3 always is (``AWS_ENDPOINT_URL``, ``AWS_REGION``, profiles).
+    ``part_size`` and ``parts_in_flight`` bound an S3 upload's memory to about
+    ``(parts_in_flight + 1) * part_size``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        # "file://./var/archive" puts "." in the netloc; a real host name is not supported.
+        if parts.netloc in ("", "localhost"):
+            raw_path = unquote(parts.path)
+        elif parts.netloc in (".", ".."):
+            raw_path = parts.netloc + unquote(parts.path)
+        else:
+            raise ValueError(
+                f"unsupported file URL {url!r}: use file:///absolute/path or file://./relative/path"
+            )
+        if not raw_path:
+            raise ValueError(f"file URL {url!r} names no folder")
+        return LocalStore(Path(raw_path).resolve())
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"S3 URL {url!r} names no bucket: use s3://bucket/prefix")
+        return S3Store(
+            parts.netloc,
+            unquote(parts.path).strip("/"),
+            part_size=part_size,
+            parts_in_flight=parts_in_flight,
+        )
+    raise ValueError(f"unsupported store URL {url!r}: use file://path or s3://bucket/prefix")
+
+
+def open_distributed(settings: Settings) -> tuple[DynamoLedger, SqsQueue]:
+    """The scale-out pair: the DynamoDB ledger, whose outbox sends through the SQS queue."""
+    queue = SqsQueue.from_url(
+        settings.queue_url or "", urgent_window=timedelta(hours=settings.queue_urgent_hours)
+    )
+    ledger = DynamoLedger.from_url(settings.ledger_url, publish=queue.publish)
+    queue.relay = ledger.relay_outbox  # workers re-send what a dead sender left in the outbox
+    return ledger, queue
+
+
 def fetch_policies(settings: Settings) -> dict[str, FetchPolicy]:
     """Per provider: its documented download hosts plus the operator's additions."""
     return {
@@ -123,9 +175,7 @@ def build_parts(
     ledger: Ledger
     queue: WorkQueue
     tracked: Tracker
-    if settings.distributed:  # dynamodb:// + sqs:// (scale-out): see receiver/aws.py
-        from receiver.polling.schedule.dynamodb import DynamoTrackedStore
-
+    if settings.distributed:  # dynamodb:// + sqs:// (scale-out)
         dynamo, queue = open_distributed(settings)
         # The poll schedule shares the ledger's table: a job registered on any replica is
         # polled by whichever worker process claims it first.
@@ -176,7 +226,6 @@ async def register_offline(settings: Settings, data: Any, *, clock: Clock) -> Re
     if settings.distributed:
         # The ledger's table holds the schedule too: any `receiver worker` polls the job.
         from receiver.ledger.dynamodb import DynamoLedger
-        from receiver.polling.schedule.dynamodb import DynamoTrackedStore
 
         # No publisher: a registration writes no archive task, so nothing goes to the queue.
         ledger = DynamoLedger.from_url(settings.ledger_url)

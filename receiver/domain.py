@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
+Clock = Callable[[], datetime]  # injected time (invariant 5): tests pass a fake one
+
 
 class EventKind(enum.StrEnum):
     COMPLETED = "completed"

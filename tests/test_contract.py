@@ -35,9 +35,9 @@ from receiver.ledger import (
 )
 from receiver.ledger.dynamodb import DynamoLedger, table_definition
 from receiver.ledger.sqlite import SqliteLedger
-from receiver.workqueue import Lease, WorkQueue
+from receiver.workqueue import Lease, TaskMessage, WorkQueue
 from receiver.workqueue.sqlite import SqliteQueue
-from receiver.workqueue.sqs import SqsQueue, TaskMessage
+from receiver.workqueue.sqs import SqsQueue
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.anyio

@@ -29,13 +29,13 @@ from botocore.exceptions import ClientError
 
 import receiver.store.local as local_module
 import receiver.store.s3 as s3_module
+from receiver.app import open_store
 from receiver.store import (
     METADATA_LIMIT,
     ObjectMissing,
     Store,
     StoreError,
     check_metadata,
-    open_store,
 )
 from receiver.store.local import LocalStore
 from receiver.store.s3 import S3Store

@@ -21,8 +21,7 @@ import structlog
 
 from receiver.archive.fetch import Fetcher, FetchError, SourceGone
 from receiver.archive.manifest import build_manifest, encode, manifest_key
-from receiver.domain import JobState, backoff_delay, signed_url_expiry
-from receiver.ingest.record import Clock
+from receiver.domain import Clock, JobState, backoff_delay, signed_url_expiry
 from receiver.ledger import ArchivedAsset, AssetToCopy, Ledger
 from receiver.metrics import Metrics
 from receiver.store import Store

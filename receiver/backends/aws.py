@@ -16,18 +16,13 @@ import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from receiver.errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from receiver.ledger.dynamodb import DynamoLedger
-    from receiver.settings import Settings
-    from receiver.workqueue.sqs import SqsQueue
 
 T = TypeVar("T")
 
@@ -67,18 +62,3 @@ def resource_name(url: str, scheme: str, variable: str) -> str:
     if not name or "/" in name.strip("/"):
         raise ConfigurationError(f"{variable}={url!r}: expected {scheme}://NAME")
     return name.strip("/")
-
-
-def open_distributed(settings: Settings) -> tuple[DynamoLedger, SqsQueue]:
-    """The scale-out pair: the DynamoDB ledger, whose outbox sends through the SQS queue."""
-    from datetime import timedelta
-
-    from receiver.ledger.dynamodb import DynamoLedger
-    from receiver.workqueue.sqs import SqsQueue
-
-    queue = SqsQueue.from_url(
-        settings.queue_url or "", urgent_window=timedelta(hours=settings.queue_urgent_hours)
-    )
-    ledger = DynamoLedger.from_url(settings.ledger_url, publish=queue.publish)
-    queue.relay = ledger.relay_outbox  # workers re-send what a dead sender left in the outbox
-    return ledger, queue

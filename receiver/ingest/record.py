@@ -10,12 +10,10 @@ import hashlib
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from receiver.domain import JobEvent, archive_key, compute_deadline
+from receiver.domain import Clock, JobEvent, archive_key, compute_deadline
 from receiver.ledger import IncomingDelivery, Ledger, PlannedOutput, RecordResult
 from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec
-
-Clock = Callable[[], datetime]
 
 # A file name the archive itself uses beside each job's outputs.
 RESERVED_NAMES = frozenset({"manifest.json"})

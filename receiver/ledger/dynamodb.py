@@ -90,7 +90,7 @@ from receiver.ledger import (
 from receiver.ledger import at_ts as _at
 from receiver.ledger import from_ts as _opt_at
 from receiver.ledger import to_ts as _ts
-from receiver.workqueue.sqs import TaskMessage
+from receiver.workqueue import TaskMessage
 
 log = structlog.get_logger(__name__)
 

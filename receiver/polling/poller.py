@@ -30,8 +30,8 @@ from datetime import datetime, timedelta
 import httpx
 import structlog
 
-from receiver.domain import EventKind, JobState, backoff_delay
-from receiver.ingest.record import Clock, Ingestor
+from receiver.domain import Clock, EventKind, JobState, backoff_delay
+from receiver.ingest.record import Ingestor
 from receiver.metrics import Metrics
 from receiver.polling.schedule import StopReason, TrackedJob, Tracker
 from receiver.polling.status import PollOutcome, PollResult, RateHeaders, StatusClient

@@ -20,13 +20,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from receiver.domain import Clock
 from receiver.errors import (
     InvalidPayload,
     MalformedJson,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from receiver.ingest.record import Clock
 from receiver.ledger import Ledger
 from receiver.operator_auth import require_operator
 from receiver.polling.schedule import Tracker

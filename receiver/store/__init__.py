@@ -23,8 +23,8 @@ What crosses the line between the archiver and a store:
   (``ObjectMissing`` when the key does not exist).
 * **Overwrites** are allowed: keys are deterministic, so a retried copy lands on the same key.
 
-``open_store(url)`` picks the adapter from the URL: ``file:///abs/path``, ``file://./relative`` or
-``s3://bucket/prefix``.
+The composition root (``receiver.app.open_store``) picks the adapter from the URL:
+``file:///abs/path``, ``file://./relative`` or ``s3://bucket/prefix``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,8 @@ import asyncio
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import anyio
 
@@ -49,7 +47,6 @@ __all__ = [
     "StoredObject",
     "check_key",
     "check_metadata",
-    "open_store",
     "run_to_end",
 ]
 
@@ -218,42 +215,3 @@ async def run_to_end(step: Coroutine[Any, Any, _T]) -> _T:
         if not task.cancelled():
             task.exception()  # mark retrieved: the cancellation is what the caller sees
         raise
-
-
-def open_store(url: str, *, part_size: int = 8 * 2**20, parts_in_flight: int = 2) -> Store:
-    """Open the store named by ``url``.
-
-    ``file:///abs/path`` or ``file://./relative/path`` (resolved against the current directory):
-    a local folder. ``s3://bucket`` or ``s3://bucket/prefix``: S3 or any S3-compatible endpoint,
-    configured the way boto3 always is (``AWS_ENDPOINT_URL``, ``AWS_REGION``, profiles).
-    ``part_size`` and ``parts_in_flight`` bound an S3 upload's memory to about
-    ``(parts_in_flight + 1) * part_size``.
-    """
-    parts = urlsplit(url)
-    if parts.scheme == "file":
-        # "file://./var/archive" puts "." in the netloc; a real host name is not supported.
-        if parts.netloc in ("", "localhost"):
-            raw_path = unquote(parts.path)
-        elif parts.netloc in (".", ".."):
-            raw_path = parts.netloc + unquote(parts.path)
-        else:
-            raise ValueError(
-                f"unsupported file URL {url!r}: use file:///absolute/path or file://./relative/path"
-            )
-        if not raw_path:
-            raise ValueError(f"file URL {url!r} names no folder")
-        from receiver.store.local import LocalStore
-
-        return LocalStore(Path(raw_path).resolve())
-    if parts.scheme == "s3":
-        if not parts.netloc:
-            raise ValueError(f"S3 URL {url!r} names no bucket: use s3://bucket/prefix")
-        from receiver.store.s3 import S3Store
-
-        return S3Store(
-            parts.netloc,
-            unquote(parts.path).strip("/"),
-            part_size=part_size,
-            parts_in_flight=parts_in_flight,
-        )
-    raise ValueError(f"unsupported store URL {url!r}: use file://path or s3://bucket/prefix")

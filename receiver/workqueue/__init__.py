@@ -5,11 +5,12 @@ while, heartbeats to keep it, and ends it with `ack`, `retry` (not before a time
 `dead_letter`. A lease that is not renewed expires and the task comes back, so a worker killed
 at any moment loses nothing. Tasks carry no URLs: the worker reads the current link from the
 ledger. Adapters: `sqlite.py` (embedded; tasks are written by the ledger's own transaction) and
-`sqs.py` (distributed; tasks are sent by the DynamoDB ledger's outbox).
+`sqs.py` (distributed; tasks are sent by the DynamoDB ledger's outbox as `TaskMessage`s).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -33,6 +34,28 @@ class QueueStats:
     leased: int
     dead: int
     oldest_ready_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """One archive task as sent to SQS: which asset, by when. No URL: workers read the ledger."""
+
+    provider: str
+    job_id: str
+    n: int
+    deadline: datetime
+    gen: str  # which enqueue of the task this is (the outbox marks that one sent)
+
+    def body(self) -> str:
+        return json.dumps(
+            {
+                "provider": self.provider,
+                "job_id": self.job_id,
+                "n": self.n,
+                "deadline": self.deadline.timestamp(),
+                "gen": self.gen,
+            }
+        )
 
 
 class WorkQueue(Protocol):

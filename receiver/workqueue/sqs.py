@@ -43,7 +43,6 @@ import asyncio
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,7 +50,7 @@ import structlog
 from botocore.exceptions import ClientError
 
 from receiver.backends.aws import client, error_code, resource_name, run_blocking
-from receiver.workqueue import Lease, QueueStats
+from receiver.workqueue import Lease, QueueStats, TaskMessage
 
 log = structlog.get_logger(__name__)
 
@@ -59,28 +58,6 @@ URGENT_SUFFIX = "-urgent"
 DLQ_SUFFIX = "-dlq"
 MAX_VISIBILITY = 12 * 3600  # SQS: at most 12 hours from the receive
 _GONE = frozenset({"ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight"})
-
-
-@dataclass(frozen=True)
-class TaskMessage:
-    """One archive task as sent to SQS: which asset, by when. No URL: workers read the ledger."""
-
-    provider: str
-    job_id: str
-    n: int
-    deadline: datetime
-    gen: str  # which enqueue of the task this is (the outbox marks that one sent)
-
-    def body(self) -> str:
-        return json.dumps(
-            {
-                "provider": self.provider,
-                "job_id": self.job_id,
-                "n": self.n,
-                "deadline": self.deadline.timestamp(),
-                "gen": self.gen,
-            }
-        )
 
 
 def utc_now() -> datetime:

@@ -1,4 +1,4 @@
-"""The SQLite schedule: the `tracked` table in the ledger's file (`receiver.backends.sqlite.SCHEMA`)."""
+"""The SQLite schedule: the `tracked` table in the ledger's file (schema: backends.sqlite)."""
 
 from __future__ import annotations
 
