@@ -32,7 +32,7 @@ links do not re-send either); and if the urgent lane never empties, the normal l
 then capacity is short of the deadlines anyway, which the urgent lane's depth shows first.
 
 Messages are sent by the DynamoDB ledger's outbox (`publish`), after the ledger commit; see
-receiver/ledger/dynamodb.py. SQS standard queues deliver at least once, and the outbox may
+receiver/ledger/dynamodb/. SQS standard queues deliver at least once, and the outbox may
 re-send: a duplicate message is harmless because the worker reads the asset's state from the
 ledger first and only acknowledges a message whose asset is already archived.
 """
