@@ -1,59 +1,4 @@
-"""The DynamoDB ledger: the same port as SQLite, for many stateless replicas sharing one table.
-
-`RECEIVER_LEDGER_URL=dynamodb://TABLE` (with `RECEIVER_QUEUE_URL=sqs://NAME`). One table, keys
-`pk`/`sk` (strings); infra/receiver.yaml creates it with the indexes below.
-
-Items (single-table design; a job's items share its partition):
-
-| pk                             | sk                          | what                              |
-|--------------------------------|-----------------------------|-----------------------------------|
-| `JOB#{provider}#{job_id}`      | `JOB`                       | the job, with `version`           |
-| `JOB#{provider}#{job_id}`      | `JOB#AST#{n:04d}`           | an asset (output) and its outcome |
-| `JOB#{provider}#{job_id}`      | `DLV#{received µs}#{rand}`  | a delivery (body zlib-compressed) |
-| `JOB#{provider}#{job_id}`      | `PART#{delivery sk}#{k}`    | more of a body over ~350 KB       |
-| `JOB#{provider}#{job_id}`      | `TASK#{n:04d}`              | the archive task (the outbox)     |
-| `DLVID#{provider}#{webhook id}`| `DLVID`                     | a webhook id seen (replays)       |
-
-The job and its assets sort together (`begins_with(sk, "JOB")`), so the state `record` decides
-on is one consistent Query.
-
-Writes: read, decide, one transaction. `record` reads the job and its assets (consistent read)
-and whether the webhook id was seen, runs `receiver.domain.decide` (the one state machine), then
-writes everything the SQLite adapter writes in its one transaction with one TransactWriteItems:
-the job item (conditional: `attribute_not_exists(pk)` for a new job, else `version = :seen`), the
-delivery, the webhook-id marker, assets and tasks. A concurrent writer that changed the job first
-makes the condition fail; we re-read and decide again (bounded, with jittered backoff). So 50
-concurrent copies of one webhook make one job and one task: one creates the job, the other 49
-re-read it and record duplicates. Every write that changes the job, its assets or its tasks
-increments `version`; a duplicate or ignored delivery does not (it only appends history and
-touches `updated_at`, still conditional on the version it saw), so a burst of duplicates commits
-in parallel instead of queueing behind each other. Each attempt carries a ClientRequestToken, so
-botocore's retry of a transaction whose answer was lost cannot record a delivery twice.
-
-Queries (no Scan anywhere): two global secondary indexes over job items, both sorted by `seq`
-(first-seen time in microseconds * 65536 + 16 bits of a hash of the job's identity: unique in
-practice, time-ordered across replicas up to clock skew, and stable, so it is the audit cursor):
-
-- `by_time`: `gsi1pk = JOBS#{shard}`, newest first, for `GET /jobs` with or without filters
-  (provider and type filter within the query; `since`/`until` narrow the key range);
-- `by_state`: `gsi2pk = STATE#{state}#{shard}`, for the common "what is dead/queued" question.
-
-Each is spread over SHARDS partitions (by the job's hash) so that a burst of new jobs does not
-make one hot index partition; a listing queries every shard and merges them by `seq`. SHARDS is
-part of the stored format: changing it needs a backfill.
-
-The outbox. A DynamoDB commit and an SQS send cannot be one transaction. So the task is written
-as an item in the record transaction, marked unsent (`obpk`/`obat`, which put it in the sparse
-`outbox` index); after the commit `record` sends the SQS message and marks the task sent
-(conditional on the task's `gen`, so a newer enqueue of the same task is not marked by an older
-send). If the process dies in between, or SQS refuses, the task stays in the outbox: the relay
-(`relay_outbox`, run by workers at start and every 30 s) re-sends tasks unsent for over a minute.
-A task may therefore be sent twice; the worker reads the asset's state from the ledger and only
-acknowledges a message whose asset is already archived.
-
-Limits: a transaction holds at most 100 items (4 MB), so a job may have at most ~45 outputs;
-an item at most 400 KB, hence compressed and split delivery bodies.
-"""
+"""The DynamoDB ledger adapter: `record` and the reads (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -63,23 +8,20 @@ import random
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import datetime, timedelta
-from decimal import Decimal
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from itertools import islice
 from typing import Any, TypeVar
 
 import structlog
-from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from receiver.backends.aws import client, error_code, resource_name, run_blocking
-from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
+from receiver.domain import DeliveryOutcome, EventKind, JobEvent, JobState, decide
 from receiver.ledger import (
     ArchivedAsset,
     AssetRecord,
     AssetToCopy,
-    DeliveryRecord,
     IncomingDelivery,
     JobFilter,
     JobRecord,
@@ -90,84 +32,41 @@ from receiver.ledger import (
 from receiver.ledger import at_ts as _at
 from receiver.ledger import from_ts as _opt_at
 from receiver.ledger import to_ts as _ts
+from receiver.ledger.dynamodb.items import (
+    _MAX_SEQ,
+    BODY_CHUNK,
+    SHARDS,
+    Item,
+    _apply_event,
+    _asset_item,
+    _asset_record,
+    _delivery_record,
+    _earliest_pending,
+    _index,
+    _is_conflict,
+    _micros,
+    _new_job,
+    _seq_floor,
+    _settle,
+    _summary,
+    _task_item,
+    _task_message,
+    asset_sk,
+    decode,
+    encode,
+    job_pk,
+    query_items,
+)
+from receiver.ledger.dynamodb.outbox import Outbox, Publisher
 from receiver.workqueue import TaskMessage
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-Item = dict[str, Any]
-Publisher = Callable[[Sequence[TaskMessage], datetime], Awaitable[None]]
-
-SHARDS = 4
-BODY_CHUNK = 350_000  # bytes of compressed body per item (DynamoDB items: 400 KB)
-OUTBOX_GRACE = timedelta(seconds=60)  # unsent this long: the sender died, the relay re-sends
-_MAX_SEQ = 10**37  # DynamoDB numbers: 38 significant digits
-_CONFLICTS = frozenset({"ConditionalCheckFailed", "TransactionConflict"})
-
-_ser = TypeSerializer()
-_deser = TypeDeserializer()
 
 
 class LedgerBusy(RuntimeError):
     """A job kept changing under us for every attempt (pathological contention)."""
-
-
-# --- encoding -----------------------------------------------------------------------------------
-
-
-def _to_dynamo(value: Any) -> Any:
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    return value
-
-
-def encode(item: Item) -> dict[str, Any]:
-    """Python values to DynamoDB attribute values; None means "no attribute"."""
-    return {k: _ser.serialize(_to_dynamo(v)) for k, v in item.items() if v is not None}
-
-
-def decode(raw: dict[str, Any]) -> Item:
-    out: Item = {}
-    for key, value in raw.items():
-        plain = _deser.deserialize(value)
-        if isinstance(plain, Decimal):
-            plain = int(plain) if plain == plain.to_integral_value() else float(plain)
-        elif isinstance(plain, Binary):
-            plain = bytes(plain.value)  # type: ignore[attr-defined]
-        out[key] = plain
-    return out
-
-
-def job_pk(provider: str, job_id: str) -> str:
-    return f"JOB#{provider}#{job_id}"
-
-
-def asset_sk(n: int) -> str:
-    return f"JOB#AST#{n:04d}"
-
-
-def task_sk(n: int) -> str:
-    return f"TASK#{n:04d}"
-
-
-def _identity_hash(provider: str, job_id: str) -> int:
-    return zlib.crc32(f"{provider}#{job_id}".encode())
-
-
-def shard_of(provider: str, job_id: str) -> int:
-    return _identity_hash(provider, job_id) % SHARDS
-
-
-def _micros(ts: float) -> int:
-    return round(ts * 1_000_000)
-
-
-def job_seq(provider: str, job_id: str, first_seen_at: float) -> int:
-    return _micros(first_seen_at) * 65536 + (_identity_hash(provider, job_id) >> 16)
-
-
-def _seq_floor(at: datetime) -> int:
-    return _micros(at.timestamp()) * 65536
 
 
 # --- the adapter --------------------------------------------------------------------------------
@@ -185,7 +84,7 @@ class DynamoLedger:
     ) -> None:
         self.table = table
         self.ddb = ddb if ddb is not None else client("dynamodb")
-        self.publish = publish  # the queue's sender; None leaves tasks in the outbox
+        self.outbox = Outbox(table, self.ddb, publish)
         self.max_attempts = max_attempts
         self.rng = rng
 
@@ -199,7 +98,7 @@ class DynamoLedger:
         self, event: JobEvent, delivery: IncomingDelivery, plan: list[PlannedOutput]
     ) -> RecordResult:
         result, tasks = await run_blocking(self._record, event, delivery, plan)
-        await self._send(tasks, delivery.received_at)
+        await self.outbox.send(tasks, delivery.received_at)
         return result
 
     async def track(
@@ -274,7 +173,7 @@ class DynamoLedger:
 
     async def requeue(self, provider: str, job_id: str, now: datetime) -> int:
         count, tasks = await run_blocking(self._requeue, provider, job_id, now.timestamp())
-        await self._send(tasks, now)
+        await self.outbox.send(tasks, now)
         return count
 
     async def archived_assets(self, where: JobFilter) -> list[tuple[str, str, AssetRecord]]:
@@ -305,23 +204,13 @@ class DynamoLedger:
         )
 
     async def relay_outbox(self, now: datetime, *, limit: int = 500) -> int:
-        """Re-send tasks that stayed unsent past OUTBOX_GRACE; how many were sent."""
-        tasks = await run_blocking(self._unsent, now - OUTBOX_GRACE, limit)
-        if tasks:
-            log.warning("outbox_relay", tasks=len(tasks))
-        return await self._send(tasks, now)
+        """Re-send tasks that stayed unsent past the outbox's grace; how many were sent."""
+        return await self.outbox.relay(now, limit=limit)
 
     # -- reads ----------------------------------------------------------------------------------
 
     def _query(self, **kwargs: Any) -> Iterator[Item]:
-        args = {"TableName": self.table, **kwargs}
-        while True:
-            page = self.ddb.query(**args)
-            for raw in page.get("Items", []):
-                yield decode(raw)
-            if "LastEvaluatedKey" not in page:
-                return
-            args["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return query_items(self.ddb, self.table, **kwargs)
 
     def _head(self, provider: str, job_id: str) -> tuple[Item | None, dict[int, Item]]:
         """The job item and its assets, by n (one consistent Query)."""
@@ -423,21 +312,6 @@ class DynamoLedger:
                 args["FilterExpression"] = " AND ".join(filters)
             streams.append(self._query(**args))
         return heapq.merge(*streams, key=lambda j: -int(j["seq"]))
-
-    def _unsent(self, older_than: datetime, limit: int) -> list[TaskMessage]:
-        found: list[TaskMessage] = []
-        for s in range(SHARDS):
-            for item in self._query(
-                IndexName="outbox",
-                KeyConditionExpression="obpk = :pk AND obat < :before",
-                ExpressionAttributeValues=encode(
-                    {":pk": f"OUTBOX#{s}", ":before": older_than.timestamp()}
-                ),
-            ):
-                found.append(_task_message(item))
-                if len(found) >= limit:
-                    return found
-        return found
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -715,260 +589,3 @@ class DynamoLedger:
                 return False  # restored concurrently by someone else
             raise
         return True
-
-    # -- the outbox -----------------------------------------------------------------------------
-
-    async def _send(self, tasks: list[TaskMessage], now: datetime) -> int:
-        """Send committed tasks to the queue and mark them sent; failures wait for the relay."""
-        if not tasks or self.publish is None:
-            return 0
-        try:
-            await self.publish(tasks, now)
-        except Exception as exc:
-            log.warning("outbox_send_failed", tasks=len(tasks), error=str(exc))
-            return 0
-        await run_blocking(self._mark_sent, tasks, now.timestamp())
-        return len(tasks)
-
-    def _mark_sent(self, tasks: list[TaskMessage], now: float) -> None:
-        for task in tasks:
-            try:
-                self.ddb.update_item(
-                    TableName=self.table,
-                    Key=encode({"pk": job_pk(task.provider, task.job_id), "sk": task_sk(task.n)}),
-                    UpdateExpression="REMOVE obpk, obat SET sent_at = :now",
-                    ConditionExpression="gen = :gen",
-                    ExpressionAttributeValues=encode({":gen": task.gen, ":now": now}),
-                )
-            except ClientError as exc:
-                if error_code(exc) != "ConditionalCheckFailedException":
-                    raise
-                # Enqueued again since (a requeue): that enqueue will be marked by its own send.
-
-
-# --- item helpers -------------------------------------------------------------------------------
-
-
-def _is_conflict(exc: ClientError) -> bool:
-    code = error_code(exc)
-    if code == "ConditionalCheckFailedException":
-        return True
-    if code == "TransactionConflictException":
-        return True
-    if code != "TransactionCanceledException":
-        return False
-    reasons = exc.response.get("CancellationReasons")
-    if reasons:
-        codes = {r.get("Code") for r in reasons} - {None, "None"}
-        return bool(codes) and codes <= _CONFLICTS
-    message = str(exc.response.get("Error", {}).get("Message", ""))
-    return any(c in message for c in _CONFLICTS)
-
-
-def _new_job(provider: str, job_id: str, now: float) -> Item:
-    return {
-        "pk": job_pk(provider, job_id),
-        "sk": "JOB",
-        "provider": provider,
-        "job_id": job_id,
-        "state": JobState.PROCESSING.value,
-        "first_seen_at": now,
-        "updated_at": now,
-        "metadata": "{}",
-        "version": 0,
-        "seq": job_seq(provider, job_id, now),
-    }
-
-
-def _index(job: Item) -> None:
-    """The listing indexes' keys, kept in step with the job's state."""
-    shard = shard_of(job["provider"], job["job_id"])
-    job["gsi1pk"] = f"JOBS#{shard}"
-    job["gsi2pk"] = f"STATE#{job['state']}#{shard}"
-
-
-def _apply_event(job: Item, event: JobEvent, now: float) -> None:
-    metadata: dict[str, Any] = json.loads(job.get("metadata", "{}"))
-    metadata.update(event.metadata)
-    job["metadata"] = json.dumps(metadata)
-    job["job_type"] = event.job_type or job.get("job_type")
-    if event.kind is EventKind.FAILED:
-        job.update(
-            failed_at=_ts(event.failed_at),
-            error=event.error,
-            credits_refunded=event.credits_refunded,
-        )
-    elif event.kind is EventKind.COMPLETED:
-        # When the provider gives no completion time (Fliki), the receipt stands in for it.
-        job["completed_at"] = _ts(event.completed_at) if event.completed_at else now
-
-
-def _asset_item(pk: str, out: PlannedOutput) -> Item:
-    return {
-        "pk": pk,
-        "sk": asset_sk(out.n),
-        "n": out.n,
-        "name": out.name,
-        "key": out.key,
-        "source_url": out.url,
-        "content_type": out.content_type,
-        "deadline": out.deadline.timestamp(),
-        "state": "pending",
-    }
-
-
-def _task_item(pk: str, provider: str, job_id: str, n: int, deadline: datetime, now: float) -> Item:
-    return {
-        "pk": pk,
-        "sk": task_sk(n),
-        "provider": provider,
-        "job_id": job_id,
-        "n": n,
-        "deadline": deadline.timestamp(),
-        "gen": uuid.uuid4().hex,
-        # Unsent: in the sparse outbox index until the send is confirmed.
-        "obpk": f"OUTBOX#{shard_of(provider, job_id)}",
-        "obat": now,
-    }
-
-
-def _task_message(item: Item) -> TaskMessage:
-    return TaskMessage(
-        provider=item["provider"],
-        job_id=item["job_id"],
-        n=int(item["n"]),
-        deadline=_at(item["deadline"]),
-        gen=item["gen"],
-    )
-
-
-def _earliest_pending(assets: dict[int, Item]) -> float | None:
-    pending = [a["deadline"] for a in assets.values() if a["state"] == "pending"]
-    return min(pending) if pending else None
-
-
-def _settle(job: Item, assets: dict[int, Item], now: float) -> JobState:
-    """After an asset ends, the job ends too once no asset is pending: archived if all were.
-
-    The same rule as the SQLite adapter's `_settle_job`, on items instead of rows.
-    """
-    states = [a["state"] for a in assets.values()]
-    current = JobState(job["state"])
-    if current in FINAL_STATES or "pending" in states:
-        return current
-    if all(s == "archived" for s in states):
-        new, archived_at = JobState.ARCHIVED, now
-    else:
-        new = JobState.EXPIRED if "expired" in states else JobState.DEAD
-        archived_at = None
-    errors = "; ".join(a["error"] for _, a in sorted(assets.items()) if a.get("error"))
-    job.update(
-        state=new.value,
-        archived_at=archived_at,
-        updated_at=now,
-        deadline=None,
-        error=errors or job.get("error"),
-    )
-    return new
-
-
-def _delivery_record(item: Item, parts: list[tuple[int, bytes]]) -> DeliveryRecord:
-    body = bytes(item.get("body", b"")) + b"".join(bytes(c) for _, c in sorted(parts))
-    return DeliveryRecord(
-        seq=int(item["sk"].split("#")[1]),
-        delivery_id=item.get("delivery_id"),
-        received_at=_at(item["received_at"]),
-        source=item["source"],
-        auth=item["auth"],
-        event=item["event"],
-        payload_sha256=item["payload_sha256"],
-        outcome=item["outcome"],
-        body=zlib.decompress(body),
-    )
-
-
-def _asset_record(item: Item) -> AssetRecord:
-    return AssetRecord(
-        n=int(item["n"]),
-        name=item["name"],
-        key=item["key"],
-        source_url=item["source_url"],
-        content_type=item.get("content_type"),
-        deadline=_at(item["deadline"]),
-        state=item["state"],
-        uri=item.get("uri"),
-        size=item.get("size"),
-        sha256=item.get("sha256"),
-        archived_at=_opt_at(item.get("archived_at")),
-        error=item.get("error"),
-    )
-
-
-def _summary(job: Item) -> JobSummary:
-    return JobSummary(
-        seq=int(job["seq"]),
-        provider=job["provider"],
-        job_id=job["job_id"],
-        state=JobState(job["state"]),
-        job_type=job.get("job_type"),
-        first_seen_at=_at(job["first_seen_at"]),
-        completed_at=_opt_at(job.get("completed_at")),
-        archived_at=_opt_at(job.get("archived_at")),
-        deadline=_opt_at(job.get("deadline")),
-        error=job.get("error"),
-    )
-
-
-# --- the table ----------------------------------------------------------------------------------
-
-SUMMARY_ATTRIBUTES = [
-    "provider",
-    "job_id",
-    "state",
-    "job_type",
-    "first_seen_at",
-    "completed_at",
-    "archived_at",
-    "deadline",
-    "error",
-]
-
-
-def table_definition(name: str) -> dict[str, Any]:
-    """CreateTable arguments matching infra/receiver.yaml (for tests and local set-ups)."""
-
-    def index(name: str, pk: str, sk: str, attributes: list[str]) -> dict[str, Any]:
-        return {
-            "IndexName": name,
-            "KeySchema": [
-                {"AttributeName": pk, "KeyType": "HASH"},
-                {"AttributeName": sk, "KeyType": "RANGE"},
-            ],
-            "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": attributes},
-        }
-
-    return {
-        "TableName": name,
-        "BillingMode": "PAY_PER_REQUEST",
-        "AttributeDefinitions": [
-            {"AttributeName": a, "AttributeType": t}
-            for a, t in (
-                ("pk", "S"),
-                ("sk", "S"),
-                ("gsi1pk", "S"),
-                ("gsi2pk", "S"),
-                ("seq", "N"),
-                ("obpk", "S"),
-                ("obat", "N"),
-            )
-        ],
-        "KeySchema": [
-            {"AttributeName": "pk", "KeyType": "HASH"},
-            {"AttributeName": "sk", "KeyType": "RANGE"},
-        ],
-        "GlobalSecondaryIndexes": [
-            index("by_time", "gsi1pk", "seq", SUMMARY_ATTRIBUTES),
-            index("by_state", "gsi2pk", "seq", SUMMARY_ATTRIBUTES),
-            index("outbox", "obpk", "obat", ["provider", "job_id", "n", "deadline", "gen"]),
-        ],
-    }
