@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
-from receiver.audit import AuditApi
+from receiver.audit.api import AuditApi
 from receiver.backends.sqlite import Database
 from receiver.domain import Clock
 from receiver.errors import ConfigurationError, RequestRejected

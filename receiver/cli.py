@@ -161,7 +161,7 @@ def _split_job(ref: str) -> tuple[str, str]:
 
 
 def _filters(**values: str | None) -> JobFilter:
-    from receiver.audit import job_filter
+    from receiver.audit.api import job_filter
 
     try:
         return job_filter(**values)
@@ -181,7 +181,7 @@ def jobs_list(
     env_file: EnvFile = None,
 ) -> None:
     """List jobs, newest first."""
-    from receiver.audit import summary_json
+    from receiver.audit.api import summary_json
 
     where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
     settings = load_settings(env_file, log_level="warning")
@@ -211,7 +211,7 @@ def jobs_show(
     env_file: EnvFile = None,
 ) -> None:
     """Everything about one job: deliveries, assets, deadline and outcome."""
-    from receiver.audit import job_json
+    from receiver.audit.api import job_json
 
     provider, job_id = _split_job(job)
 

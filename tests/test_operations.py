@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from receiver.app import build_parts, create_app
-from receiver.audit import job_json
+from receiver.audit.api import job_json
 from receiver.cli import app as cli
 from tests.conftest import FakeClock, make_settings
 from tests.payloads import APEX_SECRET, apex_completed, apex_failed, signed
