@@ -302,8 +302,8 @@ def verify(
     env_file: EnvFile = None,
 ) -> None:
     """Re-read archived objects and recompute SHA-256; exit 1 on any mismatch or missing object."""
-    from receiver.operations import VerifyReport
-    from receiver.operations import verify as run_verify
+    from receiver.audit.operations import VerifyReport
+    from receiver.audit.operations import verify as run_verify
 
     where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
     settings = load_settings(env_file, log_level="warning")
@@ -338,7 +338,7 @@ def verify(
 @app.command()
 def reindex(as_json: AsJson = False, env_file: EnvFile = None) -> None:
     """Rebuild the ledger from the manifests in the archive (jobs already known are kept)."""
-    from receiver.operations import reindex as run_reindex
+    from receiver.audit.operations import reindex as run_reindex
 
     settings = load_settings(env_file, log_level="warning")
     report = _run(settings, lambda p: run_reindex(p.ledger, p.store))

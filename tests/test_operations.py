@@ -198,7 +198,7 @@ def _event(job_id: str, url: str) -> Any:
 
 
 def test_reindexed_assets_that_were_never_copied_come_back_dead() -> None:
-    from receiver.operations import UNRECOVERABLE, job_from_manifest
+    from receiver.audit.operations import UNRECOVERABLE, job_from_manifest
 
     asset = {
         "n": 0,
