@@ -31,6 +31,7 @@ from starlette.routing import Route
 from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit.api import AuditApi
+from receiver.audit.openapi import document
 from receiver.backends.sqlite import Database
 from receiver.domain import Clock
 from receiver.errors import ConfigurationError, RequestRejected
@@ -41,7 +42,6 @@ from receiver.ledger import Ledger
 from receiver.ledger.dynamodb import DynamoLedger
 from receiver.ledger.sqlite import SqliteLedger
 from receiver.metrics import Metrics
-from receiver.openapi import document
 from receiver.polling.poller import Poller
 from receiver.polling.registration import Registrar, Registration, TrackingApi
 from receiver.polling.schedule import Tracker
