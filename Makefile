@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check receiver tests bench
 	$(BIN)/ruff format --check receiver tests bench
 	$(BIN)/cfn-lint infra/receiver.yaml
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
