@@ -40,6 +40,7 @@ import anyio
 
 __all__ = [
     "METADATA_LIMIT",
+    "ObjectExists",
     "ObjectInfo",
     "ObjectMissing",
     "Store",
@@ -96,6 +97,22 @@ class StoreError(Exception):
 
 class ObjectMissing(StoreError):
     """The key does not exist in the store."""
+
+
+class ObjectExists(StoreError):
+    """A put that must not replace anything found the key already taken (a conditional write lost).
+
+    ``sha256`` is the digest of the bytes this put streamed (hex); ``existing`` is what the store
+    holds at the key (None if it could not be read back). The caller decides: the same SHA-256
+    means another attempt finished the same copy; a different one is a conflict to report.
+    Nothing this put wrote is left behind, and the existing object is untouched.
+    """
+
+    def __init__(self, key: str, sha256: str, existing: ObjectInfo | None) -> None:
+        super().__init__(f"{key!r} already exists in the store")
+        self.key = key
+        self.sha256 = sha256
+        self.existing = existing
 
 
 class Store(Protocol):
