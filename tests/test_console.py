@@ -497,3 +497,19 @@ def test_preview_kinds() -> None:
     assert preview_kind("image/svg+xml") is None
     assert preview_kind("text/html") is None
     assert preview_kind(None) is None
+
+
+def test_every_console_template_and_static_file_ships_in_the_wheel() -> None:
+    import fnmatch
+    import tomllib
+
+    root = Path(pages.__file__).parent
+    config = tomllib.loads((root.parents[2] / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["receiver.audit.console"]
+    files = [
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc")
+    ]
+    assert "templates/job.html" in files and "static/console.css" in files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)] == []

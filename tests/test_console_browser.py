@@ -74,11 +74,35 @@ def wav(seconds: float = 1.0, rate: int = 8000) -> bytes:
     return out.getvalue()
 
 
+class AssetRequests:
+    """ASGI middleware: records (path, Range header, status) of every asset request."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.seen: list[tuple[str, str | None, int]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or "/assets/" not in scope["path"]:
+            await self.app(scope, receive, send)
+            return
+        wanted = dict(scope["headers"]).get(b"range")
+
+        async def recording(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.seen.append(
+                    (scope["path"], wanted.decode() if wanted else None, message["status"])
+                )
+            await send(message)
+
+        await self.app(scope, receive, recording)
+
+
 @dataclass
 class Site:
     url: str
     source: SourceServer
     http: httpx.Client
+    assets: AssetRequests
 
     def job(self, job_id: str) -> dict[str, Any]:
         response = self.http.get(f"/jobs/apex/{job_id}")
@@ -125,12 +149,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         log_level="warning",
     )
     parts = build_parts(settings)
-    server = ServerThread(create_app(parts, workers=2))
+    assets = AssetRequests(create_app(parts, workers=2))
+    server = ServerThread(assets)
     server.start()
     http = httpx.Client(
         base_url=server.url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=10
     )
-    site = Site(server.url, source, http)
+    site = Site(server.url, source, http, assets)
     try:
         for i in range(3):
             site.send(f"still-{i}", "/media/still.png", "image/png", "image")
@@ -226,6 +251,12 @@ def test_sign_in_search_open_a_job_and_play_its_video(
         "const s = document.querySelector('video').seekable; return s.length && s.end(0)"
     )
     assert seekable > 3.5
+    ranged = [
+        (wanted, status)
+        for path, wanted, status in site.assets.seen
+        if path == "/console/jobs/apex/clip-1/assets/0" and wanted
+    ]
+    assert ranged and all(status == 206 for _, status in ranged), site.assets.seen
 
 
 def test_images_and_audio_preview_inline(chromium: webdriver.Chrome, site: Site) -> None:
