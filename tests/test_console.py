@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from itsdangerous import URLSafeSerializer
+from prometheus_client import generate_latest
 
 from receiver.audit.console import pages
 from receiver.audit.console.media import parse_range, preview_kind
@@ -345,6 +346,11 @@ async def test_webhook_rejections_are_counted_per_provider_and_code(console: Har
         "receiver_webhook_rejections_total", provider="apex", code=response.json()["error"]["code"]
     )
     assert value == 1
+    unknown = await console.client.post(
+        "/webhooks/made-up", content=b"x", headers={"content-type": "application/json"}
+    )
+    assert unknown.status_code == 404
+    assert b"made-up" not in generate_latest(console.parts.metrics.registry)
     await sign_in(console)
     page = await console.client.get("/console/")
     assert f"apex: {response.json()['error']['code']}</dt><dd>1</dd>" in page.text

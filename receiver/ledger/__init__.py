@@ -3,7 +3,8 @@
 What crosses this line: a parsed `JobEvent` with the raw delivery it came from and the archive
 plan for its outputs goes in (`record`, one atomic write that also enqueues archive tasks); the
 archiver reports outcomes per asset (`mark_archived`, `mark_asset_ended`); the audit side reads
-whole jobs back (`job`). Adapters: `sqlite.py` (embedded) and `dynamodb.py` (scale-out, with
+whole jobs back (`job`, `list_jobs`) and, for the console's overview, what became of the
+recent ones (`activity`). Adapters: `sqlite.py` (embedded) and `dynamodb.py` (scale-out, with
 the SQS queue). Time is always passed in.
 """
 

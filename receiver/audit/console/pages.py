@@ -293,8 +293,8 @@ class Console:
                 chosen["provider"] or None,
                 chosen["state"] or None,
                 chosen["type"] or None,
-                _utc_input(chosen["since"]),
-                _utc_input(chosen["until"]),
+                chosen["since"] or None,  # a datetime-local value: read as UTC
+                chosen["until"] or None,
             )
             cursor = q.get("cursor")
             before = decode_cursor(cursor) if cursor else None
@@ -429,8 +429,3 @@ def _local(wanted: Any) -> str:
     ):
         return wanted
     return "/console/"
-
-
-def _utc_input(value: str) -> str | None:
-    """A `datetime-local` field's value, read as UTC (the page says so)."""
-    return value or None
