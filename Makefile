@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench demo clean
+.PHONY: run test lint typecheck unit bench demo clean browser screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(BIN)/receiver serve --env-file var/dev.env --host 127.0.0.1 --port 8000
 
 ## Set up and run the whole suite: lint, type check, tests.
-test: $(STAMP) lint typecheck unit
+test: $(STAMP) browser lint typecheck unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check receiver tests bench
@@ -31,6 +31,19 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q
+
+## Headless Chromium for the console's browser tests (Debian's chromium and chromium-driver),
+## installed when missing and possible (root + apt-get); without it those tests fail, loudly.
+browser:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+		>/dev/null; } \
+		|| echo "chromium or chromedriver missing: the console's browser tests will fail"
+
+## Run the demo, then photograph the console (overview, a job) with the tests' browser into docs/.
+screenshots: $(STAMP) browser
+	$(BIN)/python -m tests.console_screenshots docs
 
 ## Run the benchmarks (a few minutes) and print the table; installs rclone (a baseline) via apt
 ## when missing and possible, otherwise that baseline is skipped.

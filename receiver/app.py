@@ -31,6 +31,7 @@ from starlette.routing import Route
 from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit.api import AuditApi
+from receiver.audit.console import Console, ConsoleParts
 from receiver.audit.openapi import document
 from receiver.backends.sqlite import Database
 from receiver.domain import Clock
@@ -290,6 +291,9 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         max_body_bytes=settings.max_body_bytes,
         wall_clock=parts.wall_clock,
         on_auth_failure=lambda provider: parts.metrics.auth_failures.labels(provider).inc(),
+        on_rejected=lambda provider, code: parts.metrics.webhook_rejections.labels(
+            provider, code
+        ).inc(),
     )
     api_token = settings.api_token.get_secret_value() if settings.api_token else None
     audit = AuditApi(
@@ -305,6 +309,19 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         on_registered=poller.wake.set if poller else lambda: None,
     )
     tracking = TrackingApi(registrar, api_token)
+    console = Console(
+        ConsoleParts(
+            parts.ledger,
+            parts.store,
+            parts.queue,
+            parts.metrics,
+            parts.clock,
+            api_token,
+            tracker=poller.tracked if poller else None,
+            poll_problem=poller.problem if poller else lambda provider: None,
+            on_requeued=parts.archiver.wake.set,
+        )
+    )
     openapi = document()
 
     async def metrics(request: Request) -> Response:
@@ -340,6 +357,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         *webhooks.routes(),
         *audit.routes(),
         *tracking.routes(),
+        *console.routes(),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),

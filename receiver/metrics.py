@@ -28,6 +28,12 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.webhook_rejections = Counter(
+            "receiver_webhook_rejections",
+            "Webhooks of a configured provider refused for another reason than authentication",
+            ["provider", "code"],
+            registry=r,
+        )
         self.queue_tasks = Gauge(
             "receiver_queue_tasks", "Archive tasks by state", ["state"], registry=r
         )

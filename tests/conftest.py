@@ -16,8 +16,8 @@ from receiver.app import Parts, build_parts, create_app
 from receiver.settings import Settings
 from tests.payloads import APEX_OLD_SECRET, APEX_SECRET, APEX_TOKEN, FLIKI_SECRET, FLIKI_TOKEN
 
-# Fixture modules: the misbehaving HTTP source and moto's S3 server.
-pytest_plugins = ["tests.sources", "tests.s3server"]
+# Fixture modules: the misbehaving HTTP source, moto's S3 server, headless Chromium.
+pytest_plugins = ["tests.sources", "tests.s3server", "tests.browser"]
 
 
 @pytest.fixture

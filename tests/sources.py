@@ -92,6 +92,7 @@ class SourceFile:
     redirect_status: int = 302
     etag_changes: bool = False  # a new ETag on every request (the object is being replaced)
     ignore_range: bool = False  # advertise ranges but answer 200 with the whole body
+    data: bytes | None = None  # serve these bytes (a real image or video) instead of generated ones
     requests: int = field(default=0, init=False)
 
 
@@ -198,7 +199,12 @@ class _Handler(BaseHTTPRequestHandler):
             limit = min(limit, spec.stall_after)
         sent = 0
         stopping = self.server.owner._stopping
-        for chunk in iter_content(spec.seed, start, start + limit):
+        chunks = (
+            iter_content(spec.seed, start, start + limit)
+            if spec.data is None
+            else [spec.data[start : start + limit]]
+        )
+        for chunk in chunks:
             for offset in range(0, len(chunk), spec.chunk_size):
                 piece = chunk[offset : offset + spec.chunk_size]
                 self.wfile.write(piece)
@@ -261,6 +267,8 @@ class SourceServer:
         The content is generated from ``seed`` (default: the path); check it with
         ``expected_sha256(seed, size)``.
         """
+        if behaviour.get("data") is not None:
+            size = len(behaviour["data"])
         spec = SourceFile(size=size, seed=path if seed is None else seed, **behaviour)
         with self._lock:
             self._files[path] = spec

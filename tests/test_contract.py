@@ -530,6 +530,40 @@ async def test_restore_writes_a_job_read_back_once(b: Backend) -> None:
     assert {s.job_id for s in listed} == {"orig", "restored"}
 
 
+async def test_activity_counts_states_bytes_per_day_slack_and_misses_since_a_time(
+    b: Backend,
+) -> None:
+    def archived(n: int, size: int) -> ArchivedAsset:
+        return ArchivedAsset(f"s3://bucket/k{n}", f"k{n}", size, "ab" * 32, "image/png")
+
+    await record(b, completed("before"))
+    await b.ledger.mark_archived("apex", "before", 0, archived(0, 1000), b.now())
+    await b.advance(0.01)
+    since = b.now()
+    await record(b, completed("on-time", "https://cdn.example/0.png", "https://cdn.example/1.png"))
+    await record(b, completed("late"), hours=-1)
+    await record(b, failed("broke"))
+    await record(b, completed("waiting"))
+    await b.ledger.mark_archived("apex", "on-time", 0, archived(0, 100), b.now())
+    await b.ledger.mark_archived("apex", "on-time", 1, archived(1, 50), b.now())
+    await b.ledger.mark_archived("apex", "late", 0, archived(0, 7), b.now())
+
+    seen = await b.ledger.activity(since)
+
+    assert seen.jobs_by_state == {"archived": 2, "failed": 1, "queued": 1}
+    assert seen.archived == 3
+    assert sum(seen.archived_bytes_by_day.values()) == 157  # "before" is not counted
+    assert set(seen.archived_bytes_by_day) <= {
+        since.date().isoformat(),
+        b.now().date().isoformat(),
+    }
+    assert (seen.missed, [(m.job_id, m.n) for m in seen.misses]) == (1, [("late", 0)])
+    assert seen.slack_min is not None and -3700 < seen.slack_min < -3500
+    assert seen.slack_median is not None and 19 * 3600 < seen.slack_median <= 20 * 3600
+    later = await b.ledger.activity(b.now() + timedelta(seconds=1))
+    assert (later.jobs_by_state, later.archived, later.slack_min, later.misses) == ({}, 0, None, [])
+
+
 async def test_ping(b: Backend) -> None:
     await b.ledger.ping()
 

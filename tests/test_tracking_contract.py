@@ -240,6 +240,14 @@ async def test_stop_by_provider_then_resume_after_a_restart(open_tracker: Opener
     assert await due_ids(tracker, at(10), "vividflow") == ["v"]
     assert await tracker.next_due_by_provider() == {"vividflow": at(0)}
 
+    stopped = await tracker.stopped(10)
+    assert sorted((j.provider, j.job_id, j.stop_reason, j.last_error) for j in stopped) == [
+        ("flora", "r1", "auth", "bad key"),
+        ("flora", "r2", "auth", "bad key"),
+        ("vividflow", "gone", "not_found", "404 x5"),
+    ]
+    assert len(await tracker.stopped(2)) == 2
+
     # The next start: jobs stopped for a fixable reason get one more try, the rest do not.
     reasons = (StopReason.AUTH, StopReason.CONFIG)
     assert await restarted.resume_stopped(reasons, at(100)) == 2

@@ -56,6 +56,13 @@ async def verify(
     return report
 
 
+async def verify_asset(
+    store: Store, provider: str, job_id: str, asset: AssetRecord
+) -> Finding | None:
+    """Re-read one archived asset and recompute its SHA-256 (the console's Verify button)."""
+    return await _check(store, provider, job_id, asset)
+
+
 async def _check(store: Store, provider: str, job_id: str, asset: AssetRecord) -> Finding | None:
     digest = hashlib.sha256()
     size = 0

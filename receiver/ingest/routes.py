@@ -57,12 +57,14 @@ class Webhooks:
         max_body_bytes: int,
         wall_clock: Callable[[], float] = time.time,
         on_auth_failure: Callable[[str], None] = lambda provider: None,
+        on_rejected: Callable[[str, str], None] = lambda provider, code: None,
     ) -> None:
         self.ingestor = ingestor
         self.endpoints = endpoints
         self.max_body_bytes = max_body_bytes
         self.wall_clock = wall_clock
         self.on_auth_failure = on_auth_failure
+        self.on_rejected = on_rejected  # (provider, error code): refused for another reason
 
     def routes(self) -> list[Route]:
         return [
@@ -71,6 +73,17 @@ class Webhooks:
         ]
 
     async def receive(self, request: Request) -> JSONResponse:
+        try:
+            return await self._receive(request)
+        except Unauthorized:
+            raise  # counted as an authentication failure
+        except RequestRejected as exc:
+            # Only a configured provider's: a made-up path must not invent metric labels.
+            if request.path_params["provider"] in self.endpoints:
+                self.on_rejected(request.path_params["provider"], exc.code)
+            raise
+
+    async def _receive(self, request: Request) -> JSONResponse:
         provider = request.path_params["provider"]
         endpoint = self.endpoints.get(provider)
         if endpoint is None:

@@ -3,12 +3,14 @@
 What crosses this line: a parsed `JobEvent` with the raw delivery it came from and the archive
 plan for its outputs goes in (`record`, one atomic write that also enqueues archive tasks); the
 archiver reports outcomes per asset (`mark_archived`, `mark_asset_ended`); the audit side reads
-whole jobs back (`job`). Adapters: `sqlite.py` (embedded) and `dynamodb.py` (scale-out, with
+whole jobs back (`job`, `list_jobs`) and, for the console's overview, what became of the
+recent ones (`activity`). Adapters: `sqlite.py` (embedded) and `dynamodb.py` (scale-out, with
 the SQS queue). Time is always passed in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -159,6 +161,68 @@ class JobSummary:
     error: str | None
 
 
+@dataclass(frozen=True)
+class ArchivedSample:
+    """One archived asset, as the overview counts it."""
+
+    provider: str
+    job_id: str
+    n: int
+    size: int
+    archived_at: datetime
+    deadline: datetime
+
+    @property
+    def slack_seconds(self) -> float:
+        """Time left before the deadline when it was archived (negative: a deadline miss)."""
+        return (self.deadline - self.archived_at).total_seconds()
+
+
+#: How many deadline misses an `Activity` lists (the latest ones); `missed` counts them all.
+MAX_MISSES = 50
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What became of the jobs first seen at or after `since` (the console's overview)."""
+
+    since: datetime
+    jobs_by_state: dict[str, int]
+    archived: int  # archived assets of those jobs
+    archived_bytes_by_day: dict[str, int]  # UTC day of archiving ("2026-03-16") -> bytes
+    slack_min: float | None  # seconds; None when nothing was archived
+    slack_median: float | None
+    missed: int  # assets archived after their deadline
+    misses: list[ArchivedSample]  # the latest MAX_MISSES of them, latest first
+
+    @classmethod
+    def build(
+        cls, since: datetime, jobs_by_state: dict[str, int], samples: Iterable[ArchivedSample]
+    ) -> Activity:
+        """The one summary both adapters return, from their rows (shared so they agree)."""
+        by_day: dict[str, int] = {}
+        slacks: list[float] = []
+        misses: list[ArchivedSample] = []
+        for sample in samples:
+            day = sample.archived_at.astimezone(UTC).date().isoformat()
+            by_day[day] = by_day.get(day, 0) + sample.size
+            slacks.append(sample.slack_seconds)
+            if sample.slack_seconds < 0:
+                misses.append(sample)
+        slacks.sort()
+        misses.sort(key=lambda m: (m.archived_at, m.provider, m.job_id, m.n), reverse=True)
+        return cls(
+            since=since,
+            jobs_by_state=dict(sorted(jobs_by_state.items())),
+            archived=len(slacks),
+            archived_bytes_by_day=dict(sorted(by_day.items())),
+            slack_min=slacks[0] if slacks else None,
+            slack_median=slacks[len(slacks) // 2] if slacks else None,
+            missed=len(misses),
+            misses=misses[:MAX_MISSES],
+        )
+
+
 class Ledger(Protocol):
     async def record(
         self, event: JobEvent, delivery: IncomingDelivery, plan: list[PlannedOutput]
@@ -198,6 +262,11 @@ class Ledger(Protocol):
 
     async def restore(self, job: JobRecord) -> bool:
         """Write a job read back from the archive (reindex); False if the ledger had it."""
+        ...
+
+    async def activity(self, since: datetime) -> Activity:
+        """Jobs first seen at or after `since`: how many per state, and for their archived
+        assets the bytes per day, the deadline slack and the misses (the console's overview)."""
         ...
 
     async def ping(self) -> None: ...

@@ -10,7 +10,9 @@ from typing import Any
 from receiver.backends.sqlite import Database
 from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
 from receiver.ledger import (
+    Activity,
     ArchivedAsset,
+    ArchivedSample,
     AssetRecord,
     AssetToCopy,
     DeliveryRecord,
@@ -143,6 +145,9 @@ class SqliteLedger:
 
     async def restore(self, job: JobRecord) -> bool:
         return await self.db.write(lambda conn: _restore(conn, job))
+
+    async def activity(self, since: datetime) -> Activity:
+        return await self.db.read(lambda conn: _activity(conn, since))
 
     async def ping(self) -> None:
         await self.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
@@ -474,6 +479,35 @@ def _archived_assets(
             (record.provider, record.job_id, a) for a in record.assets if a.state == "archived"
         )
     return found
+
+
+def _activity(conn: sqlite3.Connection, since: datetime) -> Activity:
+    start = since.timestamp()
+    states = {
+        r["state"]: r["n"]
+        for r in conn.execute(
+            "SELECT state, COUNT(*) AS n FROM jobs WHERE first_seen_at >= ? GROUP BY state",
+            (start,),
+        )
+    }
+    rows = conn.execute(
+        "SELECT a.provider, a.job_id, a.n, a.size, a.archived_at, a.deadline FROM assets a "
+        "JOIN jobs j ON j.provider = a.provider AND j.job_id = a.job_id "
+        "WHERE j.first_seen_at >= ? AND a.state = 'archived'",
+        (start,),
+    )
+    samples = (
+        ArchivedSample(
+            r["provider"],
+            r["job_id"],
+            r["n"],
+            r["size"] or 0,
+            _at(r["archived_at"]),
+            _at(r["deadline"]),
+        )
+        for r in rows
+    )
+    return Activity.build(since, states, samples)
 
 
 def _restore(conn: sqlite3.Connection, job: JobRecord) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -20,6 +20,8 @@ from botocore.exceptions import ClientError
 from receiver.backends.aws import error_code
 from receiver.domain import FINAL_STATES, EventKind, JobEvent, JobState
 from receiver.ledger import (
+    Activity,
+    ArchivedSample,
     AssetRecord,
     DeliveryRecord,
     JobSummary,
@@ -267,6 +269,37 @@ def _asset_record(item: Item) -> AssetRecord:
         archived_at=_opt_at(item.get("archived_at")),
         error=item.get("error"),
     )
+
+
+def _activity(
+    since: datetime,
+    jobs: Iterable[Item],
+    assets_of: Callable[[str, str], Iterable[Item]],
+) -> Activity:
+    """`Ledger.activity` from job summaries and a reader of a job's asset items."""
+    states: dict[str, int] = {}
+    samples: list[ArchivedSample] = []
+    for job in jobs:
+        states[job["state"]] = states.get(job["state"], 0) + 1
+        if job["state"] in _NO_ASSETS:
+            continue
+        samples.extend(
+            ArchivedSample(
+                job["provider"],
+                job["job_id"],
+                int(a["n"]),
+                int(a.get("size") or 0),
+                _at(a["archived_at"]),
+                _at(a["deadline"]),
+            )
+            for a in assets_of(job["provider"], job["job_id"])
+            if a["state"] == "archived"
+        )
+    return Activity.build(since, states, samples)
+
+
+# Jobs in these states have no archived asset: the overview skips reading their assets.
+_NO_ASSETS = frozenset({JobState.TRACKING, JobState.PROCESSING, JobState.FAILED})
 
 
 def _summary(job: Item) -> JobSummary:

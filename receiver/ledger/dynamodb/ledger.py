@@ -19,6 +19,7 @@ from botocore.exceptions import ClientError
 from receiver.backends.aws import client, error_code, resource_name, run_blocking
 from receiver.domain import DeliveryOutcome, EventKind, JobEvent, JobState, decide
 from receiver.ledger import (
+    Activity,
     ArchivedAsset,
     AssetRecord,
     AssetToCopy,
@@ -37,6 +38,7 @@ from receiver.ledger.dynamodb.items import (
     BODY_CHUNK,
     SHARDS,
     Item,
+    _activity,
     _apply_event,
     _asset_item,
     _asset_record,
@@ -195,6 +197,14 @@ class DynamoLedger:
 
     async def restore(self, job: JobRecord) -> bool:
         return await run_blocking(self._restore, job)
+
+    async def activity(self, since: datetime) -> Activity:
+        # The listing index from `since`, then each job's asset items (one Query a job).
+        def read() -> Activity:
+            jobs = self._listing(JobFilter(since=since), None)
+            return _activity(since, jobs, lambda p, j: self._head(p, j)[1].values())
+
+        return await run_blocking(read)
 
     async def ping(self) -> None:
         await run_blocking(

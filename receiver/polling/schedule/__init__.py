@@ -105,6 +105,10 @@ class Tracker(Protocol):
         """Stop one job, or (job_id None) every active job of the provider. Returns how many."""
         ...
 
+    async def stopped(self, limit: int) -> list[TrackedJob]:
+        """Jobs whose polling stopped (each with its reason), latest registered first."""
+        ...
+
     async def resume_stopped(self, reasons: tuple[str, ...], now: datetime) -> int:
         """Jobs stopped for one of `reasons` become active and due now. Returns how many."""
         ...

@@ -43,7 +43,7 @@ from botocore.exceptions import ClientError
 from receiver.backends.aws import client, error_code, run_blocking
 from receiver.ledger.dynamodb import Item, decode, encode
 from receiver.ledger.dynamodb import table_definition as ledger_table_definition
-from receiver.polling.schedule import TrackedJob, TrackState
+from receiver.polling.schedule import StopReason, TrackedJob, TrackState
 from receiver.providers import REGISTRY
 
 INDEX = "polling"
@@ -60,6 +60,7 @@ INDEX_ATTRIBUTES = [
     "registered_at",
 ]
 SK = "TRACK"
+_STOP_REASONS = (StopReason.AUTH, StopReason.CONFIG, StopReason.NOT_FOUND, StopReason.GAVE_UP)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -259,6 +260,24 @@ class DynamoTrackedStore:
             return stopped
 
         return await run_blocking(write)
+
+    async def stopped(self, limit: int) -> list[TrackedJob]:
+        # One sparse-index partition per stop reason; a console page, not the request path.
+        def read() -> list[TrackedJob]:
+            found = [
+                _job(item)
+                for reason in _STOP_REASONS
+                for item in self._query(
+                    None,
+                    IndexName=INDEX,
+                    KeyConditionExpression="pollpk = :pk",
+                    ExpressionAttributeValues=encode({":pk": stopped_pk(reason)}),
+                )
+            ]
+            found.sort(key=lambda j: (-j.registered_at.timestamp(), j.provider, j.job_id))
+            return found[:limit]
+
+        return await run_blocking(read)
 
     async def resume_stopped(self, reasons: tuple[str, ...], now: datetime) -> int:
         def write() -> int:

@@ -194,6 +194,17 @@ class TrackedStore:
 
         return await self.db.write(write)
 
+    async def stopped(self, limit: int) -> list[TrackedJob]:
+        def read(conn: sqlite3.Connection) -> list[TrackedJob]:
+            rows = conn.execute(
+                "SELECT * FROM tracked WHERE state = 'stopped' "
+                "ORDER BY registered_at DESC, provider, job_id LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [_row(r) for r in rows]
+
+        return await self.db.read(read)
+
     async def counts(self) -> dict[tuple[str, str], int]:
         """(provider, state) -> number of tracked jobs, for metrics and the CLI."""
 
