@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import secrets
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -16,9 +17,12 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from receiver import logs
+from receiver import settings as settings_module
+from receiver.cli import listing
+from receiver.cli.explain import explain
+from receiver.cli.listing import count_line, page_and_count
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ledger import JobFilter
 from receiver.settings import Settings
@@ -28,20 +32,32 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-app = typer.Typer(help="Webhook receiver and asset archiver for AI media generation APIs.")
+app = typer.Typer(
+    help="Webhook receiver and asset archiver for AI media generation APIs.",
+    # One readable line per error (`main`), the traceback only with --debug.
+    pretty_exceptions_enable=False,
+    # No `<bool>` and friends after every option in --help.
+    rich_markup_mode=None,
+    add_completion=False,
+)
 
 EnvFile = Annotated[
-    Path | None, typer.Option("--env-file", help="read settings from this file too (KEY=value)")
+    list[Path] | None,
+    typer.Option(
+        "--env-file",
+        metavar="FILE",
+        help="also read settings from this file (KEY=value), on top of ./.env; "
+        "repeat for several, a later file wins",
+        show_default=False,
+    ),
 ]
 
 
-def load_settings(env_file: Path | None, **overrides: Any) -> Settings:
+def load_settings(env_file: list[Path] | None, **overrides: Any) -> Settings:
     try:
-        if env_file is not None:
-            return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
-        return Settings(**overrides)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        return settings_module.load(env_file or (), **overrides)
+    except ConfigurationError as exc:
+        raise fail(str(exc)) from None
 
 
 def tune_gc() -> None:
@@ -58,6 +74,39 @@ def tune_gc() -> None:
 def fail(message: str) -> typer.Exit:
     typer.secho(f"receiver: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code=2)
+
+
+DEBUG = {"on": False}  # set by --debug: errors end in their traceback instead of one line
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"receiver {version('receiver')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show the traceback of an error, not only its line")
+    ] = False,
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """Webhook receiver and asset archiver for AI media generation APIs."""
+    DEBUG["on"] = debug
+
+
+def require_ledger(settings: Settings) -> None:
+    """Commands that read the ledger never create one (an empty ledger would look healthy)."""
+    from receiver.cli.doctor import missing_ledger
+
+    if not settings.distributed and not settings.sqlite_path.exists():
+        raise fail(missing_ledger(settings.sqlite_path))
 
 
 @app.command()
@@ -88,7 +137,29 @@ def serve(
         raise fail(str(exc)) from None
     tune_gc()
     # access_log off: webhook paths may carry a provider's secret token.
-    uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
+    config = uvicorn.Config(
+        application, host=host, port=port, access_log=False, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    sock = config.bind_socket()  # bound before the line below, so the port in it is real
+    _log_listening(settings, host, sock.getsockname()[1])
+    server.run(sockets=[sock])
+
+
+def _log_listening(settings: Settings, host: str, port: int) -> None:
+    import structlog
+
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    webhooks = []
+    for name in settings.enabled_webhook_providers:
+        config = settings.provider(name)
+        if config.webhook_secrets or not config.webhook_token:
+            webhooks.append(f"{base}/webhooks/{name}")
+        if config.webhook_token:  # the token itself is never logged
+            webhooks.append(f"{base}/webhooks/{name}/<RECEIVER_{name.upper()}_WEBHOOK_TOKEN>")
+    structlog.get_logger("receiver.cli").info(
+        "listening", url=base, webhooks=webhooks, jobs=f"{base}/jobs", health=f"{base}/healthz"
+    )
 
 
 @app.command()
@@ -185,12 +256,15 @@ def jobs_list(
 
     where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
     settings = load_settings(env_file, log_level="warning")
-    rows = _run(settings, lambda p: p.ledger.list_jobs(where, before_seq=None, limit=limit))
+    require_ledger(settings)
+    rows, total = _run(settings, lambda p: page_and_count(p.ledger, where, limit))
     jobs = [summary_json(j) for j in rows]
     if as_json:
         typer.echo(json.dumps(jobs, indent=2))
+        if total != len(jobs):
+            typer.echo(count_line(len(jobs), total, limit), err=True)
         return
-    table = Table("provider", "job id", "state", "type", "received", "archived", "error")
+    table = listing.table("provider", "job id", "state", "type", "received", "archived", "error")
     for j in jobs:
         table.add_row(
             j["provider"],
@@ -199,9 +273,10 @@ def jobs_list(
             j["type"] or "",
             j["received_at"],
             j["archived_at"] or "",
-            (j["error"] or "")[:60],
+            j["error"] or "",
         )
     Console().print(table)
+    typer.echo(count_line(len(jobs), total, limit))
 
 
 @jobs_app.command("show")
@@ -222,7 +297,9 @@ def jobs_show(
         tracker = parts.poller.tracked if parts.poller else None
         return job_json(record, await tracker.get(provider, job_id) if tracker else None)
 
-    body = _run(load_settings(env_file, log_level="warning"), lookup)
+    settings = load_settings(env_file, log_level="warning")
+    require_ledger(settings)
+    body = _run(settings, lookup)
     if body is None:
         raise fail(f"no job {job}")
     if as_json:
@@ -251,7 +328,7 @@ def jobs_show(
             + (f", stopped: {polling['stop_reason']}" if polling["stop_reason"] else "")
             + (f", last error: {polling['last_error']}" if polling["last_error"] else "")
         )
-    deliveries = Table(
+    deliveries = listing.table(
         "received", "webhook id", "source", "auth", "event", "outcome", title="deliveries"
     )
     for d in body["deliveries"]:
@@ -264,7 +341,7 @@ def jobs_show(
             d["outcome"],
         )
     console.print(deliveries)
-    assets = Table("n", "state", "uri", "size", "sha256", "source", title="assets")
+    assets = listing.table("n", "state", "uri", "size", "sha256", "source", title="assets")
     for a in body["assets"]:
         assets.add_row(
             str(a["n"]),
@@ -285,6 +362,7 @@ def retry(
     """Re-queue a dead-lettered or expired job's assets with a fresh set of attempts."""
     provider, job_id = _split_job(job)
     settings = load_settings(env_file, log_level="warning")
+    require_ledger(settings)
     count = _run(settings, lambda p: p.ledger.requeue(provider, job_id, p.clock()))
     if not count:
         raise fail(f"{job}: nothing to retry (unknown job, or no dead or expired asset)")
@@ -307,6 +385,7 @@ def verify(
 
     where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
     settings = load_settings(env_file, log_level="warning")
+    require_ledger(settings)
 
     async def work(parts: Parts) -> VerifyReport:
         with Progress(disable=as_json, transient=True) as progress:
@@ -336,11 +415,20 @@ def verify(
 
 
 @app.command()
-def reindex(as_json: AsJson = False, env_file: EnvFile = None) -> None:
+def reindex(
+    as_json: AsJson = False,
+    create_ledger: Annotated[
+        bool,
+        typer.Option("--create-ledger", help="start a new, empty ledger if there is none"),
+    ] = False,
+    env_file: EnvFile = None,
+) -> None:
     """Rebuild the ledger from the manifests in the archive (jobs already known are kept)."""
     from receiver.audit.operations import reindex as run_reindex
 
     settings = load_settings(env_file, log_level="warning")
+    if not create_ledger:
+        require_ledger(settings)
     report = _run(settings, lambda p: run_reindex(p.ledger, p.store))
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(report), indent=2))
@@ -379,6 +467,7 @@ def track(
     from receiver.errors import RequestRejected as _Rejected
 
     settings = load_settings(env_file)
+    require_ledger(settings)
     data: dict[str, Any] = {"provider": provider, "job_id": job_id}
     if technique is not None:
         data["technique"] = technique
@@ -514,5 +603,31 @@ def dev_env(path: Annotated[Path, typer.Argument(help="file to create")]) -> Non
     typer.echo(f"created development settings with random secrets in {path}")
 
 
+def command() -> Any:
+    """The click command behind `receiver`, with readable metavars (`--host HOST`, not
+    `--host <str>`); commands added later get them too."""
+    cli = typer.main.get_command(app)
+
+    def tidy(cmd: Any) -> None:
+        for param in cmd.params:
+            is_option = param.param_type_name == "option"
+            if is_option and not param.is_flag and param.metavar is None:
+                param.metavar = (param.name or "value").upper()
+        for sub in getattr(cmd, "commands", {}).values():
+            if sub.short_help is None and sub.help:
+                # The whole first line, not click's cut at 45 characters ("...").
+                sub.short_help = sub.help.strip().splitlines()[0]
+            tidy(sub)
+
+    tidy(cli)
+    return cli
+
+
 def main() -> None:
-    app()
+    try:
+        command()(prog_name="receiver")
+    except Exception as exc:
+        if DEBUG["on"]:
+            raise
+        typer.secho(f"receiver: {explain(exc)}", err=True, fg=typer.colors.RED)
+        sys.exit(1)
