@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import gc
 import json
@@ -19,8 +18,21 @@ from rich.console import Console
 from rich.progress import Progress
 
 from receiver import logs
-from receiver import settings as settings_module
 from receiver.cli import listing
+from receiver.cli.base import (
+    DEBUG,
+    AsJson,
+    EnvFile,
+    app,
+    command,
+    fail,
+    load_settings,
+    log_listening,
+    require_ledger,
+    simulator_settings,
+    whsec,
+    write_private,
+)
 from receiver.cli.explain import explain
 from receiver.cli.listing import count_line, page_and_count
 from receiver.errors import ConfigurationError, RequestRejected
@@ -32,33 +44,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-app = typer.Typer(
-    help="Webhook receiver and asset archiver for AI media generation APIs.",
-    # One readable line per error (`main`), the traceback only with --debug.
-    pretty_exceptions_enable=False,
-    # No `<bool>` and friends after every option in --help.
-    rich_markup_mode=None,
-    add_completion=False,
-)
-
-EnvFile = Annotated[
-    list[Path] | None,
-    typer.Option(
-        "--env-file",
-        metavar="FILE",
-        help="also read settings from this file (KEY=value), on top of ./.env; "
-        "repeat for several, a later file wins",
-        show_default=False,
-    ),
-]
-
-
-def load_settings(env_file: list[Path] | None, **overrides: Any) -> Settings:
-    try:
-        return settings_module.load(env_file or (), **overrides)
-    except ConfigurationError as exc:
-        raise fail(str(exc)) from None
-
 
 def tune_gc() -> None:
     """Keep the cyclic garbage collector's full passes out of the request path.
@@ -69,44 +54,6 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-
-
-def fail(message: str) -> typer.Exit:
-    typer.secho(f"receiver: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code=2)
-
-
-DEBUG = {"on": False}  # set by --debug: errors end in their traceback instead of one line
-
-
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version
-
-        typer.echo(f"receiver {version('receiver')}")
-        raise typer.Exit()
-
-
-@app.callback()
-def root(
-    debug: Annotated[
-        bool, typer.Option("--debug", help="show the traceback of an error, not only its line")
-    ] = False,
-    show_version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
-    ] = False,
-) -> None:
-    """Webhook receiver and asset archiver for AI media generation APIs."""
-    DEBUG["on"] = debug
-
-
-def require_ledger(settings: Settings) -> None:
-    """Commands that read the ledger never create one (an empty ledger would look healthy)."""
-    from receiver.cli.doctor import missing_ledger
-
-    if not settings.distributed and not settings.sqlite_path.exists():
-        raise fail(missing_ledger(settings.sqlite_path))
 
 
 @app.command()
@@ -142,24 +89,8 @@ def serve(
     )
     server = uvicorn.Server(config)
     sock = config.bind_socket()  # bound before the line below, so the port in it is real
-    _log_listening(settings, host, sock.getsockname()[1])
+    log_listening(settings, host, sock.getsockname()[1])
     server.run(sockets=[sock])
-
-
-def _log_listening(settings: Settings, host: str, port: int) -> None:
-    import structlog
-
-    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    webhooks = []
-    for name in settings.enabled_webhook_providers:
-        config = settings.provider(name)
-        if config.webhook_secrets or not config.webhook_token:
-            webhooks.append(f"{base}/webhooks/{name}")
-        if config.webhook_token:  # the token itself is never logged
-            webhooks.append(f"{base}/webhooks/{name}/<RECEIVER_{name.upper()}_WEBHOOK_TOKEN>")
-    structlog.get_logger("receiver.cli").info(
-        "listening", url=base, webhooks=webhooks, jobs=f"{base}/jobs", health=f"{base}/healthz"
-    )
 
 
 @app.command()
@@ -198,7 +129,6 @@ def worker(env_file: EnvFile = None) -> None:
 jobs_app = typer.Typer(help="Look jobs up in the ledger.")
 app.add_typer(jobs_app, name="jobs")
 
-AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 Provider = Annotated[str | None, typer.Option(help="apex, fliki, flora or vividflow")]
 State = Annotated[str | None, typer.Option(help="queued, archived, failed, expired, dead...")]
 JobType = Annotated[str | None, typer.Option("--type", help="provider job type, e.g. video")]
@@ -510,6 +440,14 @@ def simulate(
     status_5xx_every: Annotated[int, typer.Option(help="every Nth status call answers 503")] = 0,
     drop_every: Annotated[int, typer.Option(help="every Nth download is cut off halfway")] = 0,
     expired_links: Annotated[bool, typer.Option(help="issue already-expired links")] = False,
+    write_env: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="write the settings a receiver needs to talk to this simulator (base URLs, "
+            "API keys, webhook secrets, local downloads) to FILE, e.g. var/simulator.env",
+        ),
+    ] = None,
     env_file: EnvFile = None,
 ) -> None:
     """Serve fake Apex, Fliki, FLORA and Vivid Flow APIs on localhost (tests, demos).
@@ -529,6 +467,8 @@ def simulate(
         keys[name] = config.api_key or f"sim-{name}-key"
         if config.webhook_secrets:
             secrets_[name] = config.webhook_secrets[0]
+        elif write_env is not None and name in ("apex", "fliki"):
+            secrets_[name] = whsec()  # written to --write-env, so a receiver can check it
     sim = Simulator(
         api_keys=keys,
         webhook_secrets=secrets_,
@@ -546,8 +486,24 @@ def simulate(
     )
     sim.start()
     typer.echo(f"provider simulator on http://127.0.0.1:{sim.port} (Ctrl-C to stop)")
-    for name in PROVIDERS:
-        typer.echo(f"  RECEIVER_{name.upper()}_BASE_URL={sim.base_url(name)}")
+    settings_for_receiver = simulator_settings(sim, keys, secrets_)
+    for line in settings_for_receiver:
+        name, _, value = line.partition("=")
+        shown = value if not name.endswith(("_API_KEY", "_SECRETS")) else "(in --write-env)"
+        typer.echo(f"  {name}={shown}")
+    if write_env is not None:
+        write_private(
+            write_env,
+            [
+                "# Written by `receiver simulate`: a receiver reading this file "
+                "talks only to the simulator.",
+                *settings_for_receiver,
+            ],
+        )
+        typer.echo(
+            f"wrote these settings to {write_env}; start receiver with "
+            f"--env-file {write_env} (make run ENV_FILE={write_env})"
+        )
     typer.echo('add a job: curl -X POST localhost:PORT/_sim/jobs -d \'{"provider": "flora"}\'')
     try:
         while True:
@@ -585,10 +541,6 @@ def dev_env(path: Annotated[Path, typer.Argument(help="file to create")]) -> Non
         typer.echo(f"using development settings in {path}")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    def whsec() -> str:
-        return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-
     lines = [
         "# Development settings made by `receiver dev-env`; secrets are random, keep them local.",
         f"RECEIVER_APEX_WEBHOOK_SECRETS={whsec()}",
@@ -603,24 +555,10 @@ def dev_env(path: Annotated[Path, typer.Argument(help="file to create")]) -> Non
     typer.echo(f"created development settings with random secrets in {path}")
 
 
-def command() -> Any:
-    """The click command behind `receiver`, with readable metavars (`--host HOST`, not
-    `--host <str>`); commands added later get them too."""
-    cli = typer.main.get_command(app)
+# Registered on `app` when imported: `receiver doctor`, `receiver send-test`.
+from receiver.cli import checks as _checks  # noqa: E402
 
-    def tidy(cmd: Any) -> None:
-        for param in cmd.params:
-            is_option = param.param_type_name == "option"
-            if is_option and not param.is_flag and param.metavar is None:
-                param.metavar = (param.name or "value").upper()
-        for sub in getattr(cmd, "commands", {}).values():
-            if sub.short_help is None and sub.help:
-                # The whole first line, not click's cut at 45 characters ("...").
-                sub.short_help = sub.help.strip().splitlines()[0]
-            tidy(sub)
-
-    tidy(cli)
-    return cli
+__all__ = ["_checks", "app", "main"]
 
 
 def main() -> None:
