@@ -135,8 +135,10 @@ def command() -> Any:
 
     def tidy(cmd: Any) -> None:
         for param in cmd.params:
-            is_option = param.param_type_name == "option"
-            if is_option and not param.is_flag and param.metavar is None:
+            if param.param_type_name == "argument":
+                # Typer prints "JOB <str>"; the argument's own help says what it takes.
+                param.display_type_rich = lambda ctx: None
+            elif not param.is_flag and param.metavar is None:
                 param.metavar = (param.name or "value").upper()
         for sub in getattr(cmd, "commands", {}).values():
             if sub.short_help is None and sub.help:

@@ -6,6 +6,8 @@ object under `_doctor/` in the store, written and deleted again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -120,6 +122,24 @@ def check_queue(settings: Settings) -> Check:
 
 async def check_store(store: Store, describe: str) -> Check:
     """Write a small probe object under `_doctor/` and delete it again."""
+    if isinstance(store, LocalStore) and not store.root.exists():
+        # Not created here: a doctor run in the wrong folder must leave nothing behind.
+        parent = store.root.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            return Check(
+                "store",
+                False,
+                f"{describe}: {store.root} does not exist and {parent} is not "
+                "a writable folder: fix RECEIVER_ARCHIVE_URL or the folder's owner",
+            )
+        return Check(
+            "store",
+            True,
+            f"{describe}: {store.root} does not exist yet; it is created on the "
+            f"first copy ({parent} is writable)",
+        )
     key = f"{PROBE_PREFIX}probe-{secrets.token_hex(8)}"
     try:
         await store.put_bytes(key, b"receiver doctor probe\n", content_type="text/plain")
@@ -139,6 +159,8 @@ async def _delete(store: Store, key: str) -> None:
     if isinstance(store, LocalStore):
         for path in (store.root / key, store.root / f"{key}.meta.json"):
             path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # only if empty: another doctor may be running
+            (store.root / PROBE_PREFIX).rmdir()
     elif isinstance(store, S3Store):
         await asyncio.to_thread(
             store._client.delete_object,
@@ -186,13 +208,12 @@ async def check_status_api(settings: Settings, name: str, http: httpx.AsyncClien
     label = f"{name} status API"
     polled_only = spec.parse_webhook is None
     if config.base_url is None and spec.status_api.base_url_is_placeholder:
-        if config.api_key is None and not polled_only:
-            return Check(label, None, "not configured")
         return Check(
             label,
-            False if (config.api_key or polled_only) else None,
+            False if config.api_key else None,
             f"RECEIVER_{upper}_BASE_URL is not set (the documented URL "
-            f"{spec.default_base_url} is a placeholder): set it to your API's base URL",
+            f"{spec.default_base_url} is a placeholder): set it to your API's base URL"
+            + ("" if config.api_key else f" and RECEIVER_{upper}_API_KEY to poll {name} jobs"),
         )
     base_url = config.base_url or spec.default_base_url
     where = f"{base_url} ({'RECEIVER_' + upper + '_BASE_URL' if config.base_url else 'documented'})"
