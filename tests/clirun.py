@@ -87,11 +87,11 @@ class Served:
     stderr: list[str]
 
 
-def start_serve(cwd: Path, *args: str, timeout: float = 30) -> Served:
-    """`receiver serve --port 0 ARGS` in `cwd`; returns once its "listening" line is logged."""
+def start_serve(cwd: Path, *args: str, port: int = 0, timeout: float = 30) -> Served:
+    """`receiver serve --port PORT ARGS` in `cwd`; returns once it logged "listening"."""
     env = env_without_receiver() | {"RECEIVER_LOG_FORMAT": "json"}
     child = subprocess.Popen(
-        [RECEIVER, "serve", "--port", "0", *args],
+        [RECEIVER, "serve", "--port", str(port), *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -137,3 +137,11 @@ def stop(child: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait(timeout=10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
