@@ -113,7 +113,6 @@ def test_invalid_settings_are_one_line_naming_the_variable(
         ["jobs", "show", "apex/x"],
         ["retry", "apex/x"],
         ["verify"],
-        ["reindex"],
         ["track", "flora", "run-1", "--technique", "t"],
     ],
 )
@@ -128,13 +127,13 @@ def test_ledger_readers_refuse_to_create_a_ledger(
     assert not (tmp_path / "var").exists()
 
 
-def test_reindex_creates_a_ledger_only_when_asked(
+def test_reindex_creates_a_ledger_only_from_manifests(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = cli(capsys, "reindex", "--create-ledger")
-    assert result.code == 0, result.err
-    assert "manifests 0" in result.out
-    assert (tmp_path / "var" / "receiver.db").exists()
+    result = cli(capsys, "reindex")  # wrong folder: no archive, nothing to restore
+    assert result.code == 2
+    assert "no manifests in file://./var/archive, so no ledger was created" in result.err
+    assert not (tmp_path / "var" / "receiver.db").exists()
 
 
 # --- errors: one line with the fix; the traceback only with --debug ---------------------------

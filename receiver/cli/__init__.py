@@ -345,21 +345,33 @@ def verify(
 
 
 @app.command()
-def reindex(
-    as_json: AsJson = False,
-    create_ledger: Annotated[
-        bool,
-        typer.Option("--create-ledger", help="start a new, empty ledger if there is none"),
-    ] = False,
-    env_file: EnvFile = None,
-) -> None:
-    """Rebuild the ledger from the manifests in the archive (jobs already known are kept)."""
+def reindex(as_json: AsJson = False, env_file: EnvFile = None) -> None:
+    """Rebuild the ledger from the manifests in the archive (jobs already known are kept).
+
+    A missing SQLite ledger is created only if the archive has manifests to fill it with.
+    """
     from receiver.audit.operations import reindex as run_reindex
 
     settings = load_settings(env_file, log_level="warning")
-    if not create_ledger:
-        require_ledger(settings)
-    report = _run(settings, lambda p: run_reindex(p.ledger, p.store))
+    path = None if settings.distributed else settings.sqlite_path
+    creating = path is not None and not path.exists()
+    kept = False
+    try:
+        report = _run(settings, lambda p: run_reindex(p.ledger, p.store))
+        kept = not creating or report.manifests > 0
+    finally:
+        if creating and not kept and path is not None:
+            # Run in the wrong folder, or against an empty archive: leave no empty ledger.
+            for suffix in ("", "-wal", "-shm"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+    if not kept:
+        raise fail(
+            f"no manifests in {settings.archive_url}, so no ledger was created at "
+            f"{path.resolve() if path else ''}: check RECEIVER_ARCHIVE_URL (and run where "
+            "receiver serve runs, or pass --env-file)"
+        )
+    if creating and not as_json:
+        typer.echo(f"created a new ledger at {path}")
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(report), indent=2))
     else:

@@ -84,7 +84,7 @@ def check_ledger(settings: Settings) -> Check:
     if not path.exists():
         return Check("ledger", False, missing_ledger(path))
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        with sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
             missing = LEDGER_TABLES - tables
             if missing:
