@@ -160,9 +160,11 @@ def test_the_readme_simulator_recipe_archives_jobs(tmp_path: Path) -> None:
             port=receiver_port,
         )
         jobs = f"http://127.0.0.1:{sim_port}/_sim/jobs"
-        flora = httpx.post(jobs, json={"provider": "flora", "outputs": [{"size": 1000000}]})
+        curl = {"content-type": "application/x-www-form-urlencoded"}  # what `curl -d` sends
+        flora_job = b'{"provider": "flora", "outputs": [{"size": 1000000}]}'
+        flora = httpx.post(jobs, content=flora_job, headers=curl)
         assert flora.status_code == 201
-        apex = httpx.post(jobs, json={"provider": "apex"})
+        apex = httpx.post(jobs, content=b'{"provider": "apex"}', headers=curl)
         assert apex.status_code == 201
         run_id = flora.json()["job_id"]
         tracked = subprocess.run(
