@@ -119,6 +119,8 @@ def test_a_healthy_receiver_passes_every_check_and_no_secret_is_shown(
         ({"QUEUE_URL": "sqs://tasks"}, "queue", "go together"),
         # store: the archive folder would have to live under a file
         ({"ARCHIVE_URL": "file://{tmp}/a-file/archive"}, "store", "not a writable folder"),
+        # store: a URL open_store cannot use
+        ({"ARCHIVE_URL": "ftp://somewhere/archive"}, "store", "RECEIVER_ARCHIVE_URL: unsupported"),
         # webhooks: neither a secret nor a token
         ({"APEX_WEBHOOK_SECRETS": ""}, "apex webhooks", "RECEIVER_APEX_WEBHOOK_SECRETS"),
         # status API: the provider refuses the key

@@ -570,7 +570,7 @@ def dev_env(path: Annotated[Path, typer.Argument(help="file to create")]) -> Non
 # Registered on `app` when imported: `receiver doctor`, `receiver send-test`.
 from receiver.cli import checks as _checks  # noqa: E402
 
-__all__ = ["_checks", "app", "main"]
+__all__ = ["_checks", "app", "command", "main"]
 
 
 def main() -> None:

@@ -249,9 +249,13 @@ async def run_checks(
     checks = [check_ledger(settings), check_queue(settings)]
     try:
         store = open_store(settings)
+    except ValueError as exc:  # an unusable RECEIVER_ARCHIVE_URL, said by open_store
+        checks.append(Check("store", False, f"RECEIVER_ARCHIVE_URL: {exc}"))
+        store = None
     except Exception as exc:
         checks.append(Check("store", False, explain(exc)))
-    else:
+        store = None
+    if store is not None:
         try:
             checks.append(await check_store(store, settings.archive_url))
         finally:
