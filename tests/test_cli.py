@@ -93,6 +93,22 @@ def test_a_missing_env_file_is_an_error(capsys: pytest.CaptureFixture[str]) -> N
     assert "--env-file nope.env: no such file" in result.err
 
 
+def test_rejected_filters_read_as_prose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = cli(capsys, "jobs", "list", "--provider", "nope", "--since", "yesterday")
+    assert result.code == 2
+    assert result.err.startswith("receiver: invalid filter: provider: one of")
+    assert "since:" in result.err
+    assert "{" not in result.err  # no dict reprs
+
+    settings = sqlite_settings(tmp_path)
+    fill_ledger(settings, [])
+    monkeypatch.setenv("RECEIVER_LEDGER_URL", settings.ledger_url)
+    assert cli(capsys, "jobs", "list").out == "no jobs in the ledger yet\n"
+    assert cli(capsys, "jobs", "list", "--state", "dead").out == "no jobs match\n"
+
+
 def test_invalid_settings_are_one_line_naming_the_variable(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -33,7 +33,7 @@ from receiver.cli.base import (
     whsec,
     write_private,
 )
-from receiver.cli.explain import explain
+from receiver.cli.explain import explain, rejected
 from receiver.cli.listing import count_line, page_and_count
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ledger import JobFilter
@@ -150,7 +150,9 @@ def _run(settings: Settings, work: Callable[[Parts], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(go())
-    except (ConfigurationError, RequestRejected) as exc:
+    except RequestRejected as exc:
+        raise fail(rejected(exc.message, exc.details)) from None
+    except ConfigurationError as exc:
         raise fail(str(exc)) from None
 
 
@@ -167,7 +169,7 @@ def _filters(**values: str | None) -> JobFilter:
     try:
         return job_filter(**values)
     except RequestRejected as exc:
-        raise fail(f"{exc.message}: {exc.details}") from None
+        raise fail(rejected(exc.message, exc.details)) from None
 
 
 @jobs_app.command("list")
@@ -193,6 +195,9 @@ def jobs_list(
         typer.echo(json.dumps(jobs, indent=2))
         if total != len(jobs):
             typer.echo(count_line(len(jobs), total, limit), err=True)
+        return
+    if not jobs:
+        typer.echo("no jobs match" if where != JobFilter() else "no jobs in the ledger yet")
         return
     table = listing.table("provider", "job id", "state", "type", "received", "archived", "error")
     for j in jobs:
@@ -423,8 +428,7 @@ def track(
             register_offline(settings, data, clock=lambda: datetime.now(UTC))
         )
     except _Rejected as exc:
-        details = f" {_json.dumps(exc.details)}" if exc.details else ""
-        raise fail(f"{exc.message}{details}") from None
+        raise fail(rejected(exc.message, exc.details)) from None
     except ConfigurationError as exc:
         raise fail(str(exc)) from None
     body = registration.body()

@@ -41,6 +41,21 @@ AWS_FIX = (
 )
 
 
+def rejected(message: str, details: object) -> str:
+    """A `RequestRejected` as prose: "message: field: problem; field: problem"."""
+    if isinstance(details, list) and all(isinstance(d, dict) for d in details):
+        parts = []
+        for d in details:
+            where = d.get("field") or d.get("name") or ""
+            problem = d.get("problem") or d.get("message") or ""
+            parts.append(f"{where}: {problem}" if where and problem else str(where or problem))
+        return f"{message}: {'; '.join(p for p in parts if p)}" if parts else message
+    if isinstance(details, dict):
+        pairs = "; ".join(f"{k}: {v}" for k, v in details.items())
+        return f"{message}: {pairs}" if pairs else message
+    return f"{message}: {details}" if details else message
+
+
 def redact(text: str) -> str:
     """Drop URL query strings (signed URLs carry their credentials there)."""
     return _QUERY.sub(r"\1?…", text)
