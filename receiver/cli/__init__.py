@@ -520,7 +520,9 @@ def simulate(
             f"wrote these settings to {write_env}; start receiver with "
             f"--env-file {write_env} (make run ENV_FILE={write_env})"
         )
-    typer.echo('add a job: curl -X POST localhost:PORT/_sim/jobs -d \'{"provider": "flora"}\'')
+    typer.echo(
+        f'add a job: curl -X POST localhost:{sim.port}/_sim/jobs -d \'{{"provider": "flora"}}\''
+    )
     try:
         while True:
             _time.sleep(1)
