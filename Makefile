@@ -3,19 +3,41 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Pinned dependencies (with hashes): requirements.lock for the image, requirements-dev.lock
+# (runtime + dev) for make run/test. Regenerate both with `make lock` after editing pyproject.
+LOCK     := requirements.lock
+DEV_LOCK := requirements-dev.lock
+LOCK_TOOLS := var/lock-tools
+UV_VERSION := 0.13.9
+# Extra settings file for `make run`, on top of var/dev.env (e.g. ENV_FILE=var/simulator.env).
+ENV_FILE ?=
 
-.PHONY: run test lint typecheck unit bench demo clean browser screenshots
+.PHONY: run test lint typecheck unit bench demo clean lock browser screenshots
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
+	@$(BIN)/pip check >/dev/null || { $(BIN)/pip check; \
+		echo "error: pyproject.toml asks for packages that $(DEV_LOCK) does not pin (or pins" \
+		"at other versions): run 'make lock' and commit requirements*.lock" >&2; exit 1; }
 	touch $(STAMP)
+
+## Pin every dependency again from pyproject.toml (uv pip compile, universal, with hashes).
+lock:
+	test -x $(LOCK_TOOLS)/bin/uv || { $(PYTHON) -m venv $(LOCK_TOOLS) \
+		&& $(LOCK_TOOLS)/bin/pip install --quiet uv==$(UV_VERSION); }
+	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
+		--generate-hashes --quiet -o $(LOCK)
+	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+		--generate-hashes --quiet -o $(DEV_LOCK)
 
 ## Set up and start `receiver serve` on 127.0.0.1:8000 (SQLite + ./var/archive).
 run: $(STAMP)
 	$(BIN)/receiver dev-env var/dev.env
-	$(BIN)/receiver serve --env-file var/dev.env --host 127.0.0.1 --port 8000
+	$(BIN)/receiver serve --env-file var/dev.env $(if $(ENV_FILE),--env-file $(ENV_FILE)) \
+		--host 127.0.0.1 --port 8000
 
 ## Set up and run the whole suite: lint, type check, tests.
 test: $(STAMP) browser lint typecheck unit
@@ -25,6 +47,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check receiver tests bench
 	$(BIN)/cfn-lint infra/receiver.yaml
 	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -7,10 +7,13 @@ S3 endpoint, region and credentials are not here: they come from boto3's own con
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from receiver.errors import ConfigurationError
@@ -185,3 +188,52 @@ def sqlite_path(url: str, variable: str) -> Path:
             "or, for the ledger, dynamodb://TABLE with RECEIVER_QUEUE_URL=sqs://NAME"
         )
     return Path(url[len(prefix) :])
+
+
+# --- where settings come from (issue 14) ---------------------------------------------------
+
+DEFAULT_ENV_FILE = Path(".env")
+
+
+def load(env_files: Sequence[Path] = (), **overrides: Any) -> Settings:
+    """Settings from the environment, `.env` in the working directory, then each of
+    `env_files` on top (a later file wins over an earlier one; the environment wins over all).
+
+    An `env_files` entry that does not exist is an error: a mistyped `--env-file` must not
+    quietly fall back to defaults.
+    """
+    for path in env_files:
+        if not path.is_file():
+            raise ConfigurationError(f"--env-file {path}: no such file")
+    files = (DEFAULT_ENV_FILE, *env_files)
+    try:
+        return Settings(_env_file=files, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"RECEIVER_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors(include_url=False)
+        )
+        raise ConfigurationError(f"invalid settings: {problems}") from None
+
+
+def sources(env_files: Sequence[Path] = (), **overrides: object) -> dict[str, str]:
+    """For every setting, where its effective value comes from: "default", ".env",
+    "--env-file PATH", "environment" or "command line" (same precedence as `load`)."""
+    from dotenv import dotenv_values
+
+    found: dict[str, str] = {}
+    for label, path in [(".env", DEFAULT_ENV_FILE)] + [(f"--env-file {p}", p) for p in env_files]:
+        if path.is_file():
+            for key in dotenv_values(path):
+                found[key.upper()] = label
+    environ = {key.upper() for key in os.environ}
+    result: dict[str, str] = {}
+    for name in Settings.model_fields:
+        variable = f"RECEIVER_{name.upper()}"
+        if name in overrides:
+            result[name] = "command line"
+        elif variable in environ:
+            result[name] = "environment"
+        else:
+            result[name] = found.get(variable, "default")
+    return result

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from receiver.backends.sqlite import Database
 from receiver.cli import app as cli
 from receiver.polling.poller import RateLimiter
 from receiver.polling.schedule.sqlite import TrackedStore
@@ -172,6 +173,11 @@ def test_cli_track(tmp_path: Path) -> None:
         "RECEIVER_FLORA_API_KEY": "k",
     }
     runner = CliRunner()
+    refused = runner.invoke(cli, ["track", "flora", "run-0", "--technique", "t"], env=env)
+    assert refused.exit_code == 2 and "no ledger at" in refused.output  # never created here
+    db = Database(tmp_path / "r.db")  # the ledger `receiver serve` made
+    db.start()
+    db.stop()
     args = ["track", "flora", "run-1", "--technique", "mugshot", "--metadata", '{"a": 1}']
     first = runner.invoke(cli, args, env=env)
     again = runner.invoke(cli, args, env=env)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import gc
 import json
 import os
 import secrets
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -16,9 +16,25 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from receiver import logs
+from receiver.cli import listing
+from receiver.cli.base import (
+    DEBUG,
+    AsJson,
+    EnvFile,
+    app,
+    command,
+    fail,
+    load_settings,
+    log_listening,
+    require_ledger,
+    simulator_settings,
+    whsec,
+    write_private,
+)
+from receiver.cli.explain import explain, rejected
+from receiver.cli.listing import count_line, page_and_count
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ledger import JobFilter
 from receiver.settings import Settings
@@ -27,21 +43,6 @@ if TYPE_CHECKING:
     from receiver.app import Parts
 
 T = TypeVar("T")
-
-app = typer.Typer(help="Webhook receiver and asset archiver for AI media generation APIs.")
-
-EnvFile = Annotated[
-    Path | None, typer.Option("--env-file", help="read settings from this file too (KEY=value)")
-]
-
-
-def load_settings(env_file: Path | None, **overrides: Any) -> Settings:
-    try:
-        if env_file is not None:
-            return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
-        return Settings(**overrides)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
 
 
 def tune_gc() -> None:
@@ -53,11 +54,6 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-
-
-def fail(message: str) -> typer.Exit:
-    typer.secho(f"receiver: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code=2)
 
 
 @app.command()
@@ -88,7 +84,13 @@ def serve(
         raise fail(str(exc)) from None
     tune_gc()
     # access_log off: webhook paths may carry a provider's secret token.
-    uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
+    config = uvicorn.Config(
+        application, host=host, port=port, access_log=False, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    sock = config.bind_socket()  # bound before the line below, so the port in it is real
+    log_listening(settings, host, sock.getsockname()[1])
+    server.run(sockets=[sock])
 
 
 @app.command()
@@ -127,7 +129,6 @@ def worker(env_file: EnvFile = None) -> None:
 jobs_app = typer.Typer(help="Look jobs up in the ledger.")
 app.add_typer(jobs_app, name="jobs")
 
-AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 Provider = Annotated[str | None, typer.Option(help="apex, fliki, flora or vividflow")]
 State = Annotated[str | None, typer.Option(help="queued, archived, failed, expired, dead...")]
 JobType = Annotated[str | None, typer.Option("--type", help="provider job type, e.g. video")]
@@ -149,7 +150,9 @@ def _run(settings: Settings, work: Callable[[Parts], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(go())
-    except (ConfigurationError, RequestRejected) as exc:
+    except RequestRejected as exc:
+        raise fail(rejected(exc.message, exc.details)) from None
+    except ConfigurationError as exc:
         raise fail(str(exc)) from None
 
 
@@ -166,7 +169,7 @@ def _filters(**values: str | None) -> JobFilter:
     try:
         return job_filter(**values)
     except RequestRejected as exc:
-        raise fail(f"{exc.message}: {exc.details}") from None
+        raise fail(rejected(exc.message, exc.details)) from None
 
 
 @jobs_app.command("list")
@@ -185,12 +188,18 @@ def jobs_list(
 
     where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
     settings = load_settings(env_file, log_level="warning")
-    rows = _run(settings, lambda p: p.ledger.list_jobs(where, before_seq=None, limit=limit))
+    require_ledger(settings)
+    rows, total = _run(settings, lambda p: page_and_count(p.ledger, where, limit))
     jobs = [summary_json(j) for j in rows]
     if as_json:
         typer.echo(json.dumps(jobs, indent=2))
+        if total != len(jobs):
+            typer.echo(count_line(len(jobs), total, limit), err=True)
         return
-    table = Table("provider", "job id", "state", "type", "received", "archived", "error")
+    if not jobs:
+        typer.echo("no jobs match" if where != JobFilter() else "no jobs in the ledger yet")
+        return
+    table = listing.table("provider", "job id", "state", "type", "received", "archived", "error")
     for j in jobs:
         table.add_row(
             j["provider"],
@@ -199,9 +208,10 @@ def jobs_list(
             j["type"] or "",
             j["received_at"],
             j["archived_at"] or "",
-            (j["error"] or "")[:60],
+            j["error"] or "",
         )
     Console().print(table)
+    typer.echo(count_line(len(jobs), total, limit))
 
 
 @jobs_app.command("show")
@@ -222,7 +232,9 @@ def jobs_show(
         tracker = parts.poller.tracked if parts.poller else None
         return job_json(record, await tracker.get(provider, job_id) if tracker else None)
 
-    body = _run(load_settings(env_file, log_level="warning"), lookup)
+    settings = load_settings(env_file, log_level="warning")
+    require_ledger(settings)
+    body = _run(settings, lookup)
     if body is None:
         raise fail(f"no job {job}")
     if as_json:
@@ -251,7 +263,7 @@ def jobs_show(
             + (f", stopped: {polling['stop_reason']}" if polling["stop_reason"] else "")
             + (f", last error: {polling['last_error']}" if polling["last_error"] else "")
         )
-    deliveries = Table(
+    deliveries = listing.table(
         "received", "webhook id", "source", "auth", "event", "outcome", title="deliveries"
     )
     for d in body["deliveries"]:
@@ -264,7 +276,7 @@ def jobs_show(
             d["outcome"],
         )
     console.print(deliveries)
-    assets = Table("n", "state", "uri", "size", "sha256", "source", title="assets")
+    assets = listing.table("n", "state", "uri", "size", "sha256", "source", title="assets")
     for a in body["assets"]:
         assets.add_row(
             str(a["n"]),
@@ -285,6 +297,7 @@ def retry(
     """Re-queue a dead-lettered or expired job's assets with a fresh set of attempts."""
     provider, job_id = _split_job(job)
     settings = load_settings(env_file, log_level="warning")
+    require_ledger(settings)
     count = _run(settings, lambda p: p.ledger.requeue(provider, job_id, p.clock()))
     if not count:
         raise fail(f"{job}: nothing to retry (unknown job, or no dead or expired asset)")
@@ -307,6 +320,7 @@ def verify(
 
     where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
     settings = load_settings(env_file, log_level="warning")
+    require_ledger(settings)
 
     async def work(parts: Parts) -> VerifyReport:
         with Progress(disable=as_json, transient=True) as progress:
@@ -337,11 +351,32 @@ def verify(
 
 @app.command()
 def reindex(as_json: AsJson = False, env_file: EnvFile = None) -> None:
-    """Rebuild the ledger from the manifests in the archive (jobs already known are kept)."""
+    """Rebuild the ledger from the manifests in the archive (jobs already known are kept).
+
+    A missing SQLite ledger is created only if the archive has manifests to fill it with.
+    """
     from receiver.audit.operations import reindex as run_reindex
 
     settings = load_settings(env_file, log_level="warning")
-    report = _run(settings, lambda p: run_reindex(p.ledger, p.store))
+    path = None if settings.distributed else settings.sqlite_path
+    creating = path is not None and not path.exists()
+    kept = False
+    try:
+        report = _run(settings, lambda p: run_reindex(p.ledger, p.store))
+        kept = not creating or report.manifests > 0
+    finally:
+        if creating and not kept and path is not None:
+            # Run in the wrong folder, or against an empty archive: leave no empty ledger.
+            for suffix in ("", "-wal", "-shm"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+    if not kept:
+        raise fail(
+            f"no manifests in {settings.archive_url}, so no ledger was created at "
+            f"{path.resolve() if path else ''}: check RECEIVER_ARCHIVE_URL (and run where "
+            "receiver serve runs, or pass --env-file)"
+        )
+    if creating and not as_json:
+        typer.echo(f"created a new ledger at {path}")
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(report), indent=2))
     else:
@@ -379,6 +414,7 @@ def track(
     from receiver.errors import RequestRejected as _Rejected
 
     settings = load_settings(env_file)
+    require_ledger(settings)
     data: dict[str, Any] = {"provider": provider, "job_id": job_id}
     if technique is not None:
         data["technique"] = technique
@@ -392,8 +428,7 @@ def track(
             register_offline(settings, data, clock=lambda: datetime.now(UTC))
         )
     except _Rejected as exc:
-        details = f" {_json.dumps(exc.details)}" if exc.details else ""
-        raise fail(f"{exc.message}{details}") from None
+        raise fail(rejected(exc.message, exc.details)) from None
     except ConfigurationError as exc:
         raise fail(str(exc)) from None
     body = registration.body()
@@ -421,6 +456,14 @@ def simulate(
     status_5xx_every: Annotated[int, typer.Option(help="every Nth status call answers 503")] = 0,
     drop_every: Annotated[int, typer.Option(help="every Nth download is cut off halfway")] = 0,
     expired_links: Annotated[bool, typer.Option(help="issue already-expired links")] = False,
+    write_env: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="write the settings a receiver needs to talk to this simulator (base URLs, "
+            "API keys, webhook secrets, local downloads) to FILE, e.g. var/simulator.env",
+        ),
+    ] = None,
     env_file: EnvFile = None,
 ) -> None:
     """Serve fake Apex, Fliki, FLORA and Vivid Flow APIs on localhost (tests, demos).
@@ -440,6 +483,8 @@ def simulate(
         keys[name] = config.api_key or f"sim-{name}-key"
         if config.webhook_secrets:
             secrets_[name] = config.webhook_secrets[0]
+        elif write_env is not None and name in ("apex", "fliki"):
+            secrets_[name] = whsec()  # written to --write-env, so a receiver can check it
     sim = Simulator(
         api_keys=keys,
         webhook_secrets=secrets_,
@@ -457,9 +502,27 @@ def simulate(
     )
     sim.start()
     typer.echo(f"provider simulator on http://127.0.0.1:{sim.port} (Ctrl-C to stop)")
-    for name in PROVIDERS:
-        typer.echo(f"  RECEIVER_{name.upper()}_BASE_URL={sim.base_url(name)}")
-    typer.echo('add a job: curl -X POST localhost:PORT/_sim/jobs -d \'{"provider": "flora"}\'')
+    settings_for_receiver = simulator_settings(sim, keys, secrets_)
+    for line in settings_for_receiver:
+        name, _, value = line.partition("=")
+        shown = value if not name.endswith(("_API_KEY", "_SECRETS")) else "(in --write-env)"
+        typer.echo(f"  {name}={shown}")
+    if write_env is not None:
+        write_private(
+            write_env,
+            [
+                "# Written by `receiver simulate`: a receiver reading this file "
+                "talks only to the simulator.",
+                *settings_for_receiver,
+            ],
+        )
+        typer.echo(
+            f"wrote these settings to {write_env}; start receiver with "
+            f"--env-file {write_env} (make run ENV_FILE={write_env})"
+        )
+    typer.echo(
+        f'add a job: curl -X POST localhost:{sim.port}/_sim/jobs -d \'{{"provider": "flora"}}\''
+    )
     try:
         while True:
             _time.sleep(1)
@@ -496,10 +559,6 @@ def dev_env(path: Annotated[Path, typer.Argument(help="file to create")]) -> Non
         typer.echo(f"using development settings in {path}")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    def whsec() -> str:
-        return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-
     lines = [
         "# Development settings made by `receiver dev-env`; secrets are random, keep them local.",
         f"RECEIVER_APEX_WEBHOOK_SECRETS={whsec()}",
@@ -514,5 +573,17 @@ def dev_env(path: Annotated[Path, typer.Argument(help="file to create")]) -> Non
     typer.echo(f"created development settings with random secrets in {path}")
 
 
+# Registered on `app` when imported: `receiver doctor`, `receiver send-test`.
+from receiver.cli import checks as _checks  # noqa: E402
+
+__all__ = ["_checks", "app", "command", "main"]
+
+
 def main() -> None:
-    app()
+    try:
+        command()(prog_name="receiver")
+    except Exception as exc:
+        if DEBUG["on"]:
+            raise
+        typer.secho(f"receiver: {explain(exc)}", err=True, fg=typer.colors.RED)
+        sys.exit(1)
