@@ -25,6 +25,7 @@ from receiver.ledger import JobFilter, JobRecord, JobSummary, Ledger
 from receiver.operator_auth import require_operator
 from receiver.polling.schedule import TrackedJob, Tracker
 from receiver.providers import REGISTRY
+from receiver.providers.bounds import check_limit
 from receiver.store import Store
 
 PRESIGN_SECONDS = 300
@@ -135,7 +136,8 @@ def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, number = text.partition(":")
-        if prefix != "seq" or not number.isdigit():
+        # At most 18 digits: a sequence number SQLite's 64-bit INTEGER can compare against.
+        if prefix != "seq" or not (number.isascii() and number.isdigit()) or len(number) > 18:
             raise ValueError(cursor)
         return int(number)
     except (ValueError, binascii.Error, UnicodeDecodeError):
@@ -205,16 +207,7 @@ class AuditApi:
             q.get("since") or None,
             q.get("until") or None,
         )
-        raw_limit = q.get("limit", "50")
-        # isascii: str.isdigit also accepts digits int() refuses, such as "²".
-        if (
-            not (raw_limit.isascii() and raw_limit.isdigit())
-            or not 1 <= int(raw_limit) <= MAX_LIMIT
-        ):
-            raise InvalidPayload(
-                "invalid limit", [{"field": "limit", "problem": f"an integer 1..{MAX_LIMIT}"}]
-            )
-        limit = int(raw_limit)
+        limit = check_limit(q.get("limit", "50"), MAX_LIMIT)
         cursor = q.get("cursor")
         before = decode_cursor(cursor) if cursor else None
         # One extra row tells whether another page exists.

@@ -63,17 +63,19 @@ class SignatureVerifier:
                 "missing Standard Webhooks headers",
                 {"required": ["webhook-id", "webhook-timestamp", "webhook-signature"]},
             )
-        try:
-            sent_at = int(timestamp)
-        except ValueError:
-            raise Unauthorized("webhook-timestamp is not a unix timestamp") from None
+        # Plain ASCII digits only (int() would also take "+1", " 1", "1_0" or other scripts' digits), and few of
+        # them: the signature covers the header's text as sent, so the text must be canonical.
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+            raise Unauthorized("webhook-timestamp is not a unix timestamp")
+        sent_at = int(timestamp)
         if abs(now - sent_at) > self._tolerance:
             # Outside the window a captured request could be replayed at will.
             raise Unauthorized(
                 "webhook-timestamp outside the tolerance window",
                 {"tolerance_seconds": self._tolerance},
             )
-        signed = f"{msg_id}.{sent_at}.".encode() + body
+        # Standard Webhooks signs the header's text exactly as sent, not a re-rendered number.
+        signed = f"{msg_id}.{timestamp}.".encode() + body
         offered = [
             part[3:] for part in signatures.split() if part.startswith("v1,") and len(part) > 3
         ]

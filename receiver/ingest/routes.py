@@ -7,7 +7,6 @@ authentication (401), JSON (400), schema (422). The 2xx leaves only after the le
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from starlette.routing import Route
 
 from receiver.domain import DeliveryOutcome
 from receiver.errors import (
-    MalformedJson,
     NotFound,
     PayloadTooLarge,
     RequestRejected,
@@ -30,6 +28,7 @@ from receiver.errors import (
 from receiver.ingest.auth import SignatureVerifier, Verified, check_token
 from receiver.ingest.record import Ingestor
 from receiver.providers.base import ProviderSpec
+from receiver.providers.bounds import check_delivery_id, load_json
 
 log = structlog.get_logger(__name__)
 
@@ -87,12 +86,9 @@ class Webhooks:
             log.warning("webhook_auth_failed", provider=provider, reason=exc.message)
             self.on_auth_failure(provider)
             raise
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MalformedJson("the body is not valid JSON", {"error": str(exc)}) from None
-        except RecursionError:
-            raise MalformedJson("the body is nested too deeply", None) from None
+        # The edge's one rule (numbers, depth, strings, ids, dates): `providers.bounds`.
+        payload = load_json(body)
+        delivery_id = check_delivery_id(verified.webhook_id)
         assert endpoint.spec.parse_webhook is not None  # only webhook providers get endpoints
         event = endpoint.spec.parse_webhook(payload)
         result = await self.ingestor.ingest(
@@ -100,13 +96,13 @@ class Webhooks:
             body=body,
             source="webhook",
             auth=verified.method,
-            delivery_id=verified.webhook_id,
+            delivery_id=delivery_id,
         )
         log.info(
             "webhook_recorded",
             provider=provider,
             job_id=event.job_id,
-            delivery_id=verified.webhook_id,
+            delivery_id=delivery_id,
             kind=event.kind.value,
             outcome=result.outcome.value,
         )

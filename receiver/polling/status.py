@@ -22,6 +22,7 @@ import httpx
 from receiver.domain import JobEvent
 from receiver.errors import RequestRejected
 from receiver.providers.base import ProviderSpec, StatusApi
+from receiver.providers.bounds import is_safe_path, load_json
 
 MAX_STATUS_BYTES = 1024 * 1024  # a status document is a few hundred bytes; refuse floods
 MAX_ERROR_CHARS = 300
@@ -79,7 +80,17 @@ class StatusClient:
         self.wall_clock = wall_clock
 
     async def poll(self, job_id: str, tracking: Mapping[str, Any]) -> PollResult:
-        call = self.api.request(job_id, tracking)
+        try:
+            call = self.api.request(job_id, tracking)
+        except ValueError as exc:
+            call = None
+            refused = str(exc)
+        else:
+            refused = "" if is_safe_path(call.path) else f"unsafe status path for {job_id!r}"
+        if call is None or refused:
+            # A dot segment would make the client or the provider resolve another path of its
+            # API, with our key: never sent. Counted as "not found", which ends the tracking.
+            return PollResult(PollOutcome.NOT_FOUND, error=f"not requested: {refused}")
         headers = {"Accept": "application/json", **self.api.auth_headers(self._key)}
         try:
             async with self.http.stream(
@@ -103,10 +114,13 @@ class StatusClient:
         common: dict[str, Any] = {"body": body, "status_code": status, "rate": rate}
         if status == 200:
             try:
-                payload = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                payload = load_json(body)
+            except RequestRejected as exc:
                 return PollResult(
-                    PollOutcome.MALFORMED, error=f"status response is not JSON: {exc}", **common
+                    PollOutcome.MALFORMED,
+                    error=f"status response is not JSON under our rules: {exc.message}",
+                    details=exc.details,
+                    **common,
                 )
             try:
                 event = self.api.parse(payload, job_id)
