@@ -10,13 +10,17 @@ import hashlib
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from receiver.domain import Clock, JobEvent, archive_key, compute_deadline
+from receiver.domain import (
+    RESERVED_NAMES,
+    Clock,
+    JobEvent,
+    archive_key,
+    compute_deadline,
+    fit_name,
+)
 from receiver.ledger import IncomingDelivery, Ledger, PlannedOutput, RecordResult
 from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec
-
-# A file name the archive itself uses beside each job's outputs.
-RESERVED_NAMES = frozenset({"manifest.json"})
 
 
 def plan_outputs(
@@ -27,12 +31,14 @@ def plan_outputs(
     plan: list[PlannedOutput] = []
     used: set[str] = set(RESERVED_NAMES)
     for n, output in enumerate(event.outputs):
-        name = output.name
+        # Fitted first (reserved names, length), so the key's last segment is the asset's name.
+        base = fit_name(output.name) or f"output-{n}"
+        name = base
         prefix = n
-        while name in used:  # each output needs a key of its own
-            name = f"{prefix}-{output.name}"
+        while name.lower() in used:  # each output needs a key of its own (any file system)
+            name = fit_name(f"{prefix}-{base}")
             prefix += 1
-        used.add(name)
+        used.add(name.lower())
         plan.append(
             PlannedOutput(
                 n=n,
