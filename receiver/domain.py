@@ -259,3 +259,49 @@ def backoff_delay(
     """Exponential backoff with jitter: base·2^(attempt-1), capped, scaled into [50 %, 100 %]."""
     exp = min(cap, base * 2 ** max(0, min(attempt - 1, 30)))
     return float(exp * (0.5 + rng() / 2))
+
+
+# --- secrets in text -------------------------------------------------------------------------
+
+# Query parameters and header-like fields that carry credentials: AWS SigV4 / R2, Google V4,
+# CloudFront, Azure SAS, and the generic names APIs use. Matched wherever they appear in text we
+# did not write ourselves (error bodies, exception messages), with or without a leading "?".
+SECRET_PARAMETERS = (
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+    "googleaccessid",
+    "signature",
+    "key-pair-id",
+    "policy",
+    "sig",
+    "token",
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "api_key",
+    "apikey",
+    "api-key",
+    "x-api-key",
+    "key",
+    "secret",
+    "password",
+    "authorization",
+)
+_SECRET_FIELD = re.compile(
+    r"(?i)(?<![\w-])(" + "|".join(re.escape(p) for p in SECRET_PARAMETERS) + r")"
+    r"(\s*[\"']?\s*[=:]\s*[\"']?\s*)"
+    r"(?:(?:bearer|basic)\s+)?([^&\s\"'<>,;]+)"
+)
+_QUERY_IN_TEXT = re.compile(r"\?[^\s\"'<>]*")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+
+
+def scrub_secrets(text: str) -> str:
+    """`text` without query strings or any signing parameter's value (the one scrubbing rule for
+    errors, logs and the audit API; URLs we show whole go through `fetch.redact_url` instead)."""
+    text = _QUERY_IN_TEXT.sub("?…", text)
+    text = _SECRET_FIELD.sub(lambda m: f"{m.group(1)}{m.group(2)}…", text)
+    return _BEARER.sub(lambda m: f"{m.group(1)} …", text)

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from receiver.archive.fetch import redact_url
 from receiver.archive.manifest import redact, redacted_payload
-from receiver.domain import JobState
+from receiver.domain import JobState, scrub_secrets
 from receiver.errors import Conflict, InvalidPayload, NotFound
 from receiver.ledger import JobFilter, JobRecord, JobSummary, Ledger
 from receiver.operator_auth import require_operator
@@ -36,6 +36,11 @@ def _ascii_name(name: str) -> str:
     return name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
 
 
+def _scrubbed(text: str | None) -> str | None:
+    # Errors quote providers and sources: no signing parameter may reach a ticket.
+    return scrub_secrets(text) if text is not None else None
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -49,7 +54,7 @@ def polling_json(tracked: TrackedJob | None) -> dict[str, Any] | None:
         "polls": tracked.polls,
         "next_poll_at": _iso(tracked.next_poll_at) if tracked.state == "active" else None,
         "last_status": tracked.last_status,
-        "last_error": tracked.last_error,
+        "last_error": _scrubbed(tracked.last_error),
         "stop_reason": tracked.stop_reason,
     }
 
@@ -73,7 +78,7 @@ def job_json(job: JobRecord, tracked: TrackedJob | None = None) -> dict[str, Any
         "archived_at": _iso(job.archived_at),
         "deadline": _iso(min(deadlines)) if deadlines else None,
         "archived_with_slack_seconds": min(slacks) if slacks else None,
-        "error": job.error,
+        "error": _scrubbed(job.error),
         "credits_refunded": job.credits_refunded,
         "metadata": redact(job.metadata),
         "tracking": redact(job.tracking),
@@ -107,7 +112,7 @@ def job_json(job: JobRecord, tracked: TrackedJob | None = None) -> dict[str, Any
                 "slack_seconds": (
                     (a.deadline - a.archived_at).total_seconds() if a.archived_at else None
                 ),
-                "error": a.error,
+                "error": _scrubbed(a.error),
             }
             for a in job.assets
         ],
@@ -124,7 +129,7 @@ def summary_json(job: JobSummary) -> dict[str, Any]:
         "completed_at": _iso(job.completed_at),
         "archived_at": _iso(job.archived_at),
         "deadline": _iso(job.deadline),
-        "error": job.error,
+        "error": _scrubbed(job.error),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from datetime import datetime
@@ -9,6 +10,7 @@ from typing import Any
 
 from receiver.backends.sqlite import Database
 from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
+from receiver.errors import LedgerUnavailable
 from receiver.ledger import (
     ArchivedAsset,
     AssetRecord,
@@ -146,6 +148,15 @@ class SqliteLedger:
 
     async def ping(self) -> None:
         await self.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
+        free = await asyncio.to_thread(self.db.free_bytes)
+        if free < self.db.min_free_bytes:
+            raise LedgerUnavailable(
+                f"the ledger's file system has {free} bytes free "
+                f"(at least {self.db.min_free_bytes} needed to take deliveries)"
+            )
+        if self.db.write_error is not None:
+            # The last write or checkpoint failed: ready again only once a real write commits.
+            await self.db.probe_write()
 
 
 def _record(

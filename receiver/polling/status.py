@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from receiver.domain import JobEvent
+from receiver.domain import JobEvent, scrub_secrets
 from receiver.errors import RequestRejected
 from receiver.providers.base import ProviderSpec, StatusApi
 from receiver.providers.bounds import is_safe_path, load_json
@@ -82,15 +82,12 @@ class StatusClient:
     async def poll(self, job_id: str, tracking: Mapping[str, Any]) -> PollResult:
         try:
             call = self.api.request(job_id, tracking)
+            if not is_safe_path(call.path):
+                raise ValueError(f"unsafe status path for job {job_id!r}")
         except ValueError as exc:
-            call = None
-            refused = str(exc)
-        else:
-            refused = "" if is_safe_path(call.path) else f"unsafe status path for {job_id!r}"
-        if call is None or refused:
             # A dot segment would make the client or the provider resolve another path of its
             # API, with our key: never sent. Counted as "not found", which ends the tracking.
-            return PollResult(PollOutcome.NOT_FOUND, error=f"not requested: {refused}")
+            return PollResult(PollOutcome.NOT_FOUND, error=f"not requested: {exc}")
         headers = {"Accept": "application/json", **self.api.auth_headers(self._key)}
         try:
             async with self.http.stream(
@@ -152,7 +149,7 @@ class StatusClient:
         )
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        return scrub_secrets(text.replace(self._key, "***") if self._key else text)
 
 
 class _TooLarge(Exception):
