@@ -37,7 +37,13 @@ from receiver.domain import Clock
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ingest.auth import SignatureVerifier
 from receiver.ingest.record import Ingestor
-from receiver.ingest.routes import WebhookAuth, WebhookEndpoint, Webhooks, error_payload
+from receiver.ingest.routes import (
+    WebhookAuth,
+    WebhookEndpoint,
+    Webhooks,
+    error_payload,
+    note_rejection,
+)
 from receiver.ledger import Ledger
 from receiver.ledger.dynamodb import DynamoLedger
 from receiver.ledger.sqlite import SqliteLedger
@@ -328,6 +334,11 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
             status_code=200 if ready else 503,
         )
 
+    async def rejected(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestRejected)
+        note_rejection(parts.metrics, endpoints, request, exc)  # logged and counted once
+        return await _rejected(request, exc)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         parts.start(workers=workers)
@@ -349,7 +360,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
-            RequestRejected: _rejected,
+            RequestRejected: rejected,
             HTTPException: _http_error,
             Exception: _unexpected,
         },

@@ -28,6 +28,18 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.webhook_rejections = Counter(
+            "receiver_webhook_rejections",
+            "Webhooks answered 4xx, by provider ('unknown' for no such endpoint) and error code",
+            ["provider", "code"],
+            registry=r,
+        )
+        self.operator_rejections = Counter(
+            "receiver_operator_rejections",
+            "Operator calls (POST/GET /jobs...) answered 4xx, by route and error code",
+            ["route", "code"],
+            registry=r,
+        )
         self.queue_tasks = Gauge(
             "receiver_queue_tasks", "Archive tasks by state", ["state"], registry=r
         )

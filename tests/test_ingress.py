@@ -287,7 +287,8 @@ async def test_authentication_failures_are_401_and_write_nothing(
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "unauthorized"
     assert harness.counts() == NOTHING
-    assert [e["event"] for e in logged] == ["webhook_auth_failed"]
+    assert [e["event"] for e in logged] == ["webhook_rejected"]  # once, with what failed
+    assert (logged[0]["provider"], logged[0]["status"]) == ("apex", 401)
     assert secret[6:] not in repr(logged)
     if "webhook-signature" in headers:
         assert headers["webhook-signature"][3:] not in repr(logged)

@@ -8,7 +8,7 @@ authentication (401), JSON (400), schema (422). The 2xx leaves only after the le
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from receiver.domain import DeliveryOutcome
+from receiver.domain import DeliveryOutcome, scrub_secrets
 from receiver.errors import (
     NotFound,
     PayloadTooLarge,
@@ -27,6 +27,7 @@ from receiver.errors import (
 )
 from receiver.ingest.auth import SignatureVerifier, Verified, check_token
 from receiver.ingest.record import Ingestor
+from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec
 from receiver.providers.bounds import check_delivery_id, load_json
 
@@ -81,10 +82,8 @@ class Webhooks:
         body = await _read_body(request, self.max_body_bytes)
         try:
             verified = self._authenticate(request, endpoint.auth, body)
-        except Unauthorized as exc:
-            # Never log the token or the signature: only what failed.
-            log.warning("webhook_auth_failed", provider=provider, reason=exc.message)
-            self.on_auth_failure(provider)
+        except Unauthorized:
+            self.on_auth_failure(provider)  # logged once, with every rejection: note_rejection
             raise
         # The edge's one rule (numbers, depth, strings, ids, dates): `providers.bounds`.
         payload = load_json(body)
@@ -171,3 +170,28 @@ def error_payload(status: int, code: str, message: str, details: Any = None) -> 
     return JSONResponse(
         {"error": {"code": code, "message": message, "details": details}}, status_code=status
     )
+
+
+def note_rejection(
+    metrics: Metrics, webhook_providers: Collection[str], request: Request, exc: RequestRejected
+) -> None:
+    """Log and count one 4xx of a webhook or an operator call (the app's error handler calls it
+    once per rejection). Only provider, status, code and our own reason: never the path (it may
+    hold the provider's token), the body, a signature or a header."""
+    if exc.status >= 500:
+        return  # 503s are the ledger's: logged by the writer, not a caller's mistake
+    reason = scrub_secrets(" ".join(exc.message.split()))[:200]
+    path = request.url.path
+    if path.startswith("/webhooks/"):
+        named = str(request.path_params.get("provider", ""))
+        provider = named if named in webhook_providers else "unknown"  # bounded label values
+        metrics.webhook_rejections.labels(provider, exc.code).inc()
+        log.warning(
+            "webhook_rejected", provider=provider, status=exc.status, code=exc.code, reason=reason
+        )
+    elif path == "/jobs" or path.startswith("/jobs/"):
+        route = f"{request.method} /jobs" if path == "/jobs" else f"{request.method} /jobs/..."
+        metrics.operator_rejections.labels(route, exc.code).inc()
+        log.warning(
+            "operator_call_rejected", route=route, status=exc.status, code=exc.code, reason=reason
+        )
