@@ -34,6 +34,12 @@ class Metrics:
             ["provider", "code"],
             registry=r,
         )
+        self.body_mismatches = Counter(
+            "receiver_delivery_body_mismatches",
+            "Deliveries whose id was seen before with a different body (flagged in the history)",
+            ["provider"],
+            registry=r,
+        )
         self.operator_rejections = Counter(
             "receiver_operator_rejections",
             "Operator calls (POST/GET /jobs...) answered 4xx, by route and error code",

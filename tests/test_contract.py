@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import threading
@@ -256,7 +257,7 @@ async def record(
         source="webhook",
         auth="signature",
         body=raw,
-        payload_sha256="00" * 32,
+        payload_sha256=hashlib.sha256(raw).hexdigest(),
         delivery_id=delivery_id,
     )
     return await b.ledger.record(event, delivery, plan)
@@ -326,6 +327,31 @@ async def test_redelivery_replayed_id_and_same_content_are_duplicates(b: Backend
         "duplicate",
     ]
     assert len(await drain(b)) == 1
+
+
+async def test_same_delivery_id_with_another_body_is_recorded_and_flagged(b: Backend) -> None:
+    first = await record(b, completed("j3"), delivery_id="msg_x", body=b'{"v": 1}')
+    same = await record(b, completed("j3"), delivery_id="msg_x", body=b'{"v": 1}')
+    altered = await record(b, completed("j3"), delivery_id="msg_x", body=b'{"v": 2}')
+    # The id reused for another job, with another body: flagged too (nothing is trusted by id).
+    elsewhere = await record(b, completed("j4"), delivery_id="msg_x", body=b'{"v": 3}')
+
+    assert [r.body_mismatch for r in (first, same, altered, elsewhere)] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert altered.outcome == "duplicate" and altered.tasks_queued == 0
+    job = await b.ledger.job("apex", "j3")
+    assert job is not None
+    assert [(d.body, d.body_mismatch) for d in job.deliveries] == [
+        (b'{"v": 1}', False),
+        (b'{"v": 1}', False),
+        (b'{"v": 2}', True),  # recorded, with its own body, and flagged
+    ]
+    other = await b.ledger.job("apex", "j4")
+    assert other is not None and [d.body_mismatch for d in other.deliveries] == [True]
 
 
 async def test_out_of_order_events(b: Backend) -> None:

@@ -216,3 +216,21 @@ def test_log_lines_are_scrubbed() -> None:
 
     event: dict[str, Any] = {"event": "x", "error": "GET https://h/a?X-Amz-Signature=zzz9 failed"}
     assert "zzz9" not in repr(scrub_event(None, "info", event))
+
+
+async def test_same_delivery_id_with_another_body_is_flagged_in_audit_and_metrics(
+    harness: Harness,
+) -> None:
+    first = apex_completed("m1")
+    altered = apex_completed("m1", url="https://cdn.useapexstudio.com/outputs/other.png")
+    assert (
+        await post_signed(harness, "apex", first, APEX_SECRET, msg_id="msg_m")
+    ).status_code == 202
+    again = await post_signed(harness, "apex", altered, APEX_SECRET, msg_id="msg_m")
+    assert again.status_code == 200 and again.json()["outcome"] == "duplicate"
+
+    shown = (await harness.client.get("/jobs/apex/m1", headers=OPERATOR)).json()
+    assert [d["body_mismatch"] for d in shown["deliveries"]] == [False, True]
+    assert shown["deliveries"][1]["payload"]["data"]["outputUrl"].endswith("/other.png")
+    metrics = (await harness.client.get("/metrics")).text
+    assert 'receiver_delivery_body_mismatches_total{provider="apex"} 1.0' in metrics

@@ -92,6 +92,9 @@ def job_json(job: JobRecord, tracked: TrackedJob | None = None) -> dict[str, Any
                 "event": d.event,
                 "outcome": d.outcome,
                 "duplicate": d.outcome != "accepted",
+                # The same webhook id arrived earlier with a different body: a provider bug or a
+                # replay with altered content. Recorded, never trusted silently.
+                "body_mismatch": d.body_mismatch,
                 "payload_sha256": d.payload_sha256,
                 "payload": redacted_payload(d.body),
             }

@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     event TEXT NOT NULL,
     payload_sha256 TEXT NOT NULL,
     body BLOB NOT NULL,
-    outcome TEXT NOT NULL
+    outcome TEXT NOT NULL,
+    body_mismatch INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (provider, job_id, seq);
 CREATE INDEX IF NOT EXISTS deliveries_id ON deliveries (provider, delivery_id);
@@ -168,6 +169,7 @@ class Database:
         conn = connect(path)
         try:
             conn.executescript(SCHEMA)
+            _migrate(conn)
         finally:
             conn.close()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -368,6 +370,13 @@ class Database:
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self.read_sync, fn)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Columns added after a table was first created (CREATE TABLE IF NOT EXISTS skips them)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
+    if "body_mismatch" not in columns:
+        conn.execute("ALTER TABLE deliveries ADD COLUMN body_mismatch INTEGER NOT NULL DEFAULT 0")
 
 
 def _discard(conn: sqlite3.Connection) -> None:

@@ -10,6 +10,8 @@ import hashlib
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+import structlog
+
 from receiver.domain import (
     RESERVED_NAMES,
     Clock,
@@ -21,6 +23,8 @@ from receiver.domain import (
 from receiver.ledger import IncomingDelivery, Ledger, PlannedOutput, RecordResult
 from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec
+
+log = structlog.get_logger(__name__)
 
 
 def plan_outputs(
@@ -99,6 +103,15 @@ class Ingestor:
         plan = plan_outputs(event, self.specs[event.provider], received_at, self.margin)
         result = await self.ledger.record(event, delivery, plan)
         self.metrics.deliveries.labels(event.provider, source, result.outcome.value).inc()
+        if result.body_mismatch:
+            self.metrics.body_mismatches.labels(event.provider).inc()
+            log.warning(
+                "delivery_id_reused_with_another_body",
+                provider=event.provider,
+                job_id=event.job_id,
+                delivery_id=delivery_id,
+                payload_sha256=delivery.payload_sha256,
+            )
         if result.tasks_queued:
             self.on_queued()
         return result

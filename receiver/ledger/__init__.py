@@ -59,6 +59,9 @@ class RecordResult:
     job_state: JobState
     delivery_seq: int
     tasks_queued: int
+    # The delivery id was seen before with a different body (payload SHA-256 of the first
+    # delivery of that id): a provider bug or a replay with altered content. Recorded, flagged.
+    body_mismatch: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class DeliveryRecord:
     payload_sha256: str
     outcome: str
     body: bytes
+    body_mismatch: bool = False  # same delivery id as an earlier delivery, different body
 
 
 @dataclass(frozen=True)

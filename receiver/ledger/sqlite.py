@@ -173,6 +173,17 @@ def _record(
     ).fetchone()
     current = JobState(row["state"]) if row else None
     current_urls: tuple[str, ...] = ()
+    # The first delivery with this id (any job): a replay, or the same id with another body.
+    first = (
+        conn.execute(
+            "SELECT payload_sha256 FROM deliveries WHERE provider = ? AND delivery_id = ? "
+            "ORDER BY seq LIMIT 1",
+            (event.provider, delivery.delivery_id),
+        ).fetchone()
+        if delivery.delivery_id is not None
+        else None
+    )
+    body_mismatch = first is not None and first["payload_sha256"] != delivery.payload_sha256
     seen_id = False
     if row is not None:
         # A new job has no links yet, and a replayed delivery id only matters for a known job.
@@ -182,14 +193,7 @@ def _record(
                 "SELECT source_url FROM assets WHERE provider = ? AND job_id = ? ORDER BY n", key
             )
         )
-        seen_id = (
-            delivery.delivery_id is not None
-            and conn.execute(
-                "SELECT 1 FROM deliveries WHERE provider = ? AND delivery_id = ? LIMIT 1",
-                (event.provider, delivery.delivery_id),
-            ).fetchone()
-            is not None
-        )
+        seen_id = first is not None
     decision = decide(current, current_urls, event, seen_id=seen_id)
     now = delivery.received_at.timestamp()
     deadline = min((to_ts(o.deadline) or 0.0 for o in plan), default=None)
@@ -277,7 +281,8 @@ def _record(
         )
     cursor = conn.execute(
         "INSERT INTO deliveries (provider, job_id, delivery_id, received_at, source, auth, "
-        "event, payload_sha256, body, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "event, payload_sha256, body, outcome, body_mismatch) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             *key,
             delivery.delivery_id,
@@ -288,6 +293,7 @@ def _record(
             delivery.payload_sha256,
             delivery.body,
             decision.outcome.value,
+            int(body_mismatch),
         ),
     )
     return RecordResult(
@@ -295,6 +301,7 @@ def _record(
         job_state=decision.state,
         delivery_seq=cursor.lastrowid or 0,
         tasks_queued=tasks,
+        body_mismatch=body_mismatch,
     )
 
 
@@ -350,6 +357,7 @@ def read_job(conn: sqlite3.Connection, provider: str, job_id: str) -> JobRecord 
             payload_sha256=d["payload_sha256"],
             outcome=d["outcome"],
             body=bytes(d["body"]),
+            body_mismatch=bool(d["body_mismatch"]),
         )
         for d in conn.execute(
             "SELECT * FROM deliveries WHERE provider = ? AND job_id = ? ORDER BY seq",
@@ -514,7 +522,8 @@ def _restore(conn: sqlite3.Connection, job: JobRecord) -> bool:
     for d in job.deliveries:
         conn.execute(
             "INSERT INTO deliveries (provider, job_id, delivery_id, received_at, source, auth, "
-            "event, payload_sha256, body, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "event, payload_sha256, body, outcome, body_mismatch) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 *key,
                 d.delivery_id,
@@ -525,6 +534,7 @@ def _restore(conn: sqlite3.Connection, job: JobRecord) -> bool:
                 d.payload_sha256,
                 d.body,
                 d.outcome,
+                int(d.body_mismatch),
             ),
         )
     for a in job.assets:

@@ -249,6 +249,7 @@ def _delivery_record(item: Item, parts: list[tuple[int, bytes]]) -> DeliveryReco
         payload_sha256=item["payload_sha256"],
         outcome=item["outcome"],
         body=zlib.decompress(body),
+        body_mismatch=bool(item.get("body_mismatch", False)),
     )
 
 

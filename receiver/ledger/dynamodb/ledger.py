@@ -359,7 +359,11 @@ class DynamoLedger:
             job, assets = self._head(event.provider, event.job_id)
             current = JobState(job["state"]) if job else None
             current_urls = tuple(assets[n]["source_url"] for n in sorted(assets))
-            seen_id = marker is not None and self._get(marker, "DLVID") is not None
+            first = self._get(marker, "DLVID") if marker is not None else None
+            seen_id = first is not None
+            # Markers written before the hash was kept have none: no claim either way.
+            first_sha = first.get("payload_sha256") if first is not None else None
+            body_mismatch = first_sha is not None and first_sha != delivery.payload_sha256
             decision = decide(current, current_urls, event, seen_id=seen_id)
 
             new = dict(job) if job else _new_job(event.provider, event.job_id, now)
@@ -396,14 +400,26 @@ class DynamoLedger:
             items.insert(0, self._put_job(new, job))
             seq = _micros(now)
             dlv_sk = f"DLV#{seq:017d}#{uuid.uuid4().hex[:12]}"
-            items.extend(self._delivery_items(pk, dlv_sk, event, delivery, decision.outcome))
+            items.extend(
+                self._delivery_items(
+                    pk, dlv_sk, event, delivery, decision.outcome, body_mismatch=body_mismatch
+                )
+            )
             if marker is not None and not seen_id:
-                items.append(self._put({"pk": marker, "sk": "DLVID", "job": pk, "at": now}))
+                marker_item = {
+                    "pk": marker,
+                    "sk": "DLVID",
+                    "job": pk,
+                    "at": now,
+                    "payload_sha256": delivery.payload_sha256,
+                }
+                items.append(self._put(marker_item))
             result = RecordResult(
                 outcome=decision.outcome,
                 job_state=decision.state,
                 delivery_seq=seq,
                 tasks_queued=len(tasks),
+                body_mismatch=body_mismatch,
             )
             return items, (result, tasks)
 
@@ -416,6 +432,8 @@ class DynamoLedger:
         event: JobEvent,
         delivery: IncomingDelivery,
         outcome: DeliveryOutcome,
+        *,
+        body_mismatch: bool = False,
     ) -> list[Item]:
         body = zlib.compress(delivery.body)
         chunks = [body[i : i + BODY_CHUNK] for i in range(0, len(body), BODY_CHUNK)] or [b""]
@@ -433,6 +451,7 @@ class DynamoLedger:
                     "outcome": outcome.value,
                     "body": chunks[0],
                     "parts": len(chunks),
+                    **({"body_mismatch": True} if body_mismatch else {}),
                 }
             )
         ]
@@ -531,7 +550,9 @@ class DynamoLedger:
                 delivery_id=d.delivery_id,
             )
             event = JobEvent(job.provider, job.job_id, EventKind(d.event))
-            for put in self._delivery_items(pk, sk, event, delivery, DeliveryOutcome(d.outcome)):
+            for put in self._delivery_items(
+                pk, sk, event, delivery, DeliveryOutcome(d.outcome), body_mismatch=d.body_mismatch
+            ):
                 self.ddb.put_item(**put["Put"])
             if d.delivery_id:
                 self.ddb.put_item(
