@@ -247,6 +247,17 @@ async def register_offline(settings: Settings, data: Any, *, clock: Clock) -> Re
         db.stop()
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's own limits for slow or idle clients (`receiver serve`). uvicorn has no timeout
+    for request headers: a reverse proxy in front provides one (see the README)."""
+    return {
+        "timeout_keep_alive": settings.keep_alive_seconds,
+        "h11_max_incomplete_event_size": 16 * 1024,  # request line and headers
+        # access_log off: webhook paths may carry a provider's secret token.
+        "access_log": False,
+    }
+
+
 def webhook_endpoints(settings: Settings) -> dict[str, WebhookEndpoint]:
     """The enabled webhook providers; an unauthenticated one stops start-up (unless dev mode)."""
     endpoints: dict[str, WebhookEndpoint] = {}
@@ -296,6 +307,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         max_body_bytes=settings.max_body_bytes,
         wall_clock=parts.wall_clock,
         on_auth_failure=lambda provider: parts.metrics.auth_failures.labels(provider).inc(),
+        body_timeout=settings.body_timeout_seconds,
     )
     api_token = settings.api_token.get_secret_value() if settings.api_token else None
     audit = AuditApi(
@@ -337,7 +349,12 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
     async def rejected(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestRejected)
         note_rejection(parts.metrics, endpoints, request, exc)  # logged and counted once
-        return await _rejected(request, exc)
+        response = await _rejected(request, exc)
+        if exc.status in (408, 413):
+            # The rest of the body is still on its way (or never comes): drop the connection
+            # instead of waiting for it, so its slot is free at once.
+            response.headers["connection"] = "close"
+        return response
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

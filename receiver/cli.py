@@ -76,7 +76,7 @@ def serve(
     """Receive webhooks (and, by default, run archive workers in the same process)."""
     import uvicorn
 
-    from receiver.app import build_parts, create_app
+    from receiver.app import build_parts, create_app, uvicorn_options
 
     overrides: dict[str, Any] = {"insecure_dev": True} if insecure_dev else {}
     settings = load_settings(env_file, **overrides)
@@ -87,8 +87,7 @@ def serve(
     except (ConfigurationError, ValueError) as exc:
         raise fail(str(exc)) from None
     tune_gc()
-    # access_log off: webhook paths may carry a provider's secret token.
-    uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
+    uvicorn.run(application, host=host, port=port, log_level="warning", **uvicorn_options(settings))
 
 
 @app.command()

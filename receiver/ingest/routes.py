@@ -7,6 +7,7 @@ authentication (401), JSON (400), schema (422). The 2xx leaves only after the le
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from receiver.errors import (
     NotFound,
     PayloadTooLarge,
     RequestRejected,
+    RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -57,7 +59,9 @@ class Webhooks:
         max_body_bytes: int,
         wall_clock: Callable[[], float] = time.time,
         on_auth_failure: Callable[[str], None] = lambda provider: None,
+        body_timeout: float = 20.0,
     ) -> None:
+        self.body_timeout = body_timeout
         self.ingestor = ingestor
         self.endpoints = endpoints
         self.max_body_bytes = max_body_bytes
@@ -79,7 +83,7 @@ class Webhooks:
                 {"providers": sorted(self.endpoints)},
             )
         _check_content_type(request.headers.get("content-type"))
-        body = await _read_body(request, self.max_body_bytes)
+        body = await read_body_within(request, self.max_body_bytes, self.body_timeout)
         try:
             verified = self._authenticate(request, endpoint.auth, body)
         except Unauthorized:
@@ -141,6 +145,18 @@ def _check_content_type(value: str | None) -> None:
             "webhooks must be sent as application/json",
             {"content_type": value, "expected": "application/json"},
         )
+
+
+async def read_body_within(request: Request, limit: int, seconds: float) -> bytes:
+    """The whole body, at most `limit` bytes, within `seconds` (else 408): a client trickling
+    its body cannot hold a connection and a request slot for ever."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {seconds:g} s", {"timeout_seconds": seconds}
+        ) from None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

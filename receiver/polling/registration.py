@@ -26,6 +26,7 @@ from receiver.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from receiver.ingest.routes import read_body_within
 from receiver.ledger import Ledger
 from receiver.operator_auth import require_operator
 from receiver.polling.schedule import Tracker
@@ -208,23 +209,11 @@ class TrackingApi:
                 "POST /jobs takes application/json",
                 {"content_type": request.headers.get("content-type")},
             )
-        body = await _read_body(request)
+        body = await read_body_within(
+            request, MAX_REQUEST_BYTES, self.registrar.settings.body_timeout_seconds
+        )
         data = load_json(body)  # the edge's one rule, as for webhooks
         registration = await self.registrar.register(data, source="api")
         return JSONResponse(
             registration.body(), status_code=201 if registration.outcome == "created" else 200
         )
-
-
-async def _read_body(request: Request) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_REQUEST_BYTES:
-            raise PayloadTooLarge(
-                f"body exceeds the {MAX_REQUEST_BYTES}-byte limit",
-                {"limit_bytes": MAX_REQUEST_BYTES},
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
