@@ -682,3 +682,24 @@ def test_settings_pair_dynamodb_with_sqs_only() -> None:
 @pytest.fixture
 def b(backend: Backend) -> Backend:
     return backend
+
+
+async def test_end_tracking_ends_only_unfinished_jobs_and_track_reopens(b: Backend) -> None:
+    from receiver.domain import JobState
+
+    now = b.now()
+    await b.ledger.track("vividflow", "t1", {"technique": None}, now)
+    assert await b.ledger.end_tracking("vividflow", "t1", JobState.DEAD, "polling stopped", now)
+    job = await b.ledger.job("vividflow", "t1")
+    assert job is not None and (job.state, job.error) == ("dead", "polling stopped")
+    # Already ended, or finished by the provider: unchanged.
+    assert not await b.ledger.end_tracking("vividflow", "t1", JobState.DEAD, "again", now)
+    await record(b, completed("done"))
+    assert not await b.ledger.end_tracking("apex", "done", JobState.DEAD, "x", now)
+    assert not await b.ledger.end_tracking("apex", "missing", JobState.DEAD, "x", now)
+    with pytest.raises(ValueError, match="expired or dead"):
+        await b.ledger.end_tracking("vividflow", "t1", JobState.ARCHIVED, "x", now)
+    # Registering it again reopens it.
+    assert not await b.ledger.track("vividflow", "t1", {"technique": None}, now)
+    job = await b.ledger.job("vividflow", "t1")
+    assert job is not None and (job.state, job.error) == ("tracking", None)

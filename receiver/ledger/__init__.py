@@ -184,6 +184,14 @@ class Ledger(Protocol):
         self, provider: str, job_id: str, n: int, state: JobState, error: str, now: datetime
     ) -> JobState: ...
 
+    async def end_tracking(
+        self, provider: str, job_id: str, state: JobState, reason: str, now: datetime
+    ) -> bool:
+        """End a job whose polling stopped for good (not found, gave up) as `state` (expired or
+        dead) with `reason`, if the provider never finished it (still tracking/processing);
+        True if it changed. Registering it again reopens it (`track`)."""
+        ...
+
     async def job(self, provider: str, job_id: str) -> JobRecord | None: ...
 
     async def list_jobs(

@@ -59,9 +59,33 @@ class SqliteLedger:
                     "AND tracking IS NULL",
                     (json.dumps(tracking), provider, job_id),
                 )
+                # Ended by polling (never finished by the provider, nothing to copy): a new
+                # registration reopens it.
+                conn.execute(
+                    "UPDATE jobs SET state = 'tracking', error = NULL, updated_at = ? "
+                    "WHERE provider = ? AND job_id = ? AND state IN ('dead', 'expired') "
+                    "AND completed_at IS NULL AND failed_at IS NULL",
+                    (at, provider, job_id),
+                )
             return created
 
         return await self.db.write(write)
+
+    async def end_tracking(
+        self, provider: str, job_id: str, state: JobState, reason: str, now: datetime
+    ) -> bool:
+        if state not in (JobState.EXPIRED, JobState.DEAD):
+            raise ValueError(f"tracking ends as expired or dead, not {state}")
+        return await self.db.write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE jobs SET state = ?, error = ?, updated_at = ? "
+                    "WHERE provider = ? AND job_id = ? AND state IN ('tracking', 'processing')",
+                    (state.value, reason, now.timestamp(), provider, job_id),
+                ).rowcount
+                == 1
+            )
+        )
 
     async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None:
         def read(conn: sqlite3.Connection) -> AssetToCopy | None:

@@ -106,6 +106,15 @@ class DynamoLedger:
     ) -> bool:
         return await run_blocking(self._track, provider, job_id, tracking, now.timestamp())
 
+    async def end_tracking(
+        self, provider: str, job_id: str, state: JobState, reason: str, now: datetime
+    ) -> bool:
+        if state not in (JobState.EXPIRED, JobState.DEAD):
+            raise ValueError(f"tracking ends as expired or dead, not {state}")
+        return await run_blocking(
+            self._end_tracking, provider, job_id, state, reason, now.timestamp()
+        )
+
     async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None:
         def read() -> AssetToCopy | None:
             job, assets = self._head(provider, job_id)
@@ -469,12 +478,32 @@ class DynamoLedger:
                 new.update(state=JobState.TRACKING.value, tracking=json.dumps(tracking))
                 new["version"] = 1
                 return [self._put_job(new, None)], True
-            if job.get("tracking"):
+            reopen = job["state"] in ("dead", "expired") and not (
+                job.get("completed_at") or job.get("failed_at")
+            )  # ended by polling, never finished by the provider: a new registration reopens it
+            if job.get("tracking") and not reopen:
                 return [], False
             # Known already (a webhook may have come first): keep its state, add the caller's
             # registration.
-            new = dict(job, tracking=json.dumps(tracking), version=int(job["version"]) + 1)
+            new = dict(job, version=int(job["version"]) + 1)
+            if not new.get("tracking"):
+                new["tracking"] = json.dumps(tracking)
+            if reopen:
+                new.update(state=JobState.TRACKING.value, error=None, updated_at=now)
             return [self._put_job(new, job)], False
+
+        return self._transact(build)
+
+    def _end_tracking(
+        self, provider: str, job_id: str, state: JobState, reason: str, now: float
+    ) -> bool:
+        def build() -> tuple[list[Item], bool]:
+            job = self._get(job_pk(provider, job_id), "JOB")
+            if job is None or job["state"] not in ("tracking", "processing"):
+                return [], False
+            new = dict(job, state=state.value, error=reason, updated_at=now)
+            new["version"] = int(job["version"]) + 1
+            return [self._put_job(new, job)], True
 
         return self._transact(build)
 
