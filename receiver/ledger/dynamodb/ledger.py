@@ -7,7 +7,6 @@ import json
 import random
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from itertools import islice
@@ -34,7 +33,6 @@ from receiver.ledger import from_ts as _opt_at
 from receiver.ledger import to_ts as _ts
 from receiver.ledger.dynamodb.items import (
     _MAX_SEQ,
-    BODY_CHUNK,
     SHARDS,
     Item,
     _apply_event,
@@ -51,11 +49,12 @@ from receiver.ledger.dynamodb.items import (
     _summary,
     _task_item,
     _task_message,
-    asset_sk,
     decode,
+    delivery_items,
     encode,
     job_pk,
     query_items,
+    restored_asset_item,
 )
 from receiver.ledger.dynamodb.outbox import Outbox, Publisher
 from receiver.workqueue import TaskMessage
@@ -444,31 +443,10 @@ class DynamoLedger:
         *,
         body_mismatch: bool = False,
     ) -> list[Item]:
-        body = zlib.compress(delivery.body)
-        chunks = [body[i : i + BODY_CHUNK] for i in range(0, len(body), BODY_CHUNK)] or [b""]
-        items = [
-            self._put(
-                {
-                    "pk": pk,
-                    "sk": sk,
-                    "delivery_id": delivery.delivery_id,
-                    "received_at": delivery.received_at.timestamp(),
-                    "source": delivery.source,
-                    "auth": delivery.auth,
-                    "event": event.kind.value,
-                    "payload_sha256": delivery.payload_sha256,
-                    "outcome": outcome.value,
-                    "body": chunks[0],
-                    "parts": len(chunks),
-                    **({"body_mismatch": True} if body_mismatch else {}),
-                }
-            )
+        return [
+            self._put(item)
+            for item in delivery_items(pk, sk, event, delivery, outcome, body_mismatch)
         ]
-        items.extend(
-            self._put({"pk": pk, "sk": f"PART#{sk}#{k:03d}", "chunk": chunk})
-            for k, chunk in enumerate(chunks[1:], start=1)
-        )
-        return items
 
     def _track(self, provider: str, job_id: str, tracking: dict[str, Any], now: float) -> bool:
         def build() -> tuple[list[Item], bool]:
@@ -596,27 +574,7 @@ class DynamoLedger:
                     ),
                 )
         for a in job.assets:
-            self.ddb.put_item(
-                TableName=self.table,
-                Item=encode(
-                    {
-                        "pk": pk,
-                        "sk": asset_sk(a.n),
-                        "n": a.n,
-                        "name": a.name,
-                        "key": a.key,
-                        "source_url": a.source_url,
-                        "content_type": a.content_type,
-                        "deadline": a.deadline.timestamp(),
-                        "state": a.state,
-                        "uri": a.uri,
-                        "size": a.size,
-                        "sha256": a.sha256,
-                        "archived_at": _ts(a.archived_at),
-                        "error": a.error,
-                    }
-                ),
-            )
+            self.ddb.put_item(TableName=self.table, Item=encode(restored_asset_item(pk, a)))
         new = _new_job(job.provider, job.job_id, job.first_seen_at.timestamp())
         new.update(
             state=job.state.value,
