@@ -8,6 +8,7 @@ authentication (401), JSON (400), schema (422). The 2xx leaves only after the le
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from receiver.providers.base import ProviderSpec
 from receiver.providers.bounds import check_delivery_id, load_json
 
 log = structlog.get_logger(__name__)
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,8 @@ def note_rejection(
     hold the provider's token), the body, a signature or a header."""
     if exc.status >= 500:
         return  # 503s are the ledger's: logged by the writer, not a caller's mistake
-    reason = scrub_secrets(" ".join(exc.message.split()))[:200]
+    # Our own words only: values quoted from the request ('...' / "...") are elided.
+    reason = _QUOTED.sub("'…'", scrub_secrets(" ".join(exc.message.split())))[:200]
     path = request.url.path
     if path.startswith("/webhooks/"):
         named = str(request.path_params.get("provider", ""))
