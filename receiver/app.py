@@ -38,7 +38,13 @@ from receiver.domain import Clock
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ingest.auth import SignatureVerifier
 from receiver.ingest.record import Ingestor
-from receiver.ingest.routes import WebhookAuth, WebhookEndpoint, Webhooks, error_payload
+from receiver.ingest.routes import (
+    WebhookAuth,
+    WebhookEndpoint,
+    Webhooks,
+    error_payload,
+    note_rejection,
+)
 from receiver.ledger import Ledger
 from receiver.ledger.dynamodb import DynamoLedger
 from receiver.ledger.sqlite import SqliteLedger
@@ -242,6 +248,17 @@ async def register_offline(settings: Settings, data: Any, *, clock: Clock) -> Re
         db.stop()
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's own limits for slow or idle clients (`receiver serve`). uvicorn has no timeout
+    for request headers: a reverse proxy in front provides one (see the README)."""
+    return {
+        "timeout_keep_alive": settings.keep_alive_seconds,
+        "h11_max_incomplete_event_size": 16 * 1024,  # request line and headers
+        # access_log off: webhook paths may carry a provider's secret token.
+        "access_log": False,
+    }
+
+
 def webhook_endpoints(settings: Settings) -> dict[str, WebhookEndpoint]:
     """The enabled webhook providers; an unauthenticated one stops start-up (unless dev mode)."""
     endpoints: dict[str, WebhookEndpoint] = {}
@@ -291,9 +308,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         max_body_bytes=settings.max_body_bytes,
         wall_clock=parts.wall_clock,
         on_auth_failure=lambda provider: parts.metrics.auth_failures.labels(provider).inc(),
-        on_rejected=lambda provider, code: parts.metrics.webhook_rejections.labels(
-            provider, code
-        ).inc(),
+        body_timeout=settings.body_timeout_seconds,
     )
     api_token = settings.api_token.get_secret_value() if settings.api_token else None
     audit = AuditApi(
@@ -345,6 +360,16 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
             status_code=200 if ready else 503,
         )
 
+    async def rejected(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestRejected)
+        note_rejection(parts.metrics, endpoints, request, exc)  # logged and counted once
+        response = await _rejected(request, exc)
+        if exc.status in (408, 413):
+            # The rest of the body is still on its way (or never comes): drop the connection
+            # instead of waiting for it, so its slot is free at once.
+            response.headers["connection"] = "close"
+        return response
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         parts.start(workers=workers)
@@ -367,7 +392,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
-            RequestRejected: _rejected,
+            RequestRejected: rejected,
             HTTPException: _http_error,
             Exception: _unexpected,
         },

@@ -6,6 +6,7 @@ Pure code: no I/O, no clock. Every function that needs "now" takes it as an argu
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,10 +169,54 @@ def compute_deadline(
 _UNSAFE_IN_NAME = re.compile(r"[^\w.-]")
 
 
+# Every store must accept every key: a path segment of at most 255 bytes (local file systems),
+# a whole key of at most 1024 bytes (S3). Our segments stay well inside: the provider's name,
+# the date, the job id (at most `MAX_SEGMENT_BYTES`) and the output's name (the same).
+MAX_SEGMENT_BYTES = 200
+MAX_KEY_BYTES = 1024
+_DIGEST_CHARS = 16
+# Names the stores keep for themselves beside each object (the local store's metadata sidecar)
+# or that the archive writes beside each job's outputs.
+RESERVED_SUFFIXES = (".meta.json",)
+RESERVED_NAMES = frozenset({"manifest.json"})
+
+
+def fit_segment(text: str, *, keep_suffix: bool = False) -> str:
+    """`text` (already path-safe ASCII or UTF-8) made to fit in `MAX_SEGMENT_BYTES` bytes.
+
+    A text that fits is returned as it is; a longer one becomes a readable prefix, "~", and a
+    digest of the whole text (deterministic: a retried copy lands on the same key; distinct texts
+    stay distinct). With `keep_suffix`, a short extension (".mp4") survives at the end.
+    """
+    if len(text.encode()) <= MAX_SEGMENT_BYTES:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_CHARS]
+    stem, dot, ext = text.rpartition(".")
+    suffix = f".{ext}" if keep_suffix and dot and stem and len(ext.encode()) <= 16 else ""
+    room = MAX_SEGMENT_BYTES - len(digest) - 1 - len(suffix.encode())
+    prefix = text.encode()[:room].decode("utf-8", "ignore")
+    # Never end the prefix inside a percent escape ("%2" would read as another character).
+    cut = prefix.rfind("%", max(0, len(prefix) - 2))
+    if cut != -1:
+        prefix = prefix[:cut]
+    return f"{prefix}~{digest}{suffix}"
+
+
+def fit_name(name: str) -> str:
+    """An output name every store accepts: not reserved, not hidden, at most 200 bytes."""
+    name = name.lstrip(".")
+    lowered = name.lower()
+    if lowered in RESERVED_NAMES or lowered.endswith(RESERVED_SUFFIXES):
+        # "x.meta.json" is the local store's sidecar of "x": keep it readable, not reserved.
+        stem, _, ext = name.rpartition(".")
+        name = f"{stem}_{ext}"
+    return fit_segment(name, keep_suffix=True)
+
+
 def output_name(url: str, index: int, content_type: str | None) -> str:
     """A safe file name for an output: the URL's last path segment, else output-N.ext."""
     last = urlsplit(url).path.rsplit("/", 1)[-1]
-    safe = _UNSAFE_IN_NAME.sub("", last)[:128].lstrip(".")
+    safe = fit_name(_UNSAFE_IN_NAME.sub("", last).lstrip("."))
     if safe:
         return safe
     return f"output-{index}{_extension(content_type)}"
@@ -201,7 +246,10 @@ def archive_key(
     safe_job = quote(job_id, safe="")
     if set(safe_job) <= {"."}:
         safe_job = safe_job.replace(".", "%2E")
-    parts = [provider, f"{day:%Y}", f"{day:%m}", f"{day:%d}", safe_job, name]
+    # Long ids (percent-encoding triples non-ASCII bytes) keep a readable prefix plus a digest;
+    # the id itself stays in the ledger, the object's metadata and the manifest.
+    safe_job = fit_segment(safe_job)
+    parts = [provider, f"{day:%Y}", f"{day:%m}", f"{day:%d}", safe_job, fit_name(name)]
     return "/".join([prefix.strip("/"), *parts] if prefix.strip("/") else parts)
 
 
@@ -211,3 +259,49 @@ def backoff_delay(
     """Exponential backoff with jitter: base·2^(attempt-1), capped, scaled into [50 %, 100 %]."""
     exp = min(cap, base * 2 ** max(0, min(attempt - 1, 30)))
     return float(exp * (0.5 + rng() / 2))
+
+
+# --- secrets in text -------------------------------------------------------------------------
+
+# Query parameters and header-like fields that carry credentials: AWS SigV4 / R2, Google V4,
+# CloudFront, Azure SAS, and the generic names APIs use. Matched wherever they appear in text we
+# did not write ourselves (error bodies, exception messages), with or without a leading "?".
+SECRET_PARAMETERS = (
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+    "googleaccessid",
+    "signature",
+    "key-pair-id",
+    "policy",
+    "sig",
+    "token",
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "api_key",
+    "apikey",
+    "api-key",
+    "x-api-key",
+    "key",
+    "secret",
+    "password",
+    "authorization",
+)
+_SECRET_FIELD = re.compile(
+    r"(?i)(?<![\w-])(" + "|".join(re.escape(p) for p in SECRET_PARAMETERS) + r")"
+    r"(\s*[\"']?\s*[=:]\s*[\"']?\s*)"
+    r"(?:(?:bearer|basic)\s+)?([^&\s\"'<>,;]+)"
+)
+_QUERY_IN_TEXT = re.compile(r"\?[^\s\"'<>]*")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+
+
+def scrub_secrets(text: str) -> str:
+    """`text` without query strings or any signing parameter's value (the one scrubbing rule for
+    errors, logs and the audit API; URLs we show whole go through `fetch.redact_url` instead)."""
+    text = _QUERY_IN_TEXT.sub("?…", text)
+    text = _SECRET_FIELD.sub(lambda m: f"{m.group(1)}{m.group(2)}…", text)
+    return _BEARER.sub(lambda m: f"{m.group(1)} …", text)

@@ -54,5 +54,18 @@ class Conflict(RequestRejected):
     status, code = 409, "conflict"
 
 
+class RequestTimeout(RequestRejected):
+    """The request's body did not arrive within the configured bound."""
+
+    status, code = 408, "request_timeout"
+
+
+class LedgerUnavailable(RequestRejected):
+    """The ledger cannot take writes right now (disk full, I/O error, locked file, no answer in
+    time). Nothing was acknowledged; the sender should retry later."""
+
+    status, code = 503, "ledger_unavailable"
+
+
 class ConfigurationError(Exception):
     """Settings that cannot work; raised at start-up with a message that says how to fix it."""

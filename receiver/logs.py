@@ -7,6 +7,16 @@ import sys
 
 import structlog
 
+from receiver.domain import scrub_secrets
+
+
+def scrub_event(
+    logger: object, method: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Every string in a log line (tracebacks included) loses signing parameters and query
+    strings: the last line of defence behind the code that never logs them."""
+    return {k: scrub_secrets(v) if isinstance(v, str) else v for k, v in event.items()}
+
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
@@ -22,6 +32,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            scrub_event,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -30,8 +30,20 @@ class Metrics:
         )
         self.webhook_rejections = Counter(
             "receiver_webhook_rejections",
-            "Webhooks of a configured provider refused for another reason than authentication",
+            "Webhooks answered 4xx, by provider ('unknown' for no such endpoint) and error code",
             ["provider", "code"],
+            registry=r,
+        )
+        self.body_mismatches = Counter(
+            "receiver_delivery_body_mismatches",
+            "Deliveries whose id was seen before with a different body (flagged in the history)",
+            ["provider"],
+            registry=r,
+        )
+        self.operator_rejections = Counter(
+            "receiver_operator_rejections",
+            "Operator calls (POST/GET /jobs...) answered 4xx, by route and error code",
+            ["route", "code"],
             registry=r,
         )
         self.queue_tasks = Gauge(

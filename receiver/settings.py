@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     poll_not_found_limit: int = Field(default=5, ge=1)
     poll_give_up_hours: float = Field(default=72.0, gt=0)
     track_metadata_max_bytes: int = Field(default=4096, ge=0, le=65536)
+    # Slow clients: a request body (webhook, POST /jobs) must arrive within this many seconds,
+    # else 408 and the connection is closed; idle keep-alive connections close after the next.
+    body_timeout_seconds: float = Field(default=20.0, gt=0)
+    keep_alive_seconds: float = Field(default=5.0, gt=0)
     log_format: str = "auto"  # auto (console on a TTY, else JSON) | json | console
     log_level: str = "info"
 

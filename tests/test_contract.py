@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import threading
@@ -256,7 +257,7 @@ async def record(
         source="webhook",
         auth="signature",
         body=raw,
-        payload_sha256="00" * 32,
+        payload_sha256=hashlib.sha256(raw).hexdigest(),
         delivery_id=delivery_id,
     )
     return await b.ledger.record(event, delivery, plan)
@@ -326,6 +327,31 @@ async def test_redelivery_replayed_id_and_same_content_are_duplicates(b: Backend
         "duplicate",
     ]
     assert len(await drain(b)) == 1
+
+
+async def test_same_delivery_id_with_another_body_is_recorded_and_flagged(b: Backend) -> None:
+    first = await record(b, completed("j3"), delivery_id="msg_x", body=b'{"v": 1}')
+    same = await record(b, completed("j3"), delivery_id="msg_x", body=b'{"v": 1}')
+    altered = await record(b, completed("j3"), delivery_id="msg_x", body=b'{"v": 2}')
+    # The id reused for another job, with another body: flagged too (nothing is trusted by id).
+    elsewhere = await record(b, completed("j4"), delivery_id="msg_x", body=b'{"v": 3}')
+
+    assert [r.body_mismatch for r in (first, same, altered, elsewhere)] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert altered.outcome == "duplicate" and altered.tasks_queued == 0
+    job = await b.ledger.job("apex", "j3")
+    assert job is not None
+    assert [(d.body, d.body_mismatch) for d in job.deliveries] == [
+        (b'{"v": 1}', False),
+        (b'{"v": 1}', False),
+        (b'{"v": 2}', True),  # recorded, with its own body, and flagged
+    ]
+    other = await b.ledger.job("apex", "j4")
+    assert other is not None and [d.body_mismatch for d in other.deliveries] == [True]
 
 
 async def test_out_of_order_events(b: Backend) -> None:
@@ -690,3 +716,24 @@ def test_settings_pair_dynamodb_with_sqs_only() -> None:
 @pytest.fixture
 def b(backend: Backend) -> Backend:
     return backend
+
+
+async def test_end_tracking_ends_only_unfinished_jobs_and_track_reopens(b: Backend) -> None:
+    from receiver.domain import JobState
+
+    now = b.now()
+    await b.ledger.track("vividflow", "t1", {"technique": None}, now)
+    assert await b.ledger.end_tracking("vividflow", "t1", JobState.DEAD, "polling stopped", now)
+    job = await b.ledger.job("vividflow", "t1")
+    assert job is not None and (job.state, job.error) == ("dead", "polling stopped")
+    # Already ended, or finished by the provider: unchanged.
+    assert not await b.ledger.end_tracking("vividflow", "t1", JobState.DEAD, "again", now)
+    await record(b, completed("done"))
+    assert not await b.ledger.end_tracking("apex", "done", JobState.DEAD, "x", now)
+    assert not await b.ledger.end_tracking("apex", "missing", JobState.DEAD, "x", now)
+    with pytest.raises(ValueError, match="expired or dead"):
+        await b.ledger.end_tracking("vividflow", "t1", JobState.ARCHIVED, "x", now)
+    # Registering it again reopens it.
+    assert not await b.ledger.track("vividflow", "t1", {"technique": None}, now)
+    job = await b.ledger.job("vividflow", "t1")
+    assert job is not None and (job.state, job.error) == ("tracking", None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -134,3 +136,64 @@ def test_output_names() -> None:
     assert output_name("https://x/", 2, "video/mp4") == "output-2.mp4"
     assert output_name("https://x/..%2F..", 0, None) == "2F.."
     assert output_name("https://x/../", 1, None) == "output-1"
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    ["x" * 256, "出" * 128, "%" * 128, "a" * 199 + "é", "ok-id"],
+)
+@pytest.mark.parametrize("name", ["v.mp4", "x" * 300 + ".mp4", "出" * 128 + ".png", "a.meta.json"])
+def test_keys_always_fit_every_store(job_id: str, name: str) -> None:
+    from receiver.domain import MAX_KEY_BYTES, fit_name
+
+    key = archive_key(prefix="p", provider="apex", job_id=job_id, completed_at=T0, name=name)
+    assert key == archive_key(
+        prefix="p", provider="apex", job_id=job_id, completed_at=T0, name=name
+    )
+    assert len(key.encode()) <= MAX_KEY_BYTES
+    assert all(0 < len(seg.encode()) <= 255 for seg in key.split("/"))
+    last = key.rsplit("/", 1)[1]
+    assert not last.endswith(".meta.json") and last == fit_name(name)
+    if len(name) < 100 and not name.endswith(".meta.json"):
+        assert last == name  # short, ordinary names are kept as they are
+    if name.endswith(".mp4"):
+        assert last.endswith(".mp4")  # the extension survives the shortening
+
+
+def test_long_ids_keep_a_readable_prefix_and_stay_distinct() -> None:
+    a = archive_key(prefix="", provider="apex", job_id="x" * 300, completed_at=T0, name="o")
+    b = archive_key(prefix="", provider="apex", job_id="x" * 301, completed_at=T0, name="o")
+    assert a != b
+    assert a.split("/")[4].startswith("x" * 100) and "~" in a.split("/")[4]
+    # No percent escape is cut in half by the shortening.
+    c = archive_key(prefix="", provider="apex", job_id="é" * 200, completed_at=T0, name="o")
+    segment = c.split("/")[4]
+    assert re.fullmatch(r"(%[0-9A-F]{2})+~[0-9a-f]{16}", segment), segment
+
+
+@pytest.mark.parametrize(
+    ("name", "fitted"),
+    [("a.meta.json", "a.meta_json"), ("manifest.json", "manifest_json"), (".hidden", "hidden")],
+)
+def test_reserved_names_are_renamed(name: str, fitted: str) -> None:
+    from receiver.domain import fit_name
+
+    assert fit_name(name) == fitted
+    assert output_name(f"https://x/{name}", 0, None) == fitted
+
+
+@pytest.mark.anyio
+async def test_long_and_odd_keys_are_accepted_by_the_local_store(tmp_path: Any) -> None:
+    from receiver.store.local import LocalStore
+
+    store = LocalStore(tmp_path)
+    for job_id in ("x" * 256, "出" * 128):
+        key = archive_key(
+            prefix="",
+            provider="apex",
+            job_id=job_id,
+            completed_at=T0,
+            name="y" * 300 + ".meta.json",
+        )
+        stored = await store.put_bytes(key, b"data", content_type="text/plain")
+        assert stored.size == 4

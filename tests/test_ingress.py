@@ -287,7 +287,8 @@ async def test_authentication_failures_are_401_and_write_nothing(
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "unauthorized"
     assert harness.counts() == NOTHING
-    assert [e["event"] for e in logged] == ["webhook_auth_failed"]
+    assert [e["event"] for e in logged] == ["webhook_rejected"]  # once, with what failed
+    assert (logged[0]["provider"], logged[0]["status"]) == ("apex", 401)
     assert secret[6:] not in repr(logged)
     if "webhook-signature" in headers:
         assert headers["webhook-signature"][3:] not in repr(logged)
@@ -461,7 +462,7 @@ async def test_time_without_offset_is_utc_and_huge_expiry_is_ignored(harness: Ha
     huge = apex_completed(
         "huge",
         url=signed_url.replace("3600", "99999999999999"),
-        completed_at="9999-12-31T23:00:00Z",
+        completed_at="2099-12-31T23:00:00Z",
     )
     first = await post_signed(harness, "apex", naive, APEX_SECRET)
     second = await post_signed(harness, "apex", huge, APEX_SECRET)
@@ -470,12 +471,32 @@ async def test_time_without_offset_is_utc_and_huge_expiry_is_ignored(harness: Ha
     job = await harness.parts.ledger.job("apex", "naive")
     assert job is not None and job.deadline is not None
     assert job.deadline.isoformat() == "2026-03-16T12:50:00+00:00"
+    late = await harness.parts.ledger.job("apex", "huge")
+    assert late is not None and late.deadline is not None
+    assert late.deadline.isoformat() == "2100-01-01T22:50:00+00:00"  # the window, not the link
 
 
-async def test_deeply_nested_json_is_a_clear_400(harness: Harness) -> None:
-    response = await post_signed(harness, "apex", b"[" * 100_000 + b"]" * 100_000, APEX_SECRET)
-    assert response.status_code == 400
-    assert response.json()["error"]["code"] == "malformed_json"
+@pytest.mark.parametrize(
+    "when", ["9999-12-31T23:00:00Z", "0001-01-01T00:00:00+14:00", "1999-12-31T23:59:59Z"]
+)
+async def test_dates_outside_the_edge_range_are_a_422_naming_the_rule(
+    harness: Harness, when: str
+) -> None:
+    failed = apex_failed("f")
+    failed["data"]["failedAt"] = when
+    for payload in (apex_completed("c", completed_at=when), failed):
+        response = await post_signed(harness, "apex", payload, APEX_SECRET)
+        assert response.status_code == 422, response.text
+        assert "date_range" in response.text
+    assert harness.counts() == NOTHING
+
+
+async def test_deeply_nested_json_is_a_422_naming_the_rule(harness: Harness) -> None:
+    for depth in (33, 900, 100_000):
+        body = b"[" * depth + b"]" * depth
+        response = await post_signed(harness, "apex", body, APEX_SECRET)
+        assert response.status_code == 422, depth
+        assert response.json()["error"]["details"][0]["rule"] == "max_depth"
     assert harness.counts() == NOTHING
 
 

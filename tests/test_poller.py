@@ -505,9 +505,12 @@ async def test_not_found_is_retried_then_stopped_with_a_clear_error(polling: Pol
     row = await polling.row("vividflow", "nope")
     assert (row.state, row.stop_reason) == ("stopped", "not_found")
     assert row.last_error is not None and "not found" in row.last_error
-    assert await polling.state("vividflow", "nope") == "tracking"
+    # The job itself ends too (dead, with the reason), rather than staying "tracking".
+    assert await polling.state("vividflow", "nope") == "dead"
     # Support sees that polling stopped, and why, in the audit answer.
     audit = await polling.harness.client.get("/jobs/vividflow/nope", headers=OPERATOR)
+    assert audit.json()["state"] == "dead"
+    assert "polling stopped" in audit.json()["error"] and "not found" in audit.json()["error"]
     shown = audit.json()["polling"]
     assert (shown["state"], shown["stop_reason"], shown["next_poll_at"]) == (
         "stopped",
@@ -520,6 +523,7 @@ async def test_not_found_is_retried_then_stopped_with_a_clear_error(polling: Pol
     polling.apis.script("vividflow", "nope", ok({"status": "PROCESSING"}))
     again = await polling.register("vividflow", "nope")
     assert (again.status_code, again.json()["status"]) == (200, "reactivated")
+    assert await polling.state("vividflow", "nope") == "tracking"  # reopened
     await polling.run_for(1)
     assert (await polling.row("vividflow", "nope")).state == "active"
 
@@ -597,6 +601,9 @@ async def test_jobs_that_never_finish_are_given_up_visibly(
     row = await polling.row("vividflow", "forever")
     assert (row.state, row.stop_reason) == ("stopped", "gave_up")
     assert "gave up" in (row.last_error or "")
+    job = await polling.harness.parts.ledger.job("vividflow", "forever")
+    assert job is not None and job.state == "dead"
+    assert job.error is not None and job.error.startswith("polling stopped: gave up")
 
 
 async def test_the_running_loop_wakes_on_registration(polling: Polling) -> None:

@@ -255,3 +255,36 @@ async def test_oversized_status_answers_are_malformed() -> None:
     result, _ = await poll("apex", "j", answer(200, b"x" * (1024 * 1024 + 1)))
     assert result.outcome is PollOutcome.MALFORMED
     assert result.error is not None and "over" in result.error
+
+
+@pytest.mark.parametrize(
+    ("provider", "job_id", "technique"),
+    [
+        ("flora", "..", "t"),
+        ("flora", ".", "t"),
+        ("flora", "r1", ".."),
+        ("vividflow", "..", None),
+        ("vividflow", ".", None),
+    ],
+)
+async def test_dot_segment_ids_never_make_a_request(
+    provider: str, job_id: str, technique: str | None
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answer(200, {})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        client = StatusClient(REGISTRY[provider], base_url=BASES[provider], api_key=KEY, http=http)
+        result = await client.poll(job_id, {"technique": technique})
+    assert seen == []  # no request at all, so no other path of the API is asked with our key
+    assert result.outcome is PollOutcome.NOT_FOUND
+    assert result.error is not None and "not requested" in result.error
+
+
+async def test_odd_ids_are_one_encoded_path_segment() -> None:
+    result, request = await poll("vividflow", "a b%2F?#..", answer(200, {"status": "PROCESSING"}))
+    assert request.url.raw_path.decode().endswith("/status/a%20b%252F%3F%23..")
+    assert result.outcome is PollOutcome.EVENT

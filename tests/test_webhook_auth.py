@@ -83,3 +83,32 @@ def test_tokens() -> None:
     assert check_token("s3cret-token", "s3cret-token").method == "token"
     with pytest.raises(Unauthorized):
         check_token("s3cret-token", "s3cret-tokem")
+
+
+def test_the_signature_covers_the_timestamp_text_as_sent() -> None:
+    verifier = SignatureVerifier([APEX_SECRET], 300)
+    text = "0" + str(NOW)  # the same instant, written differently
+    as_sent = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": text,
+        "webhook-signature": sign(APEX_SECRET, "msg_1", text, BODY),
+    }
+    assert verifier.verify(as_sent, BODY, NOW).method == "signature"
+    # A signature over the re-rendered number is not a signature over what was sent.
+    rerendered = {**as_sent, "webhook-signature": sign(APEX_SECRET, "msg_1", NOW, BODY)}
+    with pytest.raises(Unauthorized, match="no valid signature"):
+        verifier.verify(rerendered, BODY, NOW)
+
+
+@pytest.mark.parametrize(
+    "text", ["+1773662400", " 1773662400", "1_773_662_400", "\u0661\u0667", "9" * 13]
+)
+def test_timestamps_that_are_not_plain_digits_are_refused(text: str) -> None:
+    verifier = SignatureVerifier([APEX_SECRET], 300)
+    h = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": text,
+        "webhook-signature": sign(APEX_SECRET, "msg_1", text, BODY),
+    }
+    with pytest.raises(Unauthorized, match="not a unix timestamp"):
+        verifier.verify(h, BODY, NOW)

@@ -33,6 +33,8 @@ from typing import NoReturn, Protocol
 import httpx
 import structlog
 
+from receiver.domain import scrub_secrets
+
 log = structlog.get_logger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -55,7 +57,6 @@ _HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 _NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
 _URL_FORBIDDEN_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 _UNPRINTABLE = re.compile(r"[\x00-\x20\x7f]")
-_QUERY_IN_TEXT = re.compile(r"\?[^\s\"'<>]*")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPAT = ipaddress.IPv6Network("::/96")
 
@@ -169,8 +170,8 @@ def redact_url(url: str) -> str:
 
 
 def _scrub(text: str) -> str:
-    """Remove anything that looks like a query string from text we did not write ourselves."""
-    return _QUERY_IN_TEXT.sub("?…", text)
+    """Remove query strings and signing parameters from text we did not write ourselves."""
+    return scrub_secrets(text)
 
 
 def _normalise_host(host: str) -> str:

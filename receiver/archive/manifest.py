@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from receiver.archive.fetch import redact_url
+from receiver.domain import scrub_secrets
 from receiver.ledger import JobRecord
 
 SCHEMA = "receiver.manifest/1"
@@ -25,6 +26,8 @@ def redact(value: Any) -> Any:
         return [redact(v) for v in value]
     if isinstance(value, str) and value[:8].lower().startswith(("http://", "https://")):
         return redact_url(value)
+    if isinstance(value, str):
+        return scrub_secrets(value)  # signing parameters inside any text, not only in URLs
     return value
 
 

@@ -19,12 +19,13 @@ from starlette.routing import Route
 
 from receiver.archive.fetch import redact_url
 from receiver.archive.manifest import redact, redacted_payload
-from receiver.domain import JobState
+from receiver.domain import JobState, scrub_secrets
 from receiver.errors import Conflict, InvalidPayload, NotFound
 from receiver.ledger import JobFilter, JobRecord, JobSummary, Ledger
 from receiver.operator_auth import require_operator
 from receiver.polling.schedule import TrackedJob, Tracker
 from receiver.providers import REGISTRY
+from receiver.providers.bounds import check_limit
 from receiver.store import Store
 
 PRESIGN_SECONDS = 300
@@ -33,6 +34,11 @@ MAX_LIMIT = 500
 
 def _ascii_name(name: str) -> str:
     return name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
+
+
+def _scrubbed(text: str | None) -> str | None:
+    # Errors quote providers and sources: no signing parameter may reach a ticket.
+    return scrub_secrets(text) if text is not None else None
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -48,7 +54,7 @@ def polling_json(tracked: TrackedJob | None) -> dict[str, Any] | None:
         "polls": tracked.polls,
         "next_poll_at": _iso(tracked.next_poll_at) if tracked.state == "active" else None,
         "last_status": tracked.last_status,
-        "last_error": tracked.last_error,
+        "last_error": _scrubbed(tracked.last_error),
         "stop_reason": tracked.stop_reason,
     }
 
@@ -72,7 +78,7 @@ def job_json(job: JobRecord, tracked: TrackedJob | None = None) -> dict[str, Any
         "archived_at": _iso(job.archived_at),
         "deadline": _iso(min(deadlines)) if deadlines else None,
         "archived_with_slack_seconds": min(slacks) if slacks else None,
-        "error": job.error,
+        "error": _scrubbed(job.error),
         "credits_refunded": job.credits_refunded,
         "metadata": redact(job.metadata),
         "tracking": redact(job.tracking),
@@ -86,6 +92,9 @@ def job_json(job: JobRecord, tracked: TrackedJob | None = None) -> dict[str, Any
                 "event": d.event,
                 "outcome": d.outcome,
                 "duplicate": d.outcome != "accepted",
+                # The same webhook id arrived earlier with a different body: a provider bug or a
+                # replay with altered content. Recorded, never trusted silently.
+                "body_mismatch": d.body_mismatch,
                 "payload_sha256": d.payload_sha256,
                 "payload": redacted_payload(d.body),
             }
@@ -106,7 +115,7 @@ def job_json(job: JobRecord, tracked: TrackedJob | None = None) -> dict[str, Any
                 "slack_seconds": (
                     (a.deadline - a.archived_at).total_seconds() if a.archived_at else None
                 ),
-                "error": a.error,
+                "error": _scrubbed(a.error),
             }
             for a in job.assets
         ],
@@ -123,7 +132,7 @@ def summary_json(job: JobSummary) -> dict[str, Any]:
         "completed_at": _iso(job.completed_at),
         "archived_at": _iso(job.archived_at),
         "deadline": _iso(job.deadline),
-        "error": job.error,
+        "error": _scrubbed(job.error),
     }
 
 
@@ -135,7 +144,8 @@ def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, number = text.partition(":")
-        if prefix != "seq" or not number.isdigit():
+        # At most 18 digits: a sequence number SQLite's 64-bit INTEGER can compare against.
+        if prefix != "seq" or not (number.isascii() and number.isdigit()) or len(number) > 18:
             raise ValueError(cursor)
         return int(number)
     except (ValueError, binascii.Error, UnicodeDecodeError):
@@ -205,16 +215,7 @@ class AuditApi:
             q.get("since") or None,
             q.get("until") or None,
         )
-        raw_limit = q.get("limit", "50")
-        # isascii: str.isdigit also accepts digits int() refuses, such as "²".
-        if (
-            not (raw_limit.isascii() and raw_limit.isdigit())
-            or not 1 <= int(raw_limit) <= MAX_LIMIT
-        ):
-            raise InvalidPayload(
-                "invalid limit", [{"field": "limit", "problem": f"an integer 1..{MAX_LIMIT}"}]
-            )
-        limit = int(raw_limit)
+        limit = check_limit(q.get("limit", "50"), MAX_LIMIT)
         cursor = q.get("cursor")
         before = decode_cursor(cursor) if cursor else None
         # One extra row tells whether another page exists.

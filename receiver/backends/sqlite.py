@@ -12,14 +12,19 @@ share the file: BEGIN IMMEDIATE plus a busy timeout serialises their writers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
+
+from receiver.errors import LedgerUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +61,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     event TEXT NOT NULL,
     payload_sha256 TEXT NOT NULL,
     body BLOB NOT NULL,
-    outcome TEXT NOT NULL
+    outcome TEXT NOT NULL,
+    body_mismatch INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (provider, job_id, seq);
 CREATE INDEX IF NOT EXISTS deliveries_id ON deliveries (provider, delivery_id);
@@ -111,6 +117,8 @@ CREATE TABLE IF NOT EXISTS tracked (
     PRIMARY KEY (provider, job_id)
 );
 CREATE INDEX IF NOT EXISTS tracked_due ON tracked (state, next_poll_at);
+-- One row rewritten by the readiness probe: proof that the writer can write again.
+CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
 
 _MAX_GROUP = 512
@@ -120,6 +128,28 @@ _MAX_GROUP = 512
 _CHECKPOINT_IDLE_AFTER = 50
 _CHECKPOINT_FORCE_AFTER = 2000
 _STOP = object()
+# How long a caller waits for its group's commit before it is answered 503: a locked file
+# (another process's busy timeout is 30 s) or a stuck disk must never hold a request forever.
+WRITE_TIMEOUT_SECONDS = 45.0
+MIN_FREE_BYTES = 1024 * 1024
+
+
+def create_private(path: Path) -> None:
+    """Create the state folder (0700) and the database file (0600) before SQLite opens it.
+
+    The ledger holds raw payloads with full signed URLs. SQLite creates the `-wal` and `-shm`
+    files with the main file's mode, so a 0600 database keeps them owner-only too. Existing
+    files are tightened as well (a ledger created 0644 by an older version).
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+        path.parent.chmod(0o700)  # mkdir's mode is filtered by the umask
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -133,15 +163,28 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class Database:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, write_timeout: float = WRITE_TIMEOUT_SECONDS) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with connect(path) as conn:
+        create_private(path)
+        conn = connect(path)
+        try:
             conn.executescript(SCHEMA)
+            _migrate(conn)
+        finally:
+            conn.close()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._local = threading.local()
         self._writer: threading.Thread | None = None
+        self.write_timeout = write_timeout
+        # Below this much free space the ledger reports itself not ready: a delivery (up to the
+        # body limit, written to the WAL and later checkpointed) may no longer fit.
+        self.min_free_bytes = MIN_FREE_BYTES
         self.groups_committed = 0  # observability for tests/benchmarks: transactions, not writes
+        # Why the last write or checkpoint failed (None: the last one succeeded). `/readyz`
+        # reports it; the next successful commit clears it.
+        self.write_error: str | None = None
+        self.checkpoint_every = (_CHECKPOINT_IDLE_AFTER, _CHECKPOINT_FORCE_AFTER)
+        self.connect_writer: Callable[[Path], sqlite3.Connection] = connect  # tests inject faults
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -158,13 +201,47 @@ class Database:
             self._writer = None
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` inside the next group transaction; return once that group is committed."""
+        """Run `fn` inside the next group transaction; return once that group is committed.
+
+        A group that cannot be committed (disk full, I/O error, locked file) raises
+        `LedgerUnavailable` (503) in every caller, as does a commit that takes longer than
+        `write_timeout`: no caller waits without a bound, and none is told "done" for a write
+        that is not on disk.
+        """
         if self._writer is None:
             raise RuntimeError("the database writer is not running")
+        if not self._writer.is_alive():  # never expected: the loop catches everything
+            log.error("sqlite_writer_restarted")
+            self._writer = None
+            self.start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        # Retrieve a late outcome nobody awaits any more (after a timeout): no asyncio warning.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._inbox.put((fn, future, loop))
-        return await future
+        try:
+            # shield: a timeout answers the caller; the write itself stays queued and may
+            # still commit (a retried delivery is then a duplicate, never a loss).
+            return await asyncio.wait_for(asyncio.shield(future), self.write_timeout)
+        except TimeoutError:
+            raise LedgerUnavailable(
+                f"the ledger did not commit within {self.write_timeout:g} s; nothing was "
+                "acknowledged, retry later",
+                {"error": self.write_error},
+            ) from None
+
+    def free_bytes(self) -> int:
+        """Free space on the ledger's file system (for unprivileged users)."""
+        stats = os.statvfs(self.path.parent)
+        return stats.f_bavail * stats.f_frsize
+
+    async def probe_write(self) -> None:
+        """A real write through the writer (readiness): proves the file takes writes again."""
+        await self.write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, ?)", (time.time(),)
+            )
+        )
 
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A write from synchronous code (CLI): its own short transaction."""
@@ -179,8 +256,10 @@ class Database:
         return result
 
     def _write_loop(self) -> None:
-        conn = connect(self.path)
-        conn.execute("PRAGMA wal_autocheckpoint=0")
+        """The writer thread. Nothing ends it but `stop()`: every failure (opening the file,
+        a commit, a checkpoint) is answered to the callers concerned, remembered in
+        `write_error` for `/readyz`, and the next group starts on a fresh connection."""
+        conn: sqlite3.Connection | None = None
         since_checkpoint = 0
         try:
             while True:
@@ -198,22 +277,49 @@ class Database:
                         stop_after = True
                         break
                     group.append(item)
-                self._commit_group(conn, group)
-                since_checkpoint += 1
-                idle = self._inbox.empty()
-                if (idle and since_checkpoint >= _CHECKPOINT_IDLE_AFTER) or (
-                    since_checkpoint >= _CHECKPOINT_FORCE_AFTER
-                ):
-                    # PASSIVE: never waits for readers; what it cannot copy now, a later one will.
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                    since_checkpoint = 0
+                try:
+                    if conn is None:
+                        conn = self.connect_writer(self.path)
+                        conn.execute("PRAGMA wal_autocheckpoint=0")
+                except Exception as exc:
+                    self._failed("open", exc)
+                    self._settle(group, [(False, _unavailable(exc))] * len(group))
+                else:
+                    if not self._commit_group(conn, group):
+                        _discard(conn)
+                        conn = None  # a fresh connection for the next group
+                    else:
+                        since_checkpoint += 1
+                        idle_after, force_after = self.checkpoint_every
+                        if (idle_after <= since_checkpoint and self._inbox.empty()) or (
+                            since_checkpoint >= force_after
+                        ):
+                            since_checkpoint = 0
+                            if not self._checkpoint(conn):
+                                _discard(conn)
+                                conn = None
                 if stop_after:
                     return
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
-    def _commit_group(self, conn: sqlite3.Connection, group: list[Any]) -> None:
+    def _checkpoint(self, conn: sqlite3.Connection) -> bool:
+        try:
+            # PASSIVE: never waits for readers; what it cannot copy now, a later one will.
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except Exception as exc:  # a full disk fails here too; the WAL keeps the data
+            self._failed("checkpoint", exc)
+            return False
+        return True
+
+    def _failed(self, step: str, exc: BaseException) -> None:
+        self.write_error = f"{step}: {type(exc).__name__}: {exc}"
+        log.error("sqlite_write_failed", step=step, error=f"{type(exc).__name__}: {exc}")
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[Any]) -> bool:
         outcomes: list[tuple[bool, Any]] = []
+        committed = False
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, _future, _loop in group:
@@ -221,24 +327,34 @@ class Database:
                 try:
                     outcomes.append((True, fn(conn)))
                     conn.execute("RELEASE item")
+                except sqlite3.OperationalError:
+                    raise  # disk full, I/O error, locked: the whole group fails, below
                 except Exception as exc:  # one bad write must not sink the group
                     conn.execute("ROLLBACK TO item")
                     conn.execute("RELEASE item")
                     outcomes.append((False, exc))
             conn.execute("COMMIT")
             self.groups_committed += 1
+            self.write_error = None
+            committed = True
         except Exception as exc:
-            log.error("sqlite_group_commit_failed", error=str(exc), size=len(group))
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            outcomes = [(False, exc)] * len(group)
+            self._failed("commit", exc)
+            with contextlib.suppress(Exception):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            outcomes = [(False, _unavailable(exc))] * len(group)
+        self._settle(group, outcomes)
+        return committed
+
+    def _settle(self, group: list[Any], outcomes: list[tuple[bool, Any]]) -> None:
         # One wake-up per event loop for the whole group, not one per caller: each
         # call_soon_threadsafe writes to the loop's self-pipe.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_fn, future, loop), (ok, value) in zip(group, outcomes, strict=True):
             by_loop.setdefault(loop, []).append((future, ok, value))
         for loop, settled in by_loop.items():
-            loop.call_soon_threadsafe(_settle_all, settled)
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle_all, settled)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -254,6 +370,28 @@ class Database:
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self.read_sync, fn)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Columns added after a table was first created (CREATE TABLE IF NOT EXISTS skips them)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
+    if "body_mismatch" not in columns:
+        conn.execute("ALTER TABLE deliveries ADD COLUMN body_mismatch INTEGER NOT NULL DEFAULT 0")
+
+
+def _discard(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(Exception):
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+def _unavailable(exc: BaseException) -> LedgerUnavailable:
+    return LedgerUnavailable(
+        "the ledger cannot be written right now; nothing was acknowledged, retry later",
+        {"error": f"{type(exc).__name__}: {exc}"},
+    )
 
 
 def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:

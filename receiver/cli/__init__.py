@@ -72,7 +72,7 @@ def serve(
     """Receive webhooks (and, by default, run archive workers in the same process)."""
     import uvicorn
 
-    from receiver.app import build_parts, create_app
+    from receiver.app import build_parts, create_app, uvicorn_options
 
     overrides: dict[str, Any] = {"insecure_dev": True} if insecure_dev else {}
     settings = load_settings(env_file, **overrides)
@@ -85,7 +85,7 @@ def serve(
     tune_gc()
     # access_log off: webhook paths may carry a provider's secret token.
     config = uvicorn.Config(
-        application, host=host, port=port, access_log=False, log_level="warning"
+        application, host=host, port=port, log_level="warning", **uvicorn_options(settings)
     )
     server = uvicorn.Server(config)
     sock = config.bind_socket()  # bound before the line below, so the port in it is real

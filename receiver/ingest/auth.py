@@ -35,8 +35,9 @@ def decode_secret(secret: str) -> bytes:
     return key
 
 
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The `webhook-signature` header value for one secret (used by tests and the simulator)."""
+def sign(secret: str, msg_id: str, timestamp: int | str, body: bytes) -> str:
+    """The `webhook-signature` header value for one secret (used by tests and the simulator);
+    `timestamp` is signed as the header's text."""
     mac = hmac.new(decode_secret(secret), f"{msg_id}.{timestamp}.".encode() + body, "sha256")
     return "v1," + base64.b64encode(mac.digest()).decode()
 
@@ -63,17 +64,19 @@ class SignatureVerifier:
                 "missing Standard Webhooks headers",
                 {"required": ["webhook-id", "webhook-timestamp", "webhook-signature"]},
             )
-        try:
-            sent_at = int(timestamp)
-        except ValueError:
-            raise Unauthorized("webhook-timestamp is not a unix timestamp") from None
+        # Plain ASCII digits only (int() also takes "+1", " 1", "1_0" and other scripts' digits),
+        # and few of them. The signature below covers the header's text exactly as sent.
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+            raise Unauthorized("webhook-timestamp is not a unix timestamp")
+        sent_at = int(timestamp)
         if abs(now - sent_at) > self._tolerance:
             # Outside the window a captured request could be replayed at will.
             raise Unauthorized(
                 "webhook-timestamp outside the tolerance window",
                 {"tolerance_seconds": self._tolerance},
             )
-        signed = f"{msg_id}.{sent_at}.".encode() + body
+        # Standard Webhooks signs the header's text exactly as sent, not a re-rendered number.
+        signed = f"{msg_id}.{timestamp}.".encode() + body
         offered = [
             part[3:] for part in signatures.split() if part.startswith("v1,") and len(part) > 3
         ]

@@ -10,13 +10,21 @@ import hashlib
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from receiver.domain import Clock, JobEvent, archive_key, compute_deadline
+import structlog
+
+from receiver.domain import (
+    RESERVED_NAMES,
+    Clock,
+    JobEvent,
+    archive_key,
+    compute_deadline,
+    fit_name,
+)
 from receiver.ledger import IncomingDelivery, Ledger, PlannedOutput, RecordResult
 from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec
 
-# A file name the archive itself uses beside each job's outputs.
-RESERVED_NAMES = frozenset({"manifest.json"})
+log = structlog.get_logger(__name__)
 
 
 def plan_outputs(
@@ -27,12 +35,14 @@ def plan_outputs(
     plan: list[PlannedOutput] = []
     used: set[str] = set(RESERVED_NAMES)
     for n, output in enumerate(event.outputs):
-        name = output.name
+        # Fitted first (reserved names, length), so the key's last segment is the asset's name.
+        base = fit_name(output.name) or f"output-{n}"
+        name = base
         prefix = n
-        while name in used:  # each output needs a key of its own
-            name = f"{prefix}-{output.name}"
+        while name.lower() in used:  # each output needs a key of its own (any file system)
+            name = fit_name(f"{prefix}-{base}")
             prefix += 1
-        used.add(name)
+        used.add(name.lower())
         plan.append(
             PlannedOutput(
                 n=n,
@@ -93,6 +103,15 @@ class Ingestor:
         plan = plan_outputs(event, self.specs[event.provider], received_at, self.margin)
         result = await self.ledger.record(event, delivery, plan)
         self.metrics.deliveries.labels(event.provider, source, result.outcome.value).inc()
+        if result.body_mismatch:
+            self.metrics.body_mismatches.labels(event.provider).inc()
+            log.warning(
+                "delivery_id_reused_with_another_body",
+                provider=event.provider,
+                job_id=event.job_id,
+                delivery_id=delivery_id,
+                payload_sha256=delivery.payload_sha256,
+            )
         if result.tasks_queued:
             self.on_queued()
         return result

@@ -7,9 +7,10 @@ authentication (401), JSON (400), schema (422). The 2xx leaves only after the le
 
 from __future__ import annotations
 
-import json
+import asyncio
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,20 +19,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from receiver.domain import DeliveryOutcome
+from receiver.domain import DeliveryOutcome, scrub_secrets
 from receiver.errors import (
-    MalformedJson,
     NotFound,
     PayloadTooLarge,
     RequestRejected,
+    RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
 )
 from receiver.ingest.auth import SignatureVerifier, Verified, check_token
 from receiver.ingest.record import Ingestor
+from receiver.metrics import Metrics
 from receiver.providers.base import ProviderSpec
+from receiver.providers.bounds import check_delivery_id, load_json
 
 log = structlog.get_logger(__name__)
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
 @dataclass(frozen=True)
@@ -57,14 +62,14 @@ class Webhooks:
         max_body_bytes: int,
         wall_clock: Callable[[], float] = time.time,
         on_auth_failure: Callable[[str], None] = lambda provider: None,
-        on_rejected: Callable[[str, str], None] = lambda provider, code: None,
+        body_timeout: float = 20.0,
     ) -> None:
+        self.body_timeout = body_timeout
         self.ingestor = ingestor
         self.endpoints = endpoints
         self.max_body_bytes = max_body_bytes
         self.wall_clock = wall_clock
         self.on_auth_failure = on_auth_failure
-        self.on_rejected = on_rejected  # (provider, error code): refused for another reason
 
     def routes(self) -> list[Route]:
         return [
@@ -73,17 +78,6 @@ class Webhooks:
         ]
 
     async def receive(self, request: Request) -> JSONResponse:
-        try:
-            return await self._receive(request)
-        except Unauthorized:
-            raise  # counted as an authentication failure
-        except RequestRejected as exc:
-            # Only a configured provider's: a made-up path must not invent metric labels.
-            if request.path_params["provider"] in self.endpoints:
-                self.on_rejected(request.path_params["provider"], exc.code)
-            raise
-
-    async def _receive(self, request: Request) -> JSONResponse:
         provider = request.path_params["provider"]
         endpoint = self.endpoints.get(provider)
         if endpoint is None:
@@ -92,20 +86,15 @@ class Webhooks:
                 {"providers": sorted(self.endpoints)},
             )
         _check_content_type(request.headers.get("content-type"))
-        body = await _read_body(request, self.max_body_bytes)
+        body = await read_body_within(request, self.max_body_bytes, self.body_timeout)
         try:
             verified = self._authenticate(request, endpoint.auth, body)
-        except Unauthorized as exc:
-            # Never log the token or the signature: only what failed.
-            log.warning("webhook_auth_failed", provider=provider, reason=exc.message)
-            self.on_auth_failure(provider)
+        except Unauthorized:
+            self.on_auth_failure(provider)  # logged once, with every rejection: note_rejection
             raise
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MalformedJson("the body is not valid JSON", {"error": str(exc)}) from None
-        except RecursionError:
-            raise MalformedJson("the body is nested too deeply", None) from None
+        # The edge's one rule (numbers, depth, strings, ids, dates): `providers.bounds`.
+        payload = load_json(body)
+        delivery_id = check_delivery_id(verified.webhook_id)
         assert endpoint.spec.parse_webhook is not None  # only webhook providers get endpoints
         event = endpoint.spec.parse_webhook(payload)
         result = await self.ingestor.ingest(
@@ -113,13 +102,13 @@ class Webhooks:
             body=body,
             source="webhook",
             auth=verified.method,
-            delivery_id=verified.webhook_id,
+            delivery_id=delivery_id,
         )
         log.info(
             "webhook_recorded",
             provider=provider,
             job_id=event.job_id,
-            delivery_id=verified.webhook_id,
+            delivery_id=delivery_id,
             kind=event.kind.value,
             outcome=result.outcome.value,
         )
@@ -161,6 +150,18 @@ def _check_content_type(value: str | None) -> None:
         )
 
 
+async def read_body_within(request: Request, limit: int, seconds: float) -> bytes:
+    """The whole body, at most `limit` bytes, within `seconds` (else 408): a client trickling
+    its body cannot hold a connection and a request slot for ever."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {seconds:g} s", {"timeout_seconds": seconds}
+        ) from None
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -188,3 +189,29 @@ def error_payload(status: int, code: str, message: str, details: Any = None) -> 
     return JSONResponse(
         {"error": {"code": code, "message": message, "details": details}}, status_code=status
     )
+
+
+def note_rejection(
+    metrics: Metrics, webhook_providers: Collection[str], request: Request, exc: RequestRejected
+) -> None:
+    """Log and count one 4xx of a webhook or an operator call (the app's error handler calls it
+    once per rejection). Only provider, status, code and our own reason: never the path (it may
+    hold the provider's token), the body, a signature or a header."""
+    if exc.status >= 500:
+        return  # 503s are the ledger's: logged by the writer, not a caller's mistake
+    # Our own words only: values quoted from the request ('...' / "...") are elided.
+    reason = _QUOTED.sub("'…'", scrub_secrets(" ".join(exc.message.split())))[:200]
+    path = request.url.path
+    if path.startswith("/webhooks/"):
+        named = str(request.path_params.get("provider", ""))
+        provider = named if named in webhook_providers else "unknown"  # bounded label values
+        metrics.webhook_rejections.labels(provider, exc.code).inc()
+        log.warning(
+            "webhook_rejected", provider=provider, status=exc.status, code=exc.code, reason=reason
+        )
+    elif path == "/jobs" or path.startswith("/jobs/"):
+        route = f"{request.method} /jobs" if path == "/jobs" else f"{request.method} /jobs/..."
+        metrics.operator_rejections.labels(route, exc.code).inc()
+        log.warning(
+            "operator_call_rejected", route=route, status=exc.status, code=exc.code, reason=reason
+        )

@@ -61,6 +61,9 @@ class RecordResult:
     job_state: JobState
     delivery_seq: int
     tasks_queued: int
+    # The delivery id was seen before with a different body (payload SHA-256 of the first
+    # delivery of that id): a provider bug or a replay with altered content. Recorded, flagged.
+    body_mismatch: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class DeliveryRecord:
     payload_sha256: str
     outcome: str
     body: bytes
+    body_mismatch: bool = False  # same delivery id as an earlier delivery, different body
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,14 @@ class Ledger(Protocol):
     async def mark_asset_ended(
         self, provider: str, job_id: str, n: int, state: JobState, error: str, now: datetime
     ) -> JobState: ...
+
+    async def end_tracking(
+        self, provider: str, job_id: str, state: JobState, reason: str, now: datetime
+    ) -> bool:
+        """End a job whose polling stopped for good (not found, gave up) as `state` (expired or
+        dead) with `reason`, if the provider never finished it (still tracking/processing);
+        True if it changed. Registering it again reopens it (`track`)."""
+        ...
 
     async def job(self, provider: str, job_id: str) -> JobRecord | None: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from datetime import datetime
@@ -9,6 +10,7 @@ from typing import Any
 
 from receiver.backends.sqlite import Database
 from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
+from receiver.errors import LedgerUnavailable
 from receiver.ledger import (
     Activity,
     ArchivedAsset,
@@ -59,9 +61,33 @@ class SqliteLedger:
                     "AND tracking IS NULL",
                     (json.dumps(tracking), provider, job_id),
                 )
+                # Ended by polling (never finished by the provider, nothing to copy): a new
+                # registration reopens it.
+                conn.execute(
+                    "UPDATE jobs SET state = 'tracking', error = NULL, updated_at = ? "
+                    "WHERE provider = ? AND job_id = ? AND state IN ('dead', 'expired') "
+                    "AND completed_at IS NULL AND failed_at IS NULL",
+                    (at, provider, job_id),
+                )
             return created
 
         return await self.db.write(write)
+
+    async def end_tracking(
+        self, provider: str, job_id: str, state: JobState, reason: str, now: datetime
+    ) -> bool:
+        if state not in (JobState.EXPIRED, JobState.DEAD):
+            raise ValueError(f"tracking ends as expired or dead, not {state}")
+        return await self.db.write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE jobs SET state = ?, error = ?, updated_at = ? "
+                    "WHERE provider = ? AND job_id = ? AND state IN ('tracking', 'processing')",
+                    (state.value, reason, now.timestamp(), provider, job_id),
+                ).rowcount
+                == 1
+            )
+        )
 
     async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None:
         def read(conn: sqlite3.Connection) -> AssetToCopy | None:
@@ -151,6 +177,15 @@ class SqliteLedger:
 
     async def ping(self) -> None:
         await self.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
+        free = await asyncio.to_thread(self.db.free_bytes)
+        if free < self.db.min_free_bytes:
+            raise LedgerUnavailable(
+                f"the ledger's file system has {free} bytes free "
+                f"(at least {self.db.min_free_bytes} needed to take deliveries)"
+            )
+        if self.db.write_error is not None:
+            # The last write or checkpoint failed: ready again only once a real write commits.
+            await self.db.probe_write()
 
 
 def _record(
@@ -167,6 +202,17 @@ def _record(
     ).fetchone()
     current = JobState(row["state"]) if row else None
     current_urls: tuple[str, ...] = ()
+    # The first delivery with this id (any job): a replay, or the same id with another body.
+    first = (
+        conn.execute(
+            "SELECT payload_sha256 FROM deliveries WHERE provider = ? AND delivery_id = ? "
+            "ORDER BY seq LIMIT 1",
+            (event.provider, delivery.delivery_id),
+        ).fetchone()
+        if delivery.delivery_id is not None
+        else None
+    )
+    body_mismatch = first is not None and first["payload_sha256"] != delivery.payload_sha256
     seen_id = False
     if row is not None:
         # A new job has no links yet, and a replayed delivery id only matters for a known job.
@@ -176,14 +222,7 @@ def _record(
                 "SELECT source_url FROM assets WHERE provider = ? AND job_id = ? ORDER BY n", key
             )
         )
-        seen_id = (
-            delivery.delivery_id is not None
-            and conn.execute(
-                "SELECT 1 FROM deliveries WHERE provider = ? AND delivery_id = ? LIMIT 1",
-                (event.provider, delivery.delivery_id),
-            ).fetchone()
-            is not None
-        )
+        seen_id = first is not None
     decision = decide(current, current_urls, event, seen_id=seen_id)
     now = delivery.received_at.timestamp()
     deadline = min((to_ts(o.deadline) or 0.0 for o in plan), default=None)
@@ -271,7 +310,8 @@ def _record(
         )
     cursor = conn.execute(
         "INSERT INTO deliveries (provider, job_id, delivery_id, received_at, source, auth, "
-        "event, payload_sha256, body, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "event, payload_sha256, body, outcome, body_mismatch) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             *key,
             delivery.delivery_id,
@@ -282,6 +322,7 @@ def _record(
             delivery.payload_sha256,
             delivery.body,
             decision.outcome.value,
+            int(body_mismatch),
         ),
     )
     return RecordResult(
@@ -289,6 +330,7 @@ def _record(
         job_state=decision.state,
         delivery_seq=cursor.lastrowid or 0,
         tasks_queued=tasks,
+        body_mismatch=body_mismatch,
     )
 
 
@@ -344,6 +386,7 @@ def read_job(conn: sqlite3.Connection, provider: str, job_id: str) -> JobRecord 
             payload_sha256=d["payload_sha256"],
             outcome=d["outcome"],
             body=bytes(d["body"]),
+            body_mismatch=bool(d["body_mismatch"]),
         )
         for d in conn.execute(
             "SELECT * FROM deliveries WHERE provider = ? AND job_id = ? ORDER BY seq",
@@ -537,7 +580,8 @@ def _restore(conn: sqlite3.Connection, job: JobRecord) -> bool:
     for d in job.deliveries:
         conn.execute(
             "INSERT INTO deliveries (provider, job_id, delivery_id, received_at, source, auth, "
-            "event, payload_sha256, body, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "event, payload_sha256, body, outcome, body_mismatch) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 *key,
                 d.delivery_id,
@@ -548,6 +592,7 @@ def _restore(conn: sqlite3.Connection, job: JobRecord) -> bool:
                 d.payload_sha256,
                 d.body,
                 d.outcome,
+                int(d.body_mismatch),
             ),
         )
     for a in job.assets:

@@ -239,6 +239,13 @@ class Poller:
             )
         return await self._next_delay()
 
+    async def _end(self, job: TrackedJob, reason: str, now: datetime) -> None:
+        """A job polling gave up on ends in the ledger too (dead, with the reason), so the audit
+        shows a final state rather than `tracking` for ever."""
+        await self.ingestor.ledger.end_tracking(
+            job.provider, job.job_id, JobState.DEAD, reason, now
+        )
+
     async def _settled_or_stopped(
         self, job: TrackedJob, now: datetime, problem: Problem | None
     ) -> bool:
@@ -259,6 +266,7 @@ class Poller:
                 f"without a final status (last: {job.last_status or 'none'})"
             )
             await self.tracked.stop(job.provider, job.job_id, StopReason.GAVE_UP, message, now)
+            await self._end(job, f"polling stopped: {message}", now)
             log.warning("poll_gave_up", provider=job.provider, job_id=job.job_id, polls=job.polls)
             return True
         return False
@@ -334,6 +342,7 @@ class Poller:
                 await self.tracked.stop(
                     job.provider, job.job_id, StopReason.NOT_FOUND, message, now
                 )
+                await self._end(job, f"polling stopped: {message}", now)
                 log.warning("poll_not_found_stopped", provider=job.provider, job_id=job.job_id)
             else:
                 await self._retry(job, result.error, counted=True, not_found=True)

@@ -23,15 +23,16 @@ from starlette.routing import Route
 from receiver.domain import Clock
 from receiver.errors import (
     InvalidPayload,
-    MalformedJson,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from receiver.ingest.routes import read_body_within
 from receiver.ledger import Ledger
 from receiver.operator_auth import require_operator
 from receiver.polling.schedule import Tracker
 from receiver.providers import REGISTRY
-from receiver.providers.base import validate
+from receiver.providers.base import JobId, validate
+from receiver.providers.bounds import check_value, load_json
 from receiver.providers.flora import SLUG_PATTERN
 from receiver.settings import Settings
 
@@ -42,8 +43,8 @@ class TrackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     provider: str = Field(min_length=1, max_length=32)
-    # Any printable id (it is percent-encoded into URLs); control characters are refused.
-    job_id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+    # The edge's job-id grammar (`providers.bounds`): percent-encoded into URLs and keys.
+    job_id: JobId
     technique: str | None = Field(default=None, pattern=SLUG_PATTERN)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -99,6 +100,7 @@ class Registrar:
         self.on_registered = on_registered
 
     def check(self, data: Any) -> TrackRequest:
+        check_value(data)  # `receiver track` arrives here without load_json
         request = validate(TrackRequest, data)
         spec = REGISTRY.get(request.provider)
         if spec is None or spec.status_api is None:
@@ -207,26 +209,11 @@ class TrackingApi:
                 "POST /jobs takes application/json",
                 {"content_type": request.headers.get("content-type")},
             )
-        body = await _read_body(request)
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MalformedJson("the body is not valid JSON", {"error": str(exc)}) from None
+        body = await read_body_within(
+            request, MAX_REQUEST_BYTES, self.registrar.settings.body_timeout_seconds
+        )
+        data = load_json(body)  # the edge's one rule, as for webhooks
         registration = await self.registrar.register(data, source="api")
         return JSONResponse(
             registration.body(), status_code=201 if registration.outcome == "created" else 200
         )
-
-
-async def _read_body(request: Request) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_REQUEST_BYTES:
-            raise PayloadTooLarge(
-                f"body exceeds the {MAX_REQUEST_BYTES}-byte limit",
-                {"limit_bytes": MAX_REQUEST_BYTES},
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)

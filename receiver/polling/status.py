@@ -19,9 +19,10 @@ from typing import Any
 
 import httpx
 
-from receiver.domain import JobEvent
+from receiver.domain import JobEvent, scrub_secrets
 from receiver.errors import RequestRejected
 from receiver.providers.base import ProviderSpec, StatusApi
+from receiver.providers.bounds import is_safe_path, load_json
 
 MAX_STATUS_BYTES = 1024 * 1024  # a status document is a few hundred bytes; refuse floods
 MAX_ERROR_CHARS = 300
@@ -79,7 +80,14 @@ class StatusClient:
         self.wall_clock = wall_clock
 
     async def poll(self, job_id: str, tracking: Mapping[str, Any]) -> PollResult:
-        call = self.api.request(job_id, tracking)
+        try:
+            call = self.api.request(job_id, tracking)
+            if not is_safe_path(call.path):
+                raise ValueError(f"unsafe status path for job {job_id!r}")
+        except ValueError as exc:
+            # A dot segment would make the client or the provider resolve another path of its
+            # API, with our key: never sent. Counted as "not found", which ends the tracking.
+            return PollResult(PollOutcome.NOT_FOUND, error=f"not requested: {exc}")
         headers = {"Accept": "application/json", **self.api.auth_headers(self._key)}
         try:
             async with self.http.stream(
@@ -103,10 +111,13 @@ class StatusClient:
         common: dict[str, Any] = {"body": body, "status_code": status, "rate": rate}
         if status == 200:
             try:
-                payload = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                payload = load_json(body)
+            except RequestRejected as exc:
                 return PollResult(
-                    PollOutcome.MALFORMED, error=f"status response is not JSON: {exc}", **common
+                    PollOutcome.MALFORMED,
+                    error=f"status response is not JSON under our rules: {exc.message}",
+                    details=exc.details,
+                    **common,
                 )
             try:
                 event = self.api.parse(payload, job_id)
@@ -138,7 +149,7 @@ class StatusClient:
         )
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        return scrub_secrets(text.replace(self._key, "***") if self._key else text)
 
 
 class _TooLarge(Exception):

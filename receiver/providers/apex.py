@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from receiver.domain import EventKind, JobEvent, Output, output_name
 from receiver.errors import InvalidPayload, UnknownEvent
 from receiver.providers.base import (
+    Count,
+    JobId,
     ProviderSpec,
     RateBudget,
     StatusApi,
@@ -47,7 +49,7 @@ class _Model(BaseModel):
 
 
 class CompletedData(_Model):
-    jobId: str = Field(min_length=1, max_length=256)
+    jobId: JobId
     type: str = Field(min_length=1, max_length=64)
     status: Literal["completed"] = "completed"
     outputUrl: str = Field(min_length=1, max_length=8192, pattern=r"^[hH][tT][tT][pP][sS]?://")
@@ -58,11 +60,11 @@ class CompletedData(_Model):
 
 
 class FailedData(_Model):
-    jobId: str = Field(min_length=1, max_length=256)
+    jobId: JobId
     type: str = Field(min_length=1, max_length=64)
     status: Literal["failed"] = "failed"
     error: str | None = Field(default=None, max_length=4096)
-    creditsRefunded: int | None = Field(default=None, ge=0)
+    creditsRefunded: Count | None = None
     createdAt: UtcDatetime | None = None
     failedAt: UtcDatetime
 
@@ -133,7 +135,7 @@ class StatusJob(_Model):
     outputType: str | None = Field(default=None, max_length=255)
     metadata: dict[str, Any] = Field(default_factory=dict)
     error: str | None = Field(default=None, max_length=4096)
-    creditsRefunded: int | None = Field(default=None, ge=0)
+    creditsRefunded: Count | None = None
     completedAt: UtcDatetime | None = None
     failedAt: UtcDatetime | None = None
 

@@ -8,24 +8,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from receiver.domain import JobEvent
 from receiver.errors import InvalidPayload
+from receiver.providers.bounds import MAX_INT, bounded_utc, job_id_problem
 
 M = TypeVar("M", bound=BaseModel)
 
+# A provider's time as aware UTC inside the edge's date range (`bounds.bounded_utc`): a naive
+# datetime must never meet the aware ones in deadline arithmetic, and a year-1 time with a +14:00
+# offset must be a 422 here rather than an OverflowError later.
+UtcDatetime = Annotated[datetime, AfterValidator(bounded_utc)]
 
-def _assume_utc(value: datetime) -> datetime:
-    # Providers document UTC ("...Z"); a time sent without an offset means the same, and a
-    # naive datetime must never meet the aware ones in deadline arithmetic.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+def _job_id(value: str) -> str:
+    problem = job_id_problem(value)
+    if problem is not None:
+        raise ValueError(f"{problem} (rule 'job_id')")
+    return value
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_assume_utc)]
+# A provider's job id under the edge's grammar (`bounds.job_id_problem`).
+JobId = Annotated[str, AfterValidator(_job_id)]
+# A count that fits SQLite's signed 64-bit INTEGER.
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from receiver.domain import EventKind, JobEvent, Output, output_name
 from receiver.errors import InvalidPayload, UnknownEvent
 from receiver.providers.base import (
+    JobId,
     ProviderSpec,
     RateBudget,
     StatusApi,
@@ -49,7 +50,7 @@ STATUSES = {
 class Status(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    fileId: str = Field(min_length=1, max_length=256)
+    fileId: JobId
     status: str = Field(min_length=1, max_length=64)
     progress: float | None = Field(default=None, ge=0, le=100)
     download: str | None = Field(

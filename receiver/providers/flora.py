@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +26,7 @@ from receiver.providers.base import (
     require_object,
     validate,
 )
+from receiver.providers.bounds import bounded_utc, path_segment
 
 NAME = "flora"
 STATUSES = {
@@ -68,16 +68,15 @@ def _from_millis(value: int | None) -> datetime | None:
     if value is None:
         return None
     try:
-        return datetime.fromtimestamp(value / 1000, tz=UTC)
+        # Outside the edge's date range it is as good as absent (receipt time applies).
+        return bounded_utc(datetime.fromtimestamp(value / 1000, tz=UTC))
     except (OverflowError, OSError, ValueError):
         return None
 
 
 def status_request(job_id: str, tracking: Mapping[str, Any]) -> StatusRequest:
     slug = str(tracking.get("technique") or "")
-    return StatusRequest(
-        f"/api/v1/techniques/{quote(slug, safe='')}/runs/{quote(job_id, safe='')}", {}
-    )
+    return StatusRequest(f"/api/v1/techniques/{path_segment(slug)}/runs/{path_segment(job_id)}", {})
 
 
 def parse_status_response(payload: Any, job_id: str) -> JobEvent:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +22,7 @@ from receiver.providers.base import (
     require_object,
     validate,
 )
+from receiver.providers.bounds import path_segment
 
 NAME = "vividflow"
 STATUSES = {
@@ -47,7 +47,7 @@ class Status(BaseModel):
 
 
 def status_request(job_id: str, tracking: Mapping[str, Any]) -> StatusRequest:
-    return StatusRequest(f"/status/{quote(job_id, safe='')}", {})
+    return StatusRequest(f"/status/{path_segment(job_id)}", {})
 
 
 def api_key_header(key: str) -> dict[str, str]:

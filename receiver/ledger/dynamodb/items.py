@@ -18,12 +18,13 @@ from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from receiver.backends.aws import error_code
-from receiver.domain import FINAL_STATES, EventKind, JobEvent, JobState
+from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState
 from receiver.ledger import (
     Activity,
     ArchivedSample,
     AssetRecord,
     DeliveryRecord,
+    IncomingDelivery,
     JobSummary,
     PlannedOutput,
 )
@@ -251,6 +252,7 @@ def _delivery_record(item: Item, parts: list[tuple[int, bytes]]) -> DeliveryReco
         payload_sha256=item["payload_sha256"],
         outcome=item["outcome"],
         body=zlib.decompress(body),
+        body_mismatch=bool(item.get("body_mismatch", False)),
     )
 
 
@@ -369,4 +371,57 @@ def table_definition(name: str) -> dict[str, Any]:
             index("by_state", "gsi2pk", "seq", SUMMARY_ATTRIBUTES),
             index("outbox", "obpk", "obat", ["provider", "job_id", "n", "deadline", "gen"]),
         ],
+    }
+
+
+def delivery_items(
+    pk: str,
+    sk: str,
+    event: JobEvent,
+    delivery: IncomingDelivery,
+    outcome: DeliveryOutcome,
+    body_mismatch: bool,
+) -> list[Item]:
+    """A delivery's item, its body compressed and split into parts that fit an item each."""
+    body = zlib.compress(delivery.body)
+    chunks = [body[i : i + BODY_CHUNK] for i in range(0, len(body), BODY_CHUNK)] or [b""]
+    head: Item = {
+        "pk": pk,
+        "sk": sk,
+        "delivery_id": delivery.delivery_id,
+        "received_at": delivery.received_at.timestamp(),
+        "source": delivery.source,
+        "auth": delivery.auth,
+        "event": event.kind.value,
+        "payload_sha256": delivery.payload_sha256,
+        "outcome": outcome.value,
+        "body": chunks[0],
+        "parts": len(chunks),
+    }
+    if body_mismatch:  # same delivery id as an earlier delivery, another body
+        head["body_mismatch"] = True
+    parts = [
+        {"pk": pk, "sk": f"PART#{sk}#{k:03d}", "chunk": chunk}
+        for k, chunk in enumerate(chunks[1:], start=1)
+    ]
+    return [head, *parts]
+
+
+def restored_asset_item(pk: str, a: AssetRecord) -> Item:
+    """An asset item rebuilt from a manifest (`receiver reindex`)."""
+    return {
+        "pk": pk,
+        "sk": asset_sk(a.n),
+        "n": a.n,
+        "name": a.name,
+        "key": a.key,
+        "source_url": a.source_url,
+        "content_type": a.content_type,
+        "deadline": a.deadline.timestamp(),
+        "state": a.state,
+        "uri": a.uri,
+        "size": a.size,
+        "sha256": a.sha256,
+        "archived_at": _ts(a.archived_at),
+        "error": a.error,
     }

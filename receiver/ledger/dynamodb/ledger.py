@@ -7,7 +7,6 @@ import json
 import random
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from itertools import islice
@@ -35,7 +34,6 @@ from receiver.ledger import from_ts as _opt_at
 from receiver.ledger import to_ts as _ts
 from receiver.ledger.dynamodb.items import (
     _MAX_SEQ,
-    BODY_CHUNK,
     SHARDS,
     Item,
     _activity,
@@ -53,11 +51,12 @@ from receiver.ledger.dynamodb.items import (
     _summary,
     _task_item,
     _task_message,
-    asset_sk,
     decode,
+    delivery_items,
     encode,
     job_pk,
     query_items,
+    restored_asset_item,
 )
 from receiver.ledger.dynamodb.outbox import Outbox, Publisher
 from receiver.workqueue import TaskMessage
@@ -107,6 +106,15 @@ class DynamoLedger:
         self, provider: str, job_id: str, tracking: dict[str, Any], now: datetime
     ) -> bool:
         return await run_blocking(self._track, provider, job_id, tracking, now.timestamp())
+
+    async def end_tracking(
+        self, provider: str, job_id: str, state: JobState, reason: str, now: datetime
+    ) -> bool:
+        if state not in (JobState.EXPIRED, JobState.DEAD):
+            raise ValueError(f"tracking ends as expired or dead, not {state}")
+        return await run_blocking(
+            self._end_tracking, provider, job_id, state, reason, now.timestamp()
+        )
 
     async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None:
         def read() -> AssetToCopy | None:
@@ -369,7 +377,11 @@ class DynamoLedger:
             job, assets = self._head(event.provider, event.job_id)
             current = JobState(job["state"]) if job else None
             current_urls = tuple(assets[n]["source_url"] for n in sorted(assets))
-            seen_id = marker is not None and self._get(marker, "DLVID") is not None
+            first = self._get(marker, "DLVID") if marker is not None else None
+            seen_id = first is not None
+            # Markers written before the hash was kept have none: no claim either way.
+            first_sha = first.get("payload_sha256") if first is not None else None
+            body_mismatch = first_sha is not None and first_sha != delivery.payload_sha256
             decision = decide(current, current_urls, event, seen_id=seen_id)
 
             new = dict(job) if job else _new_job(event.provider, event.job_id, now)
@@ -406,14 +418,26 @@ class DynamoLedger:
             items.insert(0, self._put_job(new, job))
             seq = _micros(now)
             dlv_sk = f"DLV#{seq:017d}#{uuid.uuid4().hex[:12]}"
-            items.extend(self._delivery_items(pk, dlv_sk, event, delivery, decision.outcome))
+            items.extend(
+                self._delivery_items(
+                    pk, dlv_sk, event, delivery, decision.outcome, body_mismatch=body_mismatch
+                )
+            )
             if marker is not None and not seen_id:
-                items.append(self._put({"pk": marker, "sk": "DLVID", "job": pk, "at": now}))
+                marker_item = {
+                    "pk": marker,
+                    "sk": "DLVID",
+                    "job": pk,
+                    "at": now,
+                    "payload_sha256": delivery.payload_sha256,
+                }
+                items.append(self._put(marker_item))
             result = RecordResult(
                 outcome=decision.outcome,
                 job_state=decision.state,
                 delivery_seq=seq,
                 tasks_queued=len(tasks),
+                body_mismatch=body_mismatch,
             )
             return items, (result, tasks)
 
@@ -426,31 +450,13 @@ class DynamoLedger:
         event: JobEvent,
         delivery: IncomingDelivery,
         outcome: DeliveryOutcome,
+        *,
+        body_mismatch: bool = False,
     ) -> list[Item]:
-        body = zlib.compress(delivery.body)
-        chunks = [body[i : i + BODY_CHUNK] for i in range(0, len(body), BODY_CHUNK)] or [b""]
-        items = [
-            self._put(
-                {
-                    "pk": pk,
-                    "sk": sk,
-                    "delivery_id": delivery.delivery_id,
-                    "received_at": delivery.received_at.timestamp(),
-                    "source": delivery.source,
-                    "auth": delivery.auth,
-                    "event": event.kind.value,
-                    "payload_sha256": delivery.payload_sha256,
-                    "outcome": outcome.value,
-                    "body": chunks[0],
-                    "parts": len(chunks),
-                }
-            )
+        return [
+            self._put(item)
+            for item in delivery_items(pk, sk, event, delivery, outcome, body_mismatch)
         ]
-        items.extend(
-            self._put({"pk": pk, "sk": f"PART#{sk}#{k:03d}", "chunk": chunk})
-            for k, chunk in enumerate(chunks[1:], start=1)
-        )
-        return items
 
     def _track(self, provider: str, job_id: str, tracking: dict[str, Any], now: float) -> bool:
         def build() -> tuple[list[Item], bool]:
@@ -460,12 +466,32 @@ class DynamoLedger:
                 new.update(state=JobState.TRACKING.value, tracking=json.dumps(tracking))
                 new["version"] = 1
                 return [self._put_job(new, None)], True
-            if job.get("tracking"):
+            reopen = job["state"] in ("dead", "expired") and not (
+                job.get("completed_at") or job.get("failed_at")
+            )  # ended by polling, never finished by the provider: a new registration reopens it
+            if job.get("tracking") and not reopen:
                 return [], False
             # Known already (a webhook may have come first): keep its state, add the caller's
             # registration.
-            new = dict(job, tracking=json.dumps(tracking), version=int(job["version"]) + 1)
+            new = dict(job, version=int(job["version"]) + 1)
+            if not new.get("tracking"):
+                new["tracking"] = json.dumps(tracking)
+            if reopen:
+                new.update(state=JobState.TRACKING.value, error=None, updated_at=now)
             return [self._put_job(new, job)], False
+
+        return self._transact(build)
+
+    def _end_tracking(
+        self, provider: str, job_id: str, state: JobState, reason: str, now: float
+    ) -> bool:
+        def build() -> tuple[list[Item], bool]:
+            job = self._get(job_pk(provider, job_id), "JOB")
+            if job is None or job["state"] not in ("tracking", "processing"):
+                return [], False
+            new = dict(job, state=state.value, error=reason, updated_at=now)
+            new["version"] = int(job["version"]) + 1
+            return [self._put_job(new, job)], True
 
         return self._transact(build)
 
@@ -541,7 +567,9 @@ class DynamoLedger:
                 delivery_id=d.delivery_id,
             )
             event = JobEvent(job.provider, job.job_id, EventKind(d.event))
-            for put in self._delivery_items(pk, sk, event, delivery, DeliveryOutcome(d.outcome)):
+            for put in self._delivery_items(
+                pk, sk, event, delivery, DeliveryOutcome(d.outcome), body_mismatch=d.body_mismatch
+            ):
                 self.ddb.put_item(**put["Put"])
             if d.delivery_id:
                 self.ddb.put_item(
@@ -556,27 +584,7 @@ class DynamoLedger:
                     ),
                 )
         for a in job.assets:
-            self.ddb.put_item(
-                TableName=self.table,
-                Item=encode(
-                    {
-                        "pk": pk,
-                        "sk": asset_sk(a.n),
-                        "n": a.n,
-                        "name": a.name,
-                        "key": a.key,
-                        "source_url": a.source_url,
-                        "content_type": a.content_type,
-                        "deadline": a.deadline.timestamp(),
-                        "state": a.state,
-                        "uri": a.uri,
-                        "size": a.size,
-                        "sha256": a.sha256,
-                        "archived_at": _ts(a.archived_at),
-                        "error": a.error,
-                    }
-                ),
-            )
+            self.ddb.put_item(TableName=self.table, Item=encode(restored_asset_item(pk, a)))
         new = _new_job(job.provider, job.job_id, job.first_seen_at.timestamp())
         new.update(
             state=job.state.value,
