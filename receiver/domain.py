@@ -30,6 +30,7 @@ class JobState(enum.StrEnum):
     FAILED = "failed"  # the provider failed the job
     EXPIRED = "expired"  # the link died before we copied it
     DEAD = "dead"  # we kept failing to copy it for another reason (dead-lettered)
+    FORGOTTEN = "forgotten"  # erased on request (`receiver forget`): only a tombstone remains
 
 
 FINAL_STATES = frozenset({JobState.ARCHIVED, JobState.FAILED, JobState.EXPIRED, JobState.DEAD})
@@ -42,6 +43,7 @@ class DeliveryOutcome(enum.StrEnum):
     DUPLICATE = "duplicate"  # the same information again (redelivery, replayed webhook id)
     REFRESHED = "refreshed"  # same job, new download links while not yet archived: tasks use them
     IGNORED = "ignored"  # contradicts a final state (e.g. failed after archived); kept as history
+    FORGOTTEN = "forgotten"  # the job was erased on request: acknowledged, nothing recorded
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,23 @@ class Decision:
 
 
 def decide(
-    current: JobState | None, current_urls: tuple[str, ...], event: JobEvent, *, seen_id: bool
+    current: JobState | None,
+    current_urls: tuple[str, ...],
+    event: JobEvent,
+    *,
+    seen_id: bool,
+    forgotten: bool = False,
 ) -> Decision:
     """The job state machine: one place that says what an event does to a job.
 
     `current` is None for a job we have never seen; `current_urls` are the links already recorded
-    for it; `seen_id` is true when this delivery's id was recorded before (a replay).
+    for it; `seen_id` is true when this delivery's id was recorded before (a replay);
+    `forgotten` is true when the job was erased on request and a tombstone stands for it.
     """
+    if forgotten:
+        # Erasure outranks everything: a redelivery must neither re-archive the job nor keep
+        # its payload. The sender gets its acknowledgment and stops retrying.
+        return Decision(DeliveryOutcome.FORGOTTEN, JobState.FORGOTTEN)
     if seen_id and current is not None:
         return Decision(DeliveryOutcome.DUPLICATE, current)
     if event.kind is EventKind.PROGRESS:

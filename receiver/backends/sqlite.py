@@ -111,7 +111,43 @@ CREATE TABLE IF NOT EXISTS tracked (
     PRIMARY KEY (provider, job_id)
 );
 CREATE INDEX IF NOT EXISTS tracked_due ON tracked (state, next_poll_at);
+-- Jobs erased on request (`receiver forget`): the record path refuses to recreate them.
+CREATE TABLE IF NOT EXISTS tombstones (
+    provider TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    forgotten_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (provider, job_id)
+);
 """
+
+# Columns added after the first release: (table, column, declaration). `Database` adds the ones an
+# older file lacks (ALTER TABLE ADD COLUMN keeps every row; new columns start NULL).
+COLUMNS_ADDED = (
+    ("deliveries", "body_removed_at", "REAL"),  # payload retention dropped the raw body then
+    ("assets", "verified_at", "REAL"),  # last fixity check
+    ("assets", "verified_by", "TEXT"),
+    ("assets", "fixity_error", "TEXT"),  # what the last check found wrong (NULL: it passed)
+)
+
+# Indexes over added columns: created after the columns exist.
+INDEXES_ADDED = """
+CREATE INDEX IF NOT EXISTS deliveries_body_kept ON deliveries (received_at)
+    WHERE body_removed_at IS NULL;
+CREATE INDEX IF NOT EXISTS assets_fixity ON assets (COALESCE(verified_at, archived_at))
+    WHERE state = 'archived';
+CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated_at);
+"""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older file's schema up to date (idempotent)."""
+    for table, column, declaration in COLUMNS_ADDED:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    conn.executescript(INDEXES_ADDED)
+
 
 _MAX_GROUP = 512
 # Checkpoint the WAL when the writer is idle after this many groups, or regardless after the
@@ -137,7 +173,11 @@ class Database:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         with connect(path) as conn:
+            # Only takes effect on a new file (before its first table); `receiver prune`'s
+            # VACUUM converts an older one. Freed pages can then go back to the filesystem.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.executescript(SCHEMA)
+            migrate(conn)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._local = threading.local()
         self._writer: threading.Thread | None = None
@@ -254,6 +294,22 @@ class Database:
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self.read_sync, fn)
+
+    # -- space ----------------------------------------------------------------------------------
+
+    def vacuum(self) -> None:
+        """Rewrite the file without free pages (`receiver prune`), then empty the WAL.
+
+        VACUUM needs no other write in progress: run it with the writer stopped (the CLI's).
+        It also switches an older file to incremental auto-vacuum (see `__init__`).
+        """
+        conn = connect(self.path)
+        try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
 
 
 def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:

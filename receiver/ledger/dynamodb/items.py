@@ -238,7 +238,12 @@ def _settle(job: Item, assets: dict[int, Item], now: float) -> JobState:
 
 
 def _delivery_record(item: Item, parts: list[tuple[int, bytes]]) -> DeliveryRecord:
-    body = bytes(item.get("body", b"")) + b"".join(bytes(c) for _, c in sorted(parts))
+    # Two layouts: older items hold the first compressed chunk themselves (parts 1..N-1 beside
+    # them); newer ones keep every chunk in parts 0..N-1, which payload retention deletes.
+    chunks = [bytes(c) for _, c in sorted(parts)]
+    expected = int(item.get("parts", 1)) - (1 if "body" in item else 0)
+    removed = len(chunks) < expected
+    body = b"" if removed else bytes(item.get("body", b"")) + b"".join(chunks)
     return DeliveryRecord(
         seq=int(item["sk"].split("#")[1]),
         delivery_id=item.get("delivery_id"),
@@ -248,7 +253,8 @@ def _delivery_record(item: Item, parts: list[tuple[int, bytes]]) -> DeliveryReco
         event=item["event"],
         payload_sha256=item["payload_sha256"],
         outcome=item["outcome"],
-        body=zlib.decompress(body),
+        body=b"" if removed else zlib.decompress(body),
+        payload_removed=removed,
     )
 
 
@@ -266,6 +272,9 @@ def _asset_record(item: Item) -> AssetRecord:
         sha256=item.get("sha256"),
         archived_at=_opt_at(item.get("archived_at")),
         error=item.get("error"),
+        verified_at=_opt_at(item.get("verified_at")),
+        verified_by=item.get("verified_by"),
+        fixity_error=item.get("fixity_error"),
     )
 
 
@@ -325,6 +334,10 @@ def table_definition(name: str) -> dict[str, Any]:
                 ("seq", "N"),
                 ("obpk", "S"),
                 ("obat", "N"),
+                ("bdpk", "S"),
+                ("bdat", "N"),
+                ("fxpk", "S"),
+                ("fxat", "N"),
             )
         ],
         "KeySchema": [
@@ -335,5 +348,19 @@ def table_definition(name: str) -> dict[str, Any]:
             index("by_time", "gsi1pk", "seq", SUMMARY_ATTRIBUTES),
             index("by_state", "gsi2pk", "seq", SUMMARY_ATTRIBUTES),
             index("outbox", "obpk", "obat", ["provider", "job_id", "n", "deadline", "gen"]),
+            # Data over years (receiver.ledger.dynamodb.lifecycle): kept bodies, fixity due.
+            index("bodies", "bdpk", "bdat", ["parts"]),
+            {
+                "IndexName": "fixity",
+                "KeySchema": [
+                    {"AttributeName": "fxpk", "KeyType": "HASH"},
+                    {"AttributeName": "fxat", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            },
         ],
     }
+
+
+#: The table's TTL attribute (epoch seconds): set on delivery body parts under payload retention.
+TTL_ATTRIBUTE = "expires_at"

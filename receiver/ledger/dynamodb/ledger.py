@@ -9,7 +9,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -22,20 +22,25 @@ from receiver.ledger import (
     ArchivedAsset,
     AssetRecord,
     AssetToCopy,
+    DueAsset,
+    FixityStatus,
     IncomingDelivery,
     JobFilter,
     JobRecord,
     JobSummary,
     PlannedOutput,
     RecordResult,
+    Tombstone,
 )
 from receiver.ledger import at_ts as _at
 from receiver.ledger import from_ts as _opt_at
 from receiver.ledger import to_ts as _ts
+from receiver.ledger.dynamodb import lifecycle
 from receiver.ledger.dynamodb.items import (
     _MAX_SEQ,
     BODY_CHUNK,
     SHARDS,
+    TTL_ATTRIBUTE,
     Item,
     _apply_event,
     _asset_item,
@@ -81,8 +86,11 @@ class DynamoLedger:
         publish: Publisher | None = None,
         max_attempts: int = 40,
         rng: Callable[[], float] = random.random,
+        payload_retention: timedelta | None = None,
     ) -> None:
         self.table = table
+        # Body parts carry the table's TTL attribute: DynamoDB drops them after this.
+        self.payload_retention = payload_retention
         self.ddb = ddb if ddb is not None else client("dynamodb")
         self.outbox = Outbox(table, self.ddb, publish)
         self.max_attempts = max_attempts
@@ -133,6 +141,8 @@ class DynamoLedger:
     ) -> JobState:
         def change(a: Item) -> Item | None:
             a.update(
+                # Due for its first fixity check counting from now (the `fixity` index).
+                **lifecycle.fixity_index_keys(provider, job_id, now.timestamp(), False),
                 state="archived",
                 uri=asset.uri,
                 key=asset.key,
@@ -202,6 +212,57 @@ class DynamoLedger:
                 TableName=self.table, Key=encode({"pk": "PING", "sk": "PING"})
             )
         )
+
+    # -- data over years (receiver.ledger.dynamodb.lifecycle) -------------------------------------
+
+    async def prune_payloads(self, received_before: datetime, now: datetime, limit: int) -> int:
+        return await run_blocking(
+            lifecycle.prune_payloads, self.ddb, self.table, received_before.timestamp(), limit
+        )
+
+    async def prune_jobs(self, ended_before: datetime, limit: int) -> list[tuple[str, str]]:
+        return await run_blocking(lifecycle.prune_jobs, self.ddb, self.table, ended_before, limit)
+
+    async def forget(self, provider: str, job_id: str, reason: str, now: datetime) -> bool:
+        return await run_blocking(
+            lifecycle.forget, self.ddb, self.table, provider, job_id, reason, now.timestamp()
+        )
+
+    async def tombstone(self, provider: str, job_id: str) -> Tombstone | None:
+        return await run_blocking(lifecycle.tombstone, self.ddb, self.table, provider, job_id)
+
+    async def due_for_fixity(self, checked_before: datetime, limit: int) -> list[DueAsset]:
+        return await run_blocking(
+            lifecycle.due_for_fixity, self.ddb, self.table, checked_before.timestamp(), limit
+        )
+
+    async def mark_verified(
+        self,
+        provider: str,
+        job_id: str,
+        n: int,
+        *,
+        at: datetime,
+        by: str,
+        error: str | None,
+    ) -> bool:
+        return await run_blocking(
+            lifecycle.mark_verified,
+            self.ddb,
+            self.table,
+            provider,
+            job_id,
+            n,
+            at.timestamp(),
+            by,
+            error,
+        )
+
+    async def fixity_status(self) -> FixityStatus:
+        return await run_blocking(lifecycle.fixity_status, self.ddb, self.table)
+
+    async def compact(self) -> None:
+        return None  # deleted items free their space; nothing to give back
 
     async def relay_outbox(self, now: datetime, *, limit: int = 500) -> int:
         """Re-send tasks that stayed unsent past the outbox's grace; how many were sent."""
@@ -357,6 +418,11 @@ class DynamoLedger:
 
         def build() -> tuple[list[Item], tuple[RecordResult, list[TaskMessage]]]:
             job, assets = self._head(event.provider, event.job_id)
+            tomb = lifecycle.tomb_pk(event.provider, event.job_id)
+            # Only an unknown job can have a tombstone (`forget` erases the partition).
+            if job is None and self._get(tomb, "TOMB") is not None:
+                decision = decide(None, (), event, seen_id=False, forgotten=True)
+                return [], (RecordResult(decision.outcome, decision.state, 0, 0), [])
             current = JobState(job["state"]) if job else None
             current_urls = tuple(assets[n]["source_url"] for n in sorted(assets))
             seen_id = marker is not None and self._get(marker, "DLVID") is not None
@@ -394,6 +460,17 @@ class DynamoLedger:
             )
             new["version"] = int(new["version"]) + (1 if changed else 0)
             items.insert(0, self._put_job(new, job))
+            if job is None:
+                # A `forget` between our read and this commit must win: its tombstone fails us.
+                items.append(
+                    {
+                        "ConditionCheck": {
+                            "TableName": self.table,
+                            "Key": encode({"pk": tomb, "sk": "TOMB"}),
+                            "ConditionExpression": "attribute_not_exists(pk)",
+                        }
+                    }
+                )
             seq = _micros(now)
             dlv_sk = f"DLV#{seq:017d}#{uuid.uuid4().hex[:12]}"
             items.extend(self._delivery_items(pk, dlv_sk, event, delivery, decision.outcome))
@@ -419,6 +496,15 @@ class DynamoLedger:
     ) -> list[Item]:
         body = zlib.compress(delivery.body)
         chunks = [body[i : i + BODY_CHUNK] for i in range(0, len(body), BODY_CHUNK)] or [b""]
+        received = delivery.received_at.timestamp()
+        expires = (
+            int(received + self.payload_retention.total_seconds()) + 1
+            if self.payload_retention is not None
+            else None
+        )
+        provider, job_id = lifecycle.split_job_pk(pk)
+        # The row (audit) and the body (parts 0..N-1) are separate items: payload retention
+        # deletes the parts, by TTL or by `prune_payloads` through the `bodies` index.
         items = [
             self._put(
                 {
@@ -431,15 +517,18 @@ class DynamoLedger:
                     "event": event.kind.value,
                     "payload_sha256": delivery.payload_sha256,
                     "outcome": outcome.value,
-                    "body": chunks[0],
                     "parts": len(chunks),
                 }
             )
         ]
-        items.extend(
-            self._put({"pk": pk, "sk": f"PART#{sk}#{k:03d}", "chunk": chunk})
-            for k, chunk in enumerate(chunks[1:], start=1)
-        )
+        for k, chunk in enumerate(chunks):
+            part: Item = {"pk": pk, "sk": f"PART#{sk}#{k:03d}", "chunk": chunk}
+            part[TTL_ATTRIBUTE] = expires
+            if k == 0:
+                part.update(
+                    lifecycle.body_index_keys(provider, job_id, received), parts=len(chunks)
+                )
+            items.append(self._put(part))
         return items
 
     def _track(self, provider: str, job_id: str, tracking: dict[str, Any], now: float) -> bool:
@@ -564,6 +653,13 @@ class DynamoLedger:
                         "sha256": a.sha256,
                         "archived_at": _ts(a.archived_at),
                         "error": a.error,
+                        **(
+                            lifecycle.fixity_index_keys(
+                                job.provider, job.job_id, a.archived_at.timestamp(), False
+                            )
+                            if a.state == "archived" and a.archived_at is not None
+                            else {}
+                        ),
                     }
                 ),
             )
