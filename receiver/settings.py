@@ -107,6 +107,17 @@ class Settings(BaseSettings):
     poll_not_found_limit: int = Field(default=5, ge=1)
     poll_give_up_hours: float = Field(default=72.0, gt=0)
     track_metadata_max_bytes: int = Field(default=4096, ge=0, le=65536)
+    # Data over years (issue 15; README "Retention, erasure and fixity"). Raw delivery bodies
+    # are dropped after payload_retention_days (0: at the next prune); whole ledger records of
+    # jobs that ended job_retention_days ago are removed when set (off by default); archived
+    # assets are re-verified at least every fixity_days (0: all due), in the background at
+    # fixity_per_hour checks per process (0: only `receiver verify --due`).
+    payload_retention_days: int = Field(default=30, ge=0)
+    job_retention_days: int | None = Field(default=None, ge=1)
+    fixity_days: int = Field(default=90, ge=0)
+    fixity_per_hour: float = Field(default=0.0, ge=0)
+    retention_interval_seconds: float = Field(default=300.0, gt=0)
+    retention_batch: int = Field(default=50, ge=1, le=1000)
     log_format: str = "auto"  # auto (console on a TTY, else JSON) | json | console
     log_level: str = "info"
 
