@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from receiver import cli_lifecycle as lifecycle_commands
 from receiver import logs
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ledger import JobFilter
@@ -214,15 +215,20 @@ def jobs_show(
     from receiver.audit.api import job_json
 
     provider, job_id = _split_job(job)
+    settings = load_settings(env_file, log_level="warning")
 
     async def lookup(parts: Parts) -> dict[str, Any] | None:
         record = await parts.ledger.job(provider, job_id)
         if record is None:
             return None
         tracker = parts.poller.tracked if parts.poller else None
-        return job_json(record, await tracker.get(provider, job_id) if tracker else None)
+        return job_json(
+            record,
+            await tracker.get(provider, job_id) if tracker else None,
+            payload_retention_days=settings.payload_retention_days,
+        )
 
-    body = _run(load_settings(env_file, log_level="warning"), lookup)
+    body = _run(settings, lookup)
     if body is None:
         raise fail(f"no job {job}")
     if as_json:
@@ -252,7 +258,14 @@ def jobs_show(
             + (f", last error: {polling['last_error']}" if polling["last_error"] else "")
         )
     deliveries = Table(
-        "received", "webhook id", "source", "auth", "event", "outcome", title="deliveries"
+        "received",
+        "webhook id",
+        "source",
+        "auth",
+        "event",
+        "outcome",
+        "payload",
+        title="deliveries",
     )
     for d in body["deliveries"]:
         deliveries.add_row(
@@ -262,6 +275,7 @@ def jobs_show(
             d["authentication"],
             d["event"],
             d["outcome"],
+            d["payload_removed"] or "kept",
         )
     console.print(deliveries)
     assets = Table("n", "state", "uri", "size", "sha256", "source", title="assets")
@@ -299,12 +313,22 @@ def verify(
     since: Since = None,
     until: Until = None,
     as_json: AsJson = False,
+    due: Annotated[
+        bool, typer.Option("--due", help="only assets not verified within RECEIVER_FIXITY_DAYS")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, help="with --due: at most this many")] = 1000,
+    report_file: Annotated[
+        Path | None, typer.Option("--report", help="with --due: write the JSON report here")
+    ] = None,
     env_file: EnvFile = None,
 ) -> None:
     """Re-read archived objects and recompute SHA-256; exit 1 on any mismatch or missing object."""
     from receiver.audit.operations import VerifyReport
     from receiver.audit.operations import verify as run_verify
 
+    if due:
+        lifecycle_commands.verify_due(_kit(), limit, report_file, as_json, env_file)
+        return
     where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
     settings = load_settings(env_file, log_level="warning")
 
@@ -512,6 +536,13 @@ def dev_env(path: Annotated[Path, typer.Argument(help="file to create")]) -> Non
     with os.fdopen(fd, "w") as out:
         out.write("\n".join(lines) + "\n")
     typer.echo(f"created development settings with random secrets in {path}")
+
+
+def _kit() -> lifecycle_commands.CliKit:
+    return lifecycle_commands.CliKit(load_settings, _run, fail, _split_job, _filters)
+
+
+lifecycle_commands.register(app, _kit)  # prune, forget, export (issue 15)
 
 
 def main() -> None:
