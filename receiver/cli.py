@@ -258,14 +258,7 @@ def jobs_show(
             + (f", last error: {polling['last_error']}" if polling["last_error"] else "")
         )
     deliveries = Table(
-        "received",
-        "webhook id",
-        "source",
-        "auth",
-        "event",
-        "outcome",
-        "payload",
-        title="deliveries",
+        "received", "webhook id", "source", "auth", "event", "outcome", title="deliveries"
     )
     for d in body["deliveries"]:
         deliveries.add_row(
@@ -275,9 +268,15 @@ def jobs_show(
             d["authentication"],
             d["event"],
             d["outcome"],
-            d["payload_removed"] or "kept",
         )
     console.print(deliveries)
+    removed = [d for d in body["deliveries"] if d["payload_removed"]]
+    if removed:
+        console.print(
+            f"  {removed[0]['payload_removed']} ({len(removed)} of "
+            f"{len(body['deliveries'])} deliveries; their SHA-256 stays)",
+            soft_wrap=True,
+        )
     assets = Table("n", "state", "uri", "size", "sha256", "source", title="assets")
     for a in body["assets"]:
         assets.add_row(

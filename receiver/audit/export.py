@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import quote
 
 from receiver.archive.manifest import build_manifest, encode, manifest_key
 from receiver.ledger import JobFilter, JobRecord, Ledger
@@ -40,10 +40,19 @@ def _bag_path(path: str) -> str:
     return path.replace("%", "%25").replace("\n", "%0A").replace("\r", "%0D")
 
 
+_UNSAFE = re.compile(r"[^\w.-]")
+
+
 def _folder(job: JobRecord) -> str:
-    safe = quote(job.job_id, safe="")
-    if set(safe) <= {"."}:
-        safe = safe.replace(".", "%2E")
+    """`provider/job` with no character a bag tool could read differently.
+
+    Job ids are the provider's; anything beyond letters, digits, "_", "." and "-" becomes "_" and
+    a short hash of the real id keeps distinct ids apart. No "%": RFC 8493 wants it encoded as
+    %25, which bagit-python (the reference validator) does not decode.
+    """
+    safe = _UNSAFE.sub("_", job.job_id)
+    if safe != job.job_id or set(safe) <= {"."}:
+        safe = f"{safe.strip('.') or 'job'}-{hashlib.sha256(job.job_id.encode()).hexdigest()[:8]}"
     return f"{job.provider}/{safe}"
 
 

@@ -207,7 +207,10 @@ def document(tracking_schema: dict[str, Any] | None = None) -> dict[str, Any]:
                 "Ack": {
                     "type": "object",
                     "properties": {
-                        "status": {"type": "string", "enum": ["accepted", "duplicate"]},
+                        "status": {
+                            "type": "string",
+                            "enum": ["accepted", "duplicate", "forgotten"],
+                        },
                         "outcome": {"type": "string"},
                         "provider": {"type": "string"},
                         "job_id": {"type": "string"},
