@@ -441,3 +441,37 @@ def test_export_writes_a_bag_that_validates_and_catches_tampering(
     assert invoke(tmp_path, "export", "apex/e1", "--bagit", str(whole)).exit_code == 2  # not empty
     assert invoke(tmp_path, "export", "apex/none", "--bagit", str(tmp_path / "x")).exit_code == 2
     assert invoke(tmp_path, "export", "--bagit", str(tmp_path / "y")).exit_code == 2
+
+
+async def test_sqlite_gives_pruned_space_back_in_the_background(tmp_path: Path) -> None:
+    from receiver.backends.sqlite import Database
+    from receiver.ledger.sqlite import SqliteLedger
+    from tests.test_contract import completed
+    from tests.test_lifecycle_contract import record_at
+
+    db = Database(tmp_path / "space.db")
+    db.start()
+    try:
+        ledger = SqliteLedger(db)
+        at = datetime(2026, 1, 1, tzinfo=UTC)
+        for i in range(20):  # bodies beyond a page: their overflow pages can be freed
+            await record_at(ledger, completed(f"s{i}"), at, os.urandom(20_000))
+
+        def pages() -> tuple[int, int, int]:
+            def read(conn: Any) -> tuple[int, int, int]:
+                return tuple(  # type: ignore[return-value]
+                    conn.execute(f"PRAGMA {name}").fetchone()[0]
+                    for name in ("auto_vacuum", "page_count", "freelist_count")
+                )
+
+            return db.read_sync(read)
+
+        mode, before, free = pages()
+        assert (mode, free) == (2, 0)  # a new file uses incremental auto-vacuum
+        assert await ledger.prune_payloads(at + timedelta(days=1), at, 100) == 20
+        await ledger.compact()
+        _, after, free = pages()
+        assert free == 0
+        assert after <= before - 20 * 4  # 4 overflow pages per 20 KB body went back
+    finally:
+        db.stop()

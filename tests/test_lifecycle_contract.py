@@ -7,12 +7,12 @@ is passed in: nothing sleeps for days.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
-from receiver.domain import JobState
-from receiver.ledger import FULL_READ, JobFilter
+from receiver.domain import JobEvent, JobState
+from receiver.ledger import FULL_READ, IncomingDelivery, JobFilter, Ledger, RecordResult
 from tests.test_contract import (  # noqa: F401 (the backend fixture)
     Backend,
     backend,
@@ -28,6 +28,12 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def b(backend: Backend) -> Backend:  # noqa: F811
     return backend
+
+
+async def record_at(ledger: Ledger, event: JobEvent, at: datetime, body: bytes) -> RecordResult:
+    """Record `event` received at `at` with `body` and no outputs planned."""
+    delivery = IncomingDelivery(at, "webhook", "signature", body, "00" * 32)
+    return await ledger.record(event, delivery, [])
 
 
 async def test_payload_retention_drops_old_bodies_and_keeps_their_audit_rows(b: Backend) -> None:

@@ -172,10 +172,16 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Incremental auto-vacuum, so pages freed by retention can go back to the filesystem:
+        # it must be chosen before the file's header is written (WAL mode writes it), so on a
+        # connection of its own; an older file keeps its mode until `receiver prune` VACUUMs it.
+        first = sqlite3.connect(path, isolation_level=None)
+        try:
+            first.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            first.execute("PRAGMA journal_mode=WAL")
+        finally:
+            first.close()
         with connect(path) as conn:
-            # Only takes effect on a new file (before its first table); `receiver prune`'s
-            # VACUUM converts an older one. Freed pages can then go back to the filesystem.
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.executescript(SCHEMA)
             migrate(conn)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()

@@ -193,7 +193,7 @@ class SqliteLedger:
     async def fixity_status(self) -> FixityStatus:
         return await self.db.read(lifecycle.fixity_status)
 
-    async def compact(self, pages: int = 256) -> None:
+    async def compact(self, pages: int = 1024) -> None:
         await self.db.write(lambda conn: lifecycle.incremental_vacuum(conn, pages))
 
 

@@ -140,6 +140,16 @@ def fixity_status(conn: sqlite3.Connection) -> FixityStatus:
     return FixityStatus(oldest_check=from_ts(row["oldest"]), failing=row["failing"])
 
 
-def incremental_vacuum(conn: sqlite3.Connection, pages: int) -> None:
-    # A no-op unless the file uses incremental auto-vacuum (new files do; see Database).
-    conn.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()  # a page a step
+def incremental_vacuum(conn: sqlite3.Connection, pages: int) -> int:
+    """Give up to `pages` free pages back to the filesystem; how many were free to give.
+
+    A no-op unless the file uses incremental auto-vacuum (new files do; see Database). SQLite
+    frees one page per step of the statement and Python's sqlite3 steps a row-less PRAGMA only
+    once, hence a statement per page.
+    """
+    free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: incremental
+        return 0
+    for _ in range(min(free, pages)):
+        conn.execute("PRAGMA incremental_vacuum(1)")
+    return min(free, pages)
