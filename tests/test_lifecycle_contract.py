@@ -182,3 +182,30 @@ async def test_compact_is_safe_to_call(b: Backend) -> None:
     await b.ledger.compact()
     job = await b.ledger.job("apex", "c")
     assert job is not None and job.deliveries[0].payload_removed
+
+
+async def test_dynamodb_body_parts_carry_the_ttl_and_the_row_does_not(moto_s3: str) -> None:
+    from datetime import UTC
+
+    from receiver.ledger.dynamodb import DynamoLedger, query_items
+    from tests.test_contract import create_aws_resources, serialize_moto
+
+    serialize_moto()
+    table, _ = create_aws_resources(f"ttl-{os.urandom(6).hex()}")
+    ledger = DynamoLedger(table, payload_retention=timedelta(days=30))
+    at = datetime(2026, 3, 16, 12, 0, tzinfo=UTC)
+    await record_at(ledger, completed("ttl"), at, os.urandom(400_000))  # two parts
+    items = list(
+        query_items(
+            ledger.ddb,
+            table,
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": {"S": "JOB#apex#ttl"}},
+        )
+    )
+    parts = [i for i in items if i["sk"].startswith("PART#")]
+    rows = [i for i in items if i["sk"].startswith("DLV#")]
+    expected = int(at.timestamp()) + 30 * 86400 + 1
+    assert [p["expires_at"] for p in parts] == [expected, expected]
+    assert len(rows) == 1 and "expires_at" not in rows[0] and "body" not in rows[0]
+    assert "bdpk" in parts[0] and "bdpk" not in parts[1]  # one index entry per delivery

@@ -91,22 +91,25 @@ class RetentionLoop:
         *,
         clock: Clock,
         interval: float,
-        batches_per_round: int = 4,
+        pause: float = 0.05,
         on_pruned: Callable[[PruneReport], None] = lambda report: None,
     ) -> None:
         self.ledger = ledger
         self.policy = policy
         self.clock = clock
         self.interval = interval
-        self.batches_per_round = batches_per_round
+        self.pause = pause  # between two short writes: ingest's writes go first
         self.on_pruned = on_pruned
 
+    async def _breathe(self) -> None:
+        await asyncio.sleep(self.pause)
+
     async def once(self) -> PruneReport:
-        report = await prune(
-            self.ledger, self.policy, self.clock(), max_batches=self.batches_per_round
-        )
+        """One round: everything due now, a batch at a time, then the space back."""
+        report = await prune(self.ledger, self.policy, self.clock(), between_batches=self._breathe)
         if report.payloads_removed or report.jobs_removed:
-            await self.ledger.compact()
+            while await self.ledger.compact():
+                await self._breathe()
             log.info(
                 "retention_pruned",
                 payloads=report.payloads_removed,

@@ -227,6 +227,9 @@ class Database:
     def _write_loop(self) -> None:
         conn = connect(self.path)
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        # A burst of writes (a retention prune) grows the WAL; once checkpointed, shrink it back
+        # to this instead of keeping the high-water mark on disk.
+        conn.execute("PRAGMA journal_size_limit=67108864")
         since_checkpoint = 0
         try:
             while True:

@@ -299,7 +299,8 @@ class Ledger(Protocol):
 
     async def fixity_status(self) -> FixityStatus: ...
 
-    async def compact(self) -> None:
-        """Give space freed by pruning back where the backend holds it (SQLite: an incremental
-        vacuum in the writer; DynamoDB: nothing, deleted items free their space)."""
+    async def compact(self) -> int:
+        """Give some space freed by pruning back where the backend holds it, in one short write;
+        how much it gave back (0: nothing left to give). SQLite: an incremental vacuum of at most
+        a few MB; DynamoDB: nothing to do, deleted items free their space."""
         ...

@@ -193,8 +193,8 @@ class SqliteLedger:
     async def fixity_status(self) -> FixityStatus:
         return await self.db.read(lifecycle.fixity_status)
 
-    async def compact(self, pages: int = 1024) -> None:
-        await self.db.write(lambda conn: lifecycle.incremental_vacuum(conn, pages))
+    async def compact(self, pages: int = 1024) -> int:
+        return await self.db.write(lambda conn: lifecycle.incremental_vacuum(conn, pages))
 
 
 def _record(

@@ -261,8 +261,8 @@ class DynamoLedger:
     async def fixity_status(self) -> FixityStatus:
         return await run_blocking(lifecycle.fixity_status, self.ddb, self.table)
 
-    async def compact(self) -> None:
-        return None  # deleted items free their space; nothing to give back
+    async def compact(self) -> int:
+        return 0  # deleted items free their space; nothing to give back
 
     async def relay_outbox(self, now: datetime, *, limit: int = 500) -> int:
         """Re-send tasks that stayed unsent past the outbox's grace; how many were sent."""
