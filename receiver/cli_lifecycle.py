@@ -178,6 +178,13 @@ def run_forget(kit: CliKit, job: str, reason: str, yes: bool, env_file: Path | N
         typer.echo(f"  {erased.key}: {erased.removed} version(s) removed")
     for problem in report.not_removed:
         typer.secho(f"  NOT removed: {problem}", err=True, fg=typer.colors.YELLOW)
+    if report.in_flight:
+        typer.secho(
+            "  copies were still pending: one running now may write its object before it stops; "
+            "run this again after RECEIVER_LEASE_SECONDS to remove what it left",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
     if report.not_removed:
         raise typer.Exit(code=1)
 

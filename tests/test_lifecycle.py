@@ -475,3 +475,20 @@ async def test_sqlite_gives_pruned_space_back_in_the_background(tmp_path: Path) 
         assert after <= before - 20 * 4  # 4 overflow pages per 20 KB body went back
     finally:
         db.stop()
+
+
+async def test_forgetting_a_job_still_being_copied_says_a_copy_may_land(h: Harness) -> None:
+    await post_signed(h, "apex", apex_completed("busy"), APEX_SECRET)  # queued, not copied
+    report = await forget(
+        h.parts.ledger, h.parts.store, "apex", "busy", reason="r", now=h.clock(), act=True
+    )
+    assert report.in_flight and report.in_ledger
+    # The task went with the record: nothing is leased or copied afterwards.
+    assert not await h.parts.archiver.run_once()
+    assert h.counts() == {"jobs": 0, "deliveries": 0, "assets": 0, "tasks": 0}
+    with pytest.raises(LookupError):  # a copy that finishes anyway is told the job is gone
+        from receiver.ledger import ArchivedAsset
+
+        await h.parts.ledger.mark_archived(
+            "apex", "busy", 0, ArchivedAsset("file:///x", "x", 1, "00" * 32, "image/png"), h.clock()
+        )

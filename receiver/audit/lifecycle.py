@@ -136,6 +136,7 @@ class ForgetReport:
     job_id: str
     in_ledger: bool  # the ledger had a record of the job
     keys: list[str]  # archived objects and manifests of the job (found or expected)
+    in_flight: bool = False  # assets were still pending: a copy running now may still land
     acted: bool = False  # False: a dry run, nothing changed
     erased: list[Erasure] = field(default_factory=list)
     tombstone_at: datetime | None = None
@@ -147,8 +148,9 @@ class ForgetReport:
 
 async def _job_keys(
     ledger: Ledger, store: Store, provider: str, job_id: str
-) -> tuple[bool, list[str]]:
-    """The job's object keys: from its ledger record, else found in the store's layout."""
+) -> tuple[bool, bool, list[str]]:
+    """(in the ledger, copies pending, the job's object keys): from its ledger record, else
+    found in the store's layout."""
     job = await ledger.job(provider, job_id)
     keys: list[str] = []
     if job is not None:
@@ -156,7 +158,8 @@ async def _job_keys(
             keys.append(asset.key)
         if job.assets:
             keys.append(manifest_key(job.assets[0].key))
-        return True, list(dict.fromkeys(keys))
+        pending = any(a.state == "pending" for a in job.assets)
+        return True, pending, list(dict.fromkeys(keys))
     # No record (job retention removed it, or the ledger was lost): the deterministic layout
     # is provider/YYYY/MM/DD/<quoted job id>/<name>; look for that folder.
     folder = quote(job_id, safe="")
@@ -166,7 +169,7 @@ async def _job_keys(
         parts = key.split("/")
         if len(parts) == 6 and parts[4] == folder:
             keys.append(key)
-    return False, sorted(keys)
+    return False, False, sorted(keys)
 
 
 async def forget(
@@ -181,8 +184,10 @@ async def forget(
 ) -> ForgetReport:
     """Erase one job: its objects (every version), its manifest and its ledger record, leaving a
     tombstone. With `act` False (the default of the CLI) only says what it would remove."""
-    in_ledger, keys = await _job_keys(ledger, store, provider, job_id)
-    report = ForgetReport(provider, job_id, in_ledger, keys)
+    in_ledger, pending, keys = await _job_keys(ledger, store, provider, job_id)
+    # Erasing the record ends the tasks (a running copy loses its lease at its next heartbeat),
+    # but a copy finishing in between still writes its object: say so, forget again later.
+    report = ForgetReport(provider, job_id, in_ledger, keys, in_flight=pending)
     if not act:
         return report
     # The tombstone and the ledger first: from here on nothing archives the job again.

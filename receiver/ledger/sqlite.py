@@ -352,6 +352,8 @@ def _settle_job(conn: sqlite3.Connection, provider: str, job_id: str, now: datet
     row = conn.execute(
         "SELECT state FROM jobs WHERE provider = ? AND job_id = ?", (provider, job_id)
     ).fetchone()
+    if row is None:  # erased meanwhile (`receiver forget`), as the DynamoDB adapter says too
+        raise LookupError(f"no job {provider}/{job_id} in the ledger")
     current = JobState(row["state"])
     if current in FINAL_STATES or "pending" in states:
         return current
