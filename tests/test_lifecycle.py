@@ -492,3 +492,23 @@ async def test_forgetting_a_job_still_being_copied_says_a_copy_may_land(h: Harne
         await h.parts.ledger.mark_archived(
             "apex", "busy", 0, ArchivedAsset("file:///x", "x", 1, "00" * 32, "image/png"), h.clock()
         )
+
+
+async def test_manifests_keep_payloads_the_ledger_dropped(
+    h: Harness, source_server: SourceServer
+) -> None:
+    body = await archive_job(h, source_server, "mf")
+    root = Path(h.parts.settings.archive_url.removeprefix("file://"))
+    (manifest_file,) = root.rglob("manifest.json")
+    original = json.loads(manifest_file.read_text())["deliveries"][0]["payload"]
+    assert original["data"]["jobId"] == "mf"
+    h.clock.advance(31 * 86400)
+    await prune(h.parts.ledger, RetentionPolicy.from_days(30, None), h.clock())
+    # A redelivery makes the archiver rewrite the manifest from the ledger.
+    headers = signed(json.loads(body), APEX_SECRET, timestamp=int(h.clock.wall()))[1]
+    assert (await h.client.post("/webhooks/apex", content=body, headers=headers)).status_code == 200
+    assert await h.parts.archiver.run_once()
+    rewritten = json.loads(manifest_file.read_text())["deliveries"]
+    assert len(rewritten) == 2
+    assert rewritten[0]["payload"] == original  # kept from the manifest it replaced
+    assert rewritten[1]["payload"]["data"]["jobId"] == "mf"  # the new one, from the ledger
