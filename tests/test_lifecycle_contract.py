@@ -155,6 +155,10 @@ async def test_fixity_due_selection_records_checks_and_reports_failures(b: Backe
 
     due = await b.ledger.due_for_fixity(t0 + timedelta(seconds=1), limit=10)
     assert [d.job_id for d in due] == ["f2", "f1"]  # a failed check stays due for the next run
+    failures = await b.ledger.fixity_failures(limit=10)
+    assert [(f.job_id, f.asset.n, f.asset.fixity_error) for f in failures] == [
+        ("f2", 0, "sha256 mismatch")
+    ]
     assert due[0].asset.fixity_error == "sha256 mismatch"
     status = await b.ledger.fixity_status()
     assert (status.oldest_check, status.failing) == (t0 - timedelta(days=1), 1)
@@ -171,6 +175,7 @@ async def test_fixity_due_selection_records_checks_and_reports_failures(b: Backe
     # A passing check clears the failure.
     await b.ledger.mark_verified("apex", "f2", 0, at=t0, by=FULL_READ, error=None)
     assert (await b.ledger.fixity_status()).failing == 0
+    assert await b.ledger.fixity_failures(limit=10) == []
     # Erased jobs leave the rotation.
     await b.ledger.forget("apex", "f2", "test", t0)
     assert [d.job_id for d in await b.ledger.due_for_fixity(t0 + timedelta(days=1), 10)] == ["f1"]

@@ -299,6 +299,11 @@ class Ledger(Protocol):
 
     async def fixity_status(self) -> FixityStatus: ...
 
+    async def fixity_failures(self, limit: int) -> list[DueAsset]:
+        """Archived assets whose last fixity check failed (`AssetRecord.fixity_error`), most
+        recently checked first, at most `limit`: the console's Problems page."""
+        ...
+
     async def compact(self) -> int:
         """Give some space freed by pruning back where the backend holds it, in one short write;
         how much it gave back (0: nothing left to give). SQLite: an incremental vacuum of at most

@@ -193,6 +193,9 @@ class SqliteLedger:
     async def fixity_status(self) -> FixityStatus:
         return await self.db.read(lifecycle.fixity_status)
 
+    async def fixity_failures(self, limit: int) -> list[DueAsset]:
+        return await self.db.read(lambda conn: lifecycle.fixity_failures(conn, limit))
+
     async def compact(self, pages: int = 1024) -> int:
         return await self.db.write(lambda conn: lifecycle.incremental_vacuum(conn, pages))
 

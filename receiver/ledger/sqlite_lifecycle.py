@@ -131,6 +131,15 @@ def mark_verified(
     )
 
 
+def fixity_failures(conn: sqlite3.Connection, limit: int) -> list[DueAsset]:
+    rows = conn.execute(
+        "SELECT * FROM assets WHERE state = 'archived' AND fixity_error IS NOT NULL "
+        "ORDER BY verified_at DESC LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [DueAsset(r["provider"], r["job_id"], asset_record(r)) for r in rows]
+
+
 def fixity_status(conn: sqlite3.Connection) -> FixityStatus:
     row = conn.execute(
         "SELECT MIN(COALESCE(verified_at, archived_at)) AS oldest, "

@@ -261,6 +261,9 @@ class DynamoLedger:
     async def fixity_status(self) -> FixityStatus:
         return await run_blocking(lifecycle.fixity_status, self.ddb, self.table)
 
+    async def fixity_failures(self, limit: int) -> list[DueAsset]:
+        return await run_blocking(lifecycle.fixity_failures, self.ddb, self.table, limit)
+
     async def compact(self) -> int:
         return 0  # deleted items free their space; nothing to give back
 

@@ -252,6 +252,27 @@ def mark_verified(
     return True
 
 
+def fixity_failures(ddb: Any, table: str, limit: int) -> list[DueAsset]:
+    streams = [
+        query_items(
+            ddb,
+            table,
+            IndexName=FIXITY_INDEX,
+            KeyConditionExpression="fxpk = :pk",
+            ExpressionAttributeValues=encode({":pk": f"FIXITY#FAILED#{s}"}),
+            ScanIndexForward=False,
+            Limit=100,
+        )
+        for s in range(SHARDS)
+    ]
+    newest_first = heapq.merge(*streams, key=lambda item: -float(item["fxat"]))
+    found: list[DueAsset] = []
+    for item in islice(newest_first, limit):
+        provider, job_id = split_job_pk(item["pk"])
+        found.append(DueAsset(provider, job_id, _asset_record(item)))
+    return found
+
+
 def fixity_status(ddb: Any, table: str) -> FixityStatus:
     oldest: float | None = None
     for key in _fixity_keys():
