@@ -442,6 +442,13 @@ def test_export_writes_a_bag_that_validates_and_catches_tampering(
     assert invoke(tmp_path, "export", "apex/none", "--bagit", str(tmp_path / "x")).exit_code == 2
     assert invoke(tmp_path, "export", "--bagit", str(tmp_path / "y")).exit_code == 2
 
+    # An object gone from the archive: the bag leaves it out and the command says so.
+    (victim,) = [p for p in (tmp_path / "archive").rglob("out.png") if "/e2/" in str(p)]
+    victim.unlink()
+    partial = invoke(tmp_path, "export", "apex/e2", "--bagit", str(tmp_path / "bag-e2"))
+    assert partial.exit_code == 1
+    assert "apex/e2 asset 0: missing" in partial.output
+
 
 async def test_sqlite_gives_pruned_space_back_in_the_background(tmp_path: Path) -> None:
     from receiver.backends.sqlite import Database
@@ -512,3 +519,53 @@ async def test_manifests_keep_payloads_the_ledger_dropped(
     assert len(rewritten) == 2
     assert rewritten[0]["payload"] == original  # kept from the manifest it replaced
     assert rewritten[1]["payload"]["data"]["jobId"] == "mf"  # the new one, from the ledger
+
+
+class BrokenStore:
+    """A store whose backend fails on every read and delete (the real one for everything else)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def read(self, key: str) -> Any:
+        from receiver.store import StoreError
+
+        async def fail() -> Any:
+            raise StoreError("local store: disk on fire")
+            yield b""  # pragma: no cover
+
+        return fail()
+
+    async def delete_all_versions(self, key: str) -> Any:
+        from receiver.store import StoreError
+
+        raise StoreError("s3://bucket: AccessDenied")
+
+
+async def test_a_failing_store_is_reported_not_recorded_as_rot(
+    h: Harness, source_server: SourceServer
+) -> None:
+    await archive_job(h, source_server, "sick")
+    h.clock.advance(100 * 86400)
+    broken = BrokenStore(h.parts.store)
+    report = await verify_due(h.parts.ledger, broken, now=h.clock, fixity_days=90, limit=5)
+    assert [(c.job_id, c.result, c.actual) for c in report.checks] == [
+        ("sick", "store unavailable", "StoreError")
+    ]
+    job = await h.parts.ledger.job("apex", "sick")
+    assert job is not None and job.assets[0].verified_at is None  # still due, not "failed"
+    assert (await h.parts.ledger.fixity_status()).failing == 0
+
+    erased = await forget(
+        h.parts.ledger, broken, "apex", "sick", reason="r", now=h.clock(), act=True
+    )
+    assert erased.acted and len(erased.not_removed) == 2
+    assert all("StoreError: s3://bucket: AccessDenied" in p for p in erased.not_removed)
+    # Nothing was removed, and the report says so.
+    assert [f.rsplit("/", 1)[1] for f in archive_files(h) if not f.endswith(".meta.json")] == [
+        "manifest.json",
+        "out.png",
+    ]

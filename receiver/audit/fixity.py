@@ -93,7 +93,8 @@ async def verify_due(
             log.warning("fixity_check_unavailable", provider=item.provider, error=str(exc))
             problem, expected, actual = "store unavailable", None, type(exc).__name__
         at = now()
-        if problem != "store unavailable":
+        unavailable = problem == "store unavailable"
+        if not unavailable:
             await ledger.mark_verified(
                 item.provider, item.job_id, asset.n, at=at, by=FULL_READ, error=problem
             )
@@ -112,7 +113,7 @@ async def verify_due(
             expected=expected,
             actual=actual,
         )
-        if problem is not None:
+        if problem is not None and not unavailable:
             log.error(
                 "fixity_check_failed",
                 provider=item.provider,

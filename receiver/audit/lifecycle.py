@@ -18,7 +18,7 @@ import structlog
 from receiver.archive.manifest import manifest_key
 from receiver.domain import Clock
 from receiver.ledger import Ledger
-from receiver.store import Erasure, Store
+from receiver.store import Erasure, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -195,7 +195,10 @@ async def forget(
     report.tombstone_at = now
     report.acted = True
     for key in keys:
-        report.erased.append(await store.delete_all_versions(key))
+        try:
+            report.erased.append(await store.delete_all_versions(key))
+        except StoreError as exc:  # the store failing: say what is left, try the other keys
+            report.erased.append(Erasure(key, 0, (f"{type(exc).__name__}: {exc}",)))
     log.info(
         "job_forgotten",
         provider=provider,
