@@ -96,30 +96,46 @@ async def test_payloads_go_after_the_retention_period_and_the_audit_says_so(
     assert h.rows("deliveries")[0]["body"] == b""
 
 
-async def test_the_background_loops_run_in_serve_and_count_what_they_prune(
+async def run_briefly(loops: list[Any], until: Any) -> None:
+    """Run the background loops as `serve` does until `until()` holds (a round starts at once)."""
+    tasks = [asyncio.create_task(loop) for loop in loops]
+    try:
+        for _ in range(200):
+            if until():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the background loops did not get there")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_the_background_loops_of_serve_prune_and_verify_and_count_it(
     harness_factory: Any, source_server: SourceServer
 ) -> None:
-    default = await harness_factory(**LOCAL_SOURCES, payload_retention_days=0)
+    default = await harness_factory(**LOCAL_SOURCES)
     loops = lifecycle_loops(default.parts)
     assert len(loops) == 1  # retention only: background fixity is off by default
     for coroutine in loops:
         coroutine.close()
-    await archive_job(default, source_server, "m1")
-    default.clock.advance(1)
-    retention = RetentionLoop(
-        default.parts.ledger,
-        RetentionPolicy.from_days(0, None),
-        clock=default.clock,
-        interval=1,
-        on_pruned=lambda r: default.parts.metrics.payloads_pruned.inc(r.payloads_removed),
+
+    h = await harness_factory(
+        **LOCAL_SOURCES, payload_retention_days=0, fixity_days=0, fixity_per_hour=3600
     )
-    await retention.once()
-    assert default.parts.metrics.value("receiver_retention_payloads_removed_total") == 1
-    with_fixity = await harness_factory(**LOCAL_SOURCES, fixity_per_hour=60)
-    loops = lifecycle_loops(with_fixity.parts)
-    assert len(loops) == 2
-    for coroutine in loops:
-        coroutine.close()
+    await archive_job(h, source_server, "m1")
+    h.clock.advance(1)
+    metrics = h.parts.metrics
+    await run_briefly(
+        lifecycle_loops(h.parts),
+        lambda: (
+            metrics.value("receiver_retention_payloads_removed_total") == 1
+            and metrics.value("receiver_fixity_checks_total", result="ok") == 1
+        ),
+    )
+    job = await h.parts.ledger.job("apex", "m1")
+    assert job is not None
+    assert job.deliveries[0].payload_removed and job.assets[0].verified_by == "full-read"
 
 
 async def test_pruning_in_small_batches_leaves_room_for_ingest(
