@@ -53,36 +53,28 @@ async def prune(
     policy: RetentionPolicy,
     now: datetime,
     *,
-    max_batches: int | None = None,
     between_batches: Callable[[], Awaitable[None]] = _yield,
 ) -> PruneReport:
-    """Apply `policy` as of `now`, batch by batch until nothing is left (or `max_batches`)."""
+    """Apply `policy` as of `now`, a batch (one short write) at a time until nothing is left."""
     report = PruneReport()
-    batches = 0
-
-    def more() -> bool:
-        return max_batches is None or batches < max_batches
-
-    while more():
+    while True:
         dropped = await ledger.prune_payloads(now - policy.payload, now, policy.batch)
         report.payloads_removed += dropped
-        batches += 1
         if dropped < policy.batch:
             break
         await between_batches()  # let ingest's writes in between
-    if policy.jobs is not None:
-        while more():
-            removed = await ledger.prune_jobs(now - policy.jobs, policy.batch)
-            report.jobs_removed.extend(f"{p}/{j}" for p, j in removed)
-            batches += 1
-            if len(removed) < policy.batch:
-                break
-            await between_batches()
+    while policy.jobs is not None:
+        removed = await ledger.prune_jobs(now - policy.jobs, policy.batch)
+        report.jobs_removed.extend(f"{p}/{j}" for p, j in removed)
+        if len(removed) < policy.batch:
+            break
+        await between_batches()
     return report
 
 
 class RetentionLoop:
-    """The background retention of `serve`/`worker`: a few batches every `interval`."""
+    """The background retention of `serve`/`worker`: a round every `interval` seconds, each
+    batch a short write with a `pause` after it, then the freed space given back."""
 
     def __init__(
         self,
