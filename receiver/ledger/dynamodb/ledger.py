@@ -22,15 +22,12 @@ from receiver.ledger import (
     ArchivedAsset,
     AssetRecord,
     AssetToCopy,
-    DueAsset,
-    FixityStatus,
     IncomingDelivery,
     JobFilter,
     JobRecord,
     JobSummary,
     PlannedOutput,
     RecordResult,
-    Tombstone,
 )
 from receiver.ledger import at_ts as _at
 from receiver.ledger import from_ts as _opt_at
@@ -77,7 +74,7 @@ class LedgerBusy(RuntimeError):
 # --- the adapter --------------------------------------------------------------------------------
 
 
-class DynamoLedger:
+class DynamoLedger(lifecycle.DataOverYears):
     def __init__(
         self,
         table: str,
@@ -212,60 +209,6 @@ class DynamoLedger:
                 TableName=self.table, Key=encode({"pk": "PING", "sk": "PING"})
             )
         )
-
-    # -- data over years (receiver.ledger.dynamodb.lifecycle) -------------------------------------
-
-    async def prune_payloads(self, received_before: datetime, now: datetime, limit: int) -> int:
-        return await run_blocking(
-            lifecycle.prune_payloads, self.ddb, self.table, received_before.timestamp(), limit
-        )
-
-    async def prune_jobs(self, ended_before: datetime, limit: int) -> list[tuple[str, str]]:
-        return await run_blocking(lifecycle.prune_jobs, self.ddb, self.table, ended_before, limit)
-
-    async def forget(self, provider: str, job_id: str, reason: str, now: datetime) -> bool:
-        return await run_blocking(
-            lifecycle.forget, self.ddb, self.table, provider, job_id, reason, now.timestamp()
-        )
-
-    async def tombstone(self, provider: str, job_id: str) -> Tombstone | None:
-        return await run_blocking(lifecycle.tombstone, self.ddb, self.table, provider, job_id)
-
-    async def due_for_fixity(self, checked_before: datetime, limit: int) -> list[DueAsset]:
-        return await run_blocking(
-            lifecycle.due_for_fixity, self.ddb, self.table, checked_before.timestamp(), limit
-        )
-
-    async def mark_verified(
-        self,
-        provider: str,
-        job_id: str,
-        n: int,
-        *,
-        at: datetime,
-        by: str,
-        error: str | None,
-    ) -> bool:
-        return await run_blocking(
-            lifecycle.mark_verified,
-            self.ddb,
-            self.table,
-            provider,
-            job_id,
-            n,
-            at.timestamp(),
-            by,
-            error,
-        )
-
-    async def fixity_status(self) -> FixityStatus:
-        return await run_blocking(lifecycle.fixity_status, self.ddb, self.table)
-
-    async def fixity_failures(self, limit: int) -> list[DueAsset]:
-        return await run_blocking(lifecycle.fixity_failures, self.ddb, self.table, limit)
-
-    async def compact(self) -> int:
-        return 0  # deleted items free their space; nothing to give back
 
     async def relay_outbox(self, now: datetime, *, limit: int = 500) -> int:
         """Re-send tasks that stayed unsent past the outbox's grace; how many were sent."""

@@ -23,7 +23,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from receiver.backends.aws import error_code
+from receiver.backends.aws import error_code, run_blocking
 from receiver.domain import FINAL_STATES
 from receiver.ledger import DueAsset, FixityStatus, Tombstone
 from receiver.ledger import at_ts as _at
@@ -303,3 +303,62 @@ def fixity_status(ddb: Any, table: str) -> FixityStatus:
                 break
             args["ExclusiveStartKey"] = page["LastEvaluatedKey"]
     return FixityStatus(oldest_check=_at(oldest) if oldest is not None else None, failing=failing)
+
+
+class DataOverYears:
+    """The data-over-years half of the ledger port, mixed into `DynamoLedger`."""
+
+    ddb: Any
+    table: str
+
+    async def prune_payloads(self, received_before: datetime, now: datetime, limit: int) -> int:
+        return await run_blocking(
+            prune_payloads, self.ddb, self.table, received_before.timestamp(), limit
+        )
+
+    async def prune_jobs(self, ended_before: datetime, limit: int) -> list[tuple[str, str]]:
+        return await run_blocking(prune_jobs, self.ddb, self.table, ended_before, limit)
+
+    async def forget(self, provider: str, job_id: str, reason: str, now: datetime) -> bool:
+        return await run_blocking(
+            forget, self.ddb, self.table, provider, job_id, reason, now.timestamp()
+        )
+
+    async def tombstone(self, provider: str, job_id: str) -> Tombstone | None:
+        return await run_blocking(tombstone, self.ddb, self.table, provider, job_id)
+
+    async def due_for_fixity(self, checked_before: datetime, limit: int) -> list[DueAsset]:
+        return await run_blocking(
+            due_for_fixity, self.ddb, self.table, checked_before.timestamp(), limit
+        )
+
+    async def mark_verified(
+        self,
+        provider: str,
+        job_id: str,
+        n: int,
+        *,
+        at: datetime,
+        by: str,
+        error: str | None,
+    ) -> bool:
+        return await run_blocking(
+            mark_verified,
+            self.ddb,
+            self.table,
+            provider,
+            job_id,
+            n,
+            at.timestamp(),
+            by,
+            error,
+        )
+
+    async def fixity_status(self) -> FixityStatus:
+        return await run_blocking(fixity_status, self.ddb, self.table)
+
+    async def fixity_failures(self, limit: int) -> list[DueAsset]:
+        return await run_blocking(fixity_failures, self.ddb, self.table, limit)
+
+    async def compact(self) -> int:
+        return 0  # deleted items free their space; nothing to give back
