@@ -6,6 +6,7 @@ is passed in: nothing sleeps for days.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from datetime import datetime, timedelta
 
@@ -127,6 +128,11 @@ async def test_forget_erases_the_job_and_its_tombstone_refuses_redelivery(b: Bac
     assert await b.ledger.forget("apex", "never-seen", "erase on sight", at) is False
     assert (await record(b, failed("never-seen"))).outcome == "forgotten"
     assert await b.ledger.tombstone("apex", "kept") is None
+    # `reindex` does not bring an erased job back from a manifest that could not be deleted.
+    kept = await b.ledger.job("apex", "kept")
+    assert kept is not None
+    assert await b.ledger.restore(dataclasses.replace(kept, job_id="gone")) is False
+    assert await b.ledger.job("apex", "gone") is None
 
 
 async def test_fixity_due_selection_records_checks_and_reports_failures(b: Backend) -> None:

@@ -241,7 +241,8 @@ class Ledger(Protocol):
         ...
 
     async def restore(self, job: JobRecord) -> bool:
-        """Write a job read back from the archive (reindex); False if the ledger had it."""
+        """Write a job read back from the archive (reindex); False if the ledger had it, or if
+        the job was erased on request (a tombstone: an object Object Lock kept stays erased)."""
         ...
 
     async def ping(self) -> None: ...

@@ -527,6 +527,8 @@ def _restore(conn: sqlite3.Connection, job: JobRecord) -> bool:
     key = (job.provider, job.job_id)
     if conn.execute("SELECT 1 FROM jobs WHERE provider = ? AND job_id = ?", key).fetchone():
         return False
+    if lifecycle.is_forgotten(conn, *key):
+        return False
     conn.execute(
         "INSERT INTO jobs (provider, job_id, state, job_type, first_seen_at, updated_at, "
         "completed_at, failed_at, archived_at, deadline, error, credits_refunded, metadata, "

@@ -553,6 +553,8 @@ class DynamoLedger(lifecycle.DataOverYears):
         pk = job_pk(job.provider, job.job_id)
         if self._get(pk, "JOB") is not None:
             return False
+        if self._get(lifecycle.tomb_pk(job.provider, job.job_id), "TOMB") is not None:
+            return False  # erased on request: a manifest Object Lock kept does not bring it back
         # Children first, the job item last and conditionally: a crash in between leaves no job
         # item, so running reindex again completes the restore.
         for d in job.deliveries:
