@@ -127,6 +127,9 @@ async def test_forget_erases_the_job_and_its_tombstone_refuses_redelivery(b: Bac
     # A job can be forgotten before it is ever seen; the tombstone still stands.
     assert await b.ledger.forget("apex", "never-seen", "erase on sight", at) is False
     assert (await record(b, failed("never-seen"))).outcome == "forgotten"
+    # Registering it for polling does not bring a record back either.
+    assert await b.ledger.track("apex", "gone", {"source": "api"}, at) is False
+    assert await b.ledger.job("apex", "gone") is None
     assert await b.ledger.tombstone("apex", "kept") is None
     # `reindex` does not bring an erased job back from a manifest that could not be deleted.
     kept = await b.ledger.job("apex", "kept")

@@ -211,7 +211,8 @@ class Ledger(Protocol):
     async def track(
         self, provider: str, job_id: str, tracking: dict[str, Any], now: datetime
     ) -> bool:
-        """Register a job to follow by polling; False if it was already known (idempotent)."""
+        """Register a job to follow by polling; False if it was already known (idempotent) or
+        erased on request (a tombstone: no record is created for it again)."""
         ...
 
     async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None: ...

@@ -45,6 +45,8 @@ class SqliteLedger:
     ) -> bool:
         def write(conn: sqlite3.Connection) -> bool:
             at = now.timestamp()
+            if lifecycle.is_forgotten(conn, provider, job_id):
+                return False
             created = (
                 conn.execute(
                     "INSERT INTO jobs (provider, job_id, state, first_seen_at, updated_at, "

@@ -480,6 +480,8 @@ class DynamoLedger(lifecycle.DataOverYears):
     def _track(self, provider: str, job_id: str, tracking: dict[str, Any], now: float) -> bool:
         def build() -> tuple[list[Item], bool]:
             job = self._get(job_pk(provider, job_id), "JOB")
+            if job is None and self._get(lifecycle.tomb_pk(provider, job_id), "TOMB"):
+                return [], False  # erased on request: not recorded again
             if job is None:
                 new = _new_job(provider, job_id, now)
                 new.update(state=JobState.TRACKING.value, tracking=json.dumps(tracking))
