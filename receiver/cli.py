@@ -288,6 +288,15 @@ def jobs_show(
             a["source"],
         )
     console.print(assets)
+    for a in body["assets"]:
+        fixity = a["fixity"]
+        if fixity["verified_at"] is not None:
+            outcome = "intact" if fixity["ok"] else f"FAILED: {fixity['problem']}"
+            console.print(
+                f"  asset {a['n']}: last verified {fixity['verified_at']} "
+                f"({fixity['verified_by']}): {outcome}",
+                soft_wrap=True,
+            )
 
 
 @app.command()

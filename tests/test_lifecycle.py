@@ -585,3 +585,12 @@ async def test_a_failing_store_is_reported_not_recorded_as_rot(
         "manifest.json",
         "out.png",
     ]
+
+
+def test_jobs_show_tells_the_last_fixity_check(tmp_path: Path, source_server: SourceServer) -> None:
+    populate(tmp_path, source_server, ["shown"])
+    (victim,) = (tmp_path / "archive").rglob("out.png")
+    victim.write_bytes(b"rot")
+    assert invoke(tmp_path, "verify", "--due", RECEIVER_FIXITY_DAYS="0").exit_code == 1
+    human = invoke(tmp_path, "jobs", "show", "apex/shown").output
+    assert "(full-read): FAILED: sha256 mismatch" in human
