@@ -11,7 +11,7 @@ import contextlib
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,6 +32,8 @@ from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit.api import AuditApi
 from receiver.audit.console import Console, ConsoleParts
+from receiver.audit.fixity import FixityLoop
+from receiver.audit.lifecycle import PruneReport, RetentionLoop, RetentionPolicy
 from receiver.audit.openapi import document
 from receiver.backends.sqlite import Database
 from receiver.domain import Clock
@@ -94,6 +96,8 @@ class Parts:
             self.background.append(asyncio.create_task(self.archiver.run(workers)))
             if self.poller is not None:
                 self.background.append(asyncio.create_task(self.poller.run()))
+            for loop in lifecycle_loops(self):
+                self.background.append(asyncio.create_task(loop))
 
     async def stop(self) -> None:
         for task in self.background:
@@ -108,6 +112,41 @@ class Parts:
             await self.poller.aclose()
         await self.store.aclose()
         self.db.stop()
+
+
+def lifecycle_loops(parts: Parts) -> list[Coroutine[Any, Any, None]]:
+    """Retention (always) and background fixity (when RECEIVER_FIXITY_PER_HOUR > 0), run beside
+    the archive workers of `serve` and `worker`."""
+    settings, metrics = parts.settings, parts.metrics
+
+    def pruned(report: PruneReport) -> None:
+        metrics.payloads_pruned.inc(report.payloads_removed)
+        metrics.jobs_pruned.inc(len(report.jobs_removed))
+
+    loops = [
+        RetentionLoop(
+            parts.ledger,
+            RetentionPolicy.from_days(
+                settings.payload_retention_days,
+                settings.job_retention_days,
+                settings.retention_batch,
+            ),
+            clock=parts.clock,
+            interval=settings.retention_interval_seconds,
+            on_pruned=pruned,
+        ).run()
+    ]
+    if settings.fixity_per_hour > 0:
+        fixity = FixityLoop(
+            parts.ledger,
+            parts.store,
+            clock=parts.clock,
+            fixity_days=settings.fixity_days,
+            per_hour=settings.fixity_per_hour,
+            on_checked=lambda check: metrics.fixity_checks.labels(check.result).inc(),
+        )
+        loops.append(fixity.run())
+    return loops
 
 
 def open_store(url: str, *, part_size: int = 8 * 2**20, parts_in_flight: int = 2) -> Store:
@@ -150,7 +189,12 @@ def open_distributed(settings: Settings) -> tuple[DynamoLedger, SqsQueue]:
     queue = SqsQueue.from_url(
         settings.queue_url or "", urgent_window=timedelta(hours=settings.queue_urgent_hours)
     )
-    ledger = DynamoLedger.from_url(settings.ledger_url, publish=queue.publish)
+    ledger = DynamoLedger.from_url(
+        settings.ledger_url,
+        publish=queue.publish,
+        # Body parts carry the table's TTL: DynamoDB drops them without a prune.
+        payload_retention=timedelta(days=settings.payload_retention_days),
+    )
     queue.relay = ledger.relay_outbox  # workers re-send what a dead sender left in the outbox
     return ledger, queue
 
@@ -314,6 +358,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
     audit = AuditApi(
         parts.ledger, parts.store, api_token, parts.poller.tracked if parts.poller else None
     )
+    audit.payload_retention_days = settings.payload_retention_days
     poller = parts.poller
     registrar = Registrar(
         parts.ledger,
@@ -340,6 +385,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
     openapi = document()
 
     async def metrics(request: Request) -> Response:
+        parts.metrics.observe_fixity(await parts.ledger.fixity_status(), parts.clock())
         body = await parts.metrics.render(parts.queue, parts.clock())
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -31,6 +31,7 @@ class JobState(enum.StrEnum):
     FAILED = "failed"  # the provider failed the job
     EXPIRED = "expired"  # the link died before we copied it
     DEAD = "dead"  # we kept failing to copy it for another reason (dead-lettered)
+    FORGOTTEN = "forgotten"  # erased on request (`receiver forget`): only a tombstone remains
 
 
 FINAL_STATES = frozenset({JobState.ARCHIVED, JobState.FAILED, JobState.EXPIRED, JobState.DEAD})
@@ -43,6 +44,7 @@ class DeliveryOutcome(enum.StrEnum):
     DUPLICATE = "duplicate"  # the same information again (redelivery, replayed webhook id)
     REFRESHED = "refreshed"  # same job, new download links while not yet archived: tasks use them
     IGNORED = "ignored"  # contradicts a final state (e.g. failed after archived); kept as history
+    FORGOTTEN = "forgotten"  # the job was erased on request: acknowledged, nothing recorded
 
 
 @dataclass(frozen=True)
@@ -81,13 +83,23 @@ class Decision:
 
 
 def decide(
-    current: JobState | None, current_urls: tuple[str, ...], event: JobEvent, *, seen_id: bool
+    current: JobState | None,
+    current_urls: tuple[str, ...],
+    event: JobEvent,
+    *,
+    seen_id: bool,
+    forgotten: bool = False,
 ) -> Decision:
     """The job state machine: one place that says what an event does to a job.
 
     `current` is None for a job we have never seen; `current_urls` are the links already recorded
-    for it; `seen_id` is true when this delivery's id was recorded before (a replay).
+    for it; `seen_id` is true when this delivery's id was recorded before (a replay);
+    `forgotten` is true when the job was erased on request and a tombstone stands for it.
     """
+    if forgotten:
+        # Erasure outranks everything: a redelivery must neither re-archive the job nor keep
+        # its payload. The sender gets its acknowledgment and stops retrying.
+        return Decision(DeliveryOutcome.FORGOTTEN, JobState.FORGOTTEN)
     if seen_id and current is not None:
         return Decision(DeliveryOutcome.DUPLICATE, current)
     if event.kind is EventKind.PROGRESS:
@@ -236,11 +248,8 @@ def _extension(content_type: str | None) -> str:
     return _EXTENSIONS.get((content_type or "").split(";")[0].strip().lower(), "")
 
 
-def archive_key(
-    *, prefix: str, provider: str, job_id: str, completed_at: datetime, name: str
-) -> str:
-    """Deterministic object key: a retried copy lands on the same key."""
-    day = completed_at.astimezone(UTC)
+def job_folder(job_id: str) -> str:
+    """The key segment of a job's folder (`archive_key`'s fifth segment), from its id alone."""
     # Percent-encoding keeps distinct job ids distinct ("a/b" and "a:b" must not share a
     # folder) and the key ASCII; "." and ".." would be path segments, so they are encoded too.
     safe_job = quote(job_id, safe="")
@@ -248,8 +257,15 @@ def archive_key(
         safe_job = safe_job.replace(".", "%2E")
     # Long ids (percent-encoding triples non-ASCII bytes) keep a readable prefix plus a digest;
     # the id itself stays in the ledger, the object's metadata and the manifest.
-    safe_job = fit_segment(safe_job)
-    parts = [provider, f"{day:%Y}", f"{day:%m}", f"{day:%d}", safe_job, fit_name(name)]
+    return fit_segment(safe_job)
+
+
+def archive_key(
+    *, prefix: str, provider: str, job_id: str, completed_at: datetime, name: str
+) -> str:
+    """Deterministic object key: a retried copy lands on the same key."""
+    day = completed_at.astimezone(UTC)
+    parts = [provider, f"{day:%Y}", f"{day:%m}", f"{day:%d}", job_folder(job_id), fit_name(name)]
     return "/".join([prefix.strip("/"), *parts] if prefix.strip("/") else parts)
 
 

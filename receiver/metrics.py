@@ -6,6 +6,7 @@ from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from receiver.ledger import FixityStatus
 from receiver.workqueue import WorkQueue
 
 # Deadline slack at archive time spans "missed by an hour" to "a week early".
@@ -89,6 +90,38 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+
+        # Data over years (issue 15): retention and fixity.
+        self.payloads_pruned = Counter(
+            "receiver_retention_payloads_removed", "Raw delivery bodies dropped", registry=r
+        )
+        self.jobs_pruned = Counter(
+            "receiver_retention_jobs_removed",
+            "Ledger records of long-ended jobs removed",
+            registry=r,
+        )
+        self.fixity_checks = Counter(
+            "receiver_fixity_checks",
+            "Fixity checks of archived assets by result (ok, missing, sha256 mismatch...)",
+            ["result"],
+            registry=r,
+        )
+        self.fixity_oldest_age = Gauge(
+            "receiver_fixity_oldest_check_age_seconds",
+            "Age of the oldest fixity check (or archiving, if never checked) of any asset",
+            registry=r,
+        )
+        self.fixity_failing = Gauge(
+            "receiver_fixity_failing_assets",
+            "Archived assets whose last fixity check failed",
+            registry=r,
+        )
+
+    def observe_fixity(self, status: FixityStatus, now: datetime) -> None:
+        """Set the fixity gauges from the ledger's view (before rendering /metrics)."""
+        oldest = status.oldest_check
+        self.fixity_oldest_age.set((now - oldest).total_seconds() if oldest else 0.0)
+        self.fixity_failing.set(status.failing)
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when absent): for tests and the CLI."""

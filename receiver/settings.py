@@ -114,6 +114,17 @@ class Settings(BaseSettings):
     # else 408 and the connection is closed; idle keep-alive connections close after the next.
     body_timeout_seconds: float = Field(default=20.0, gt=0)
     keep_alive_seconds: float = Field(default=5.0, gt=0)
+    # Data over years (issue 15; README "Retention, erasure and fixity"). Raw delivery bodies
+    # are dropped after payload_retention_days (0: at the next prune); whole ledger records of
+    # jobs that ended job_retention_days ago are removed when set (off by default); archived
+    # assets are re-verified at least every fixity_days (0: all due), in the background at
+    # fixity_per_hour checks per process (0: only `receiver verify --due`).
+    payload_retention_days: int = Field(default=30, ge=0)
+    job_retention_days: int | None = Field(default=None, ge=1)
+    fixity_days: int = Field(default=90, ge=0)
+    fixity_per_hour: float = Field(default=0.0, ge=0)
+    retention_interval_seconds: float = Field(default=300.0, gt=0)
+    retention_batch: int = Field(default=50, ge=1, le=1000)
     log_format: str = "auto"  # auto (console on a TTY, else JSON) | json | console
     log_level: str = "info"
 

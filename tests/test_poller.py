@@ -627,7 +627,8 @@ async def test_parts_start_runs_the_poller_beside_the_workers(harness_factory: A
     harness: Harness = await harness_factory(**SETTINGS)
     assert harness.parts.poller is not None
     harness.parts.start(workers=1)
-    assert len(harness.parts.background) == 2
+    # The archive workers, the poller, and the retention loop (issue 15).
+    assert len(harness.parts.background) == 3
     await harness.parts.stop()
     harness.parts.db.start()  # the fixture stops it again
 

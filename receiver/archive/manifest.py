@@ -42,7 +42,21 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def build_manifest(job: JobRecord) -> dict[str, Any]:
+def _kept_payloads(previous: dict[str, Any] | None) -> dict[tuple[Any, Any], Any]:
+    """The payloads an earlier manifest holds, by (received at, payload SHA-256)."""
+    if not previous:
+        return {}
+    return {
+        (d.get("received_at"), d.get("payload_sha256")): d.get("payload")
+        for d in previous.get("deliveries", [])
+        if isinstance(d, dict)
+    }
+
+
+def build_manifest(job: JobRecord, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of `job`. Deliveries whose raw body the payload retention dropped keep the
+    redacted payload `previous` (the manifest this one replaces) holds for them."""
+    kept = _kept_payloads(previous)
     return {
         "schema": SCHEMA,
         "provider": job.provider,
@@ -69,7 +83,11 @@ def build_manifest(job: JobRecord) -> dict[str, Any]:
                 "event": d.event,
                 "outcome": d.outcome,
                 "payload_sha256": d.payload_sha256,
-                "payload": redacted_payload(d.body),
+                "payload": (
+                    kept.get((_iso(d.received_at), d.payload_sha256))
+                    if d.payload_removed
+                    else redacted_payload(d.body)
+                ),
             }
             for d in job.deliveries
         ],

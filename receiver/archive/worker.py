@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import structlog
 
@@ -24,7 +26,7 @@ from receiver.archive.manifest import build_manifest, encode, manifest_key
 from receiver.domain import Clock, JobState, backoff_delay, signed_url_expiry
 from receiver.ledger import ArchivedAsset, AssetToCopy, Ledger
 from receiver.metrics import Metrics
-from receiver.store import Store
+from receiver.store import ObjectMissing, Store
 from receiver.workqueue import Lease, WorkQueue
 
 log = structlog.get_logger(__name__)
@@ -241,9 +243,24 @@ class Archiver:
         job = await self.ledger.job(asset.provider, asset.job_id)
         if job is None:
             return
-        await self.store.put_bytes(
-            manifest_key(asset.key), encode(build_manifest(job)), content_type="application/json"
+        key = manifest_key(asset.key)
+        # Payloads the ledger no longer keeps (retention) stay as the manifest had them.
+        previous = (
+            await _read_json(self.store, key)
+            if any(d.payload_removed for d in job.deliveries)
+            else None
         )
+        await self.store.put_bytes(
+            key, encode(build_manifest(job, previous)), content_type="application/json"
+        )
+
+
+async def _read_json(store: Store, key: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(b"".join([chunk async for chunk in store.read(key)]))
+    except (ObjectMissing, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _media_type(value: str | None) -> str | None:

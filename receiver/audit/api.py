@@ -59,7 +59,19 @@ def polling_json(tracked: TrackedJob | None) -> dict[str, Any] | None:
     }
 
 
-def job_json(job: JobRecord, tracked: TrackedJob | None = None) -> dict[str, Any]:
+def payload_note(retention_days: int | None) -> str:
+    """What the audit says where a delivery's payload was dropped by retention."""
+    if retention_days is None:
+        return "payload removed by the retention policy"
+    return f"payload removed after {retention_days} days"
+
+
+def job_json(
+    job: JobRecord,
+    tracked: TrackedJob | None = None,
+    *,
+    payload_retention_days: int | None = None,
+) -> dict[str, Any]:
     deadlines = [a.deadline for a in job.assets]
     slacks = [
         (a.deadline - a.archived_at).total_seconds()
@@ -96,7 +108,10 @@ def job_json(job: JobRecord, tracked: TrackedJob | None = None) -> dict[str, Any
                 # replay with altered content. Recorded, never trusted silently.
                 "body_mismatch": d.body_mismatch,
                 "payload_sha256": d.payload_sha256,
-                "payload": redacted_payload(d.body),
+                "payload": None if d.payload_removed else redacted_payload(d.body),
+                "payload_removed": (
+                    payload_note(payload_retention_days) if d.payload_removed else None
+                ),
             }
             for d in job.deliveries
         ],
@@ -116,6 +131,12 @@ def job_json(job: JobRecord, tracked: TrackedJob | None = None) -> dict[str, Any
                     (a.deadline - a.archived_at).total_seconds() if a.archived_at else None
                 ),
                 "error": _scrubbed(a.error),
+                "fixity": {
+                    "verified_at": _iso(a.verified_at),
+                    "verified_by": a.verified_by,
+                    "ok": None if a.verified_at is None else a.fixity_error is None,
+                    "problem": a.fixity_error,
+                },
             }
             for a in job.assets
         ],
@@ -197,6 +218,7 @@ class AuditApi:
         self.store = store
         self.api_token = api_token
         self.tracker = tracker
+        self.payload_retention_days: int | None = None  # for "payload removed after N days"
 
     def routes(self) -> list[Route]:
         return [
@@ -234,13 +256,21 @@ class AuditApi:
         provider, job_id = request.path_params["provider"], request.path_params["job_id"]
         job = await self.ledger.job(provider, job_id)
         if job is None:
+            stone = await self.ledger.tombstone(provider, job_id)
+            if stone is not None:
+                raise NotFound(
+                    f"job {job_id!r} for provider {provider!r} was erased on request at "
+                    f"{stone.forgotten_at.isoformat()}"
+                )
             raise NotFound(f"no job {job_id!r} for provider {provider!r}")
         return job
 
     async def show_job(self, request: Request) -> JSONResponse:
         job = await self._job(request)
         tracked = await self.tracker.get(job.provider, job.job_id) if self.tracker else None
-        return JSONResponse(job_json(job, tracked))
+        return JSONResponse(
+            job_json(job, tracked, payload_retention_days=self.payload_retention_days)
+        )
 
     async def asset(self, request: Request) -> Response:
         job = await self._job(request)

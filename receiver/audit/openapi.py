@@ -132,7 +132,7 @@ def document(tracking_schema: dict[str, Any] | None = None) -> dict[str, Any]:
                 "responses": {
                     "200": _json({"type": "object"}, "The job"),
                     "401": _error("Missing or invalid operator token"),
-                    "404": _error("No such job"),
+                    "404": _error("No such job (or erased on request: `receiver forget`)"),
                 },
             }
         },
@@ -207,7 +207,10 @@ def document(tracking_schema: dict[str, Any] | None = None) -> dict[str, Any]:
                 "Ack": {
                     "type": "object",
                     "properties": {
-                        "status": {"type": "string", "enum": ["accepted", "duplicate"]},
+                        "status": {
+                            "type": "string",
+                            "enum": ["accepted", "duplicate", "forgotten"],
+                        },
                         "outcome": {"type": "string"},
                         "provider": {"type": "string"},
                         "job_id": {"type": "string"},

@@ -89,6 +89,15 @@ async def _check(store: Store, provider: str, job_id: str, asset: AssetRecord) -
     return None
 
 
+async def check_asset(
+    store: Store, provider: str, job_id: str, asset: AssetRecord
+) -> Finding | None:
+    """Re-read one archived asset and compare it with the ledger (None: intact).
+
+    The one check `verify` runs per asset; `receiver.audit.fixity` runs it on a schedule."""
+    return await _check(store, provider, job_id, asset)
+
+
 @dataclass
 class ReindexReport:
     manifests: int = 0

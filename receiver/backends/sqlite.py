@@ -119,7 +119,45 @@ CREATE TABLE IF NOT EXISTS tracked (
 CREATE INDEX IF NOT EXISTS tracked_due ON tracked (state, next_poll_at);
 -- One row rewritten by the readiness probe: proof that the writer can write again.
 CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
+-- Jobs erased on request (`receiver forget`): the record path refuses to recreate them.
+CREATE TABLE IF NOT EXISTS tombstones (
+    provider TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    forgotten_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (provider, job_id)
+);
 """
+
+# Columns added after the first release: (table, column, declaration). `Database` adds the ones an
+# older file lacks (ALTER TABLE ADD COLUMN keeps every row; new columns start NULL).
+COLUMNS_ADDED = (
+    # same delivery id as an earlier delivery, different body (1): flagged in the history
+    ("deliveries", "body_mismatch", "INTEGER NOT NULL DEFAULT 0"),
+    ("deliveries", "body_removed_at", "REAL"),  # payload retention dropped the raw body then
+    ("assets", "verified_at", "REAL"),  # last fixity check
+    ("assets", "verified_by", "TEXT"),
+    ("assets", "fixity_error", "TEXT"),  # what the last check found wrong (NULL: it passed)
+)
+
+# Indexes over added columns: created after the columns exist.
+INDEXES_ADDED = """
+CREATE INDEX IF NOT EXISTS deliveries_body_kept ON deliveries (received_at)
+    WHERE body_removed_at IS NULL;
+CREATE INDEX IF NOT EXISTS assets_fixity ON assets (COALESCE(verified_at, archived_at))
+    WHERE state = 'archived';
+CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated_at);
+"""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older file's schema up to date (idempotent)."""
+    for table, column, declaration in COLUMNS_ADDED:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    conn.executescript(INDEXES_ADDED)
+
 
 _MAX_GROUP = 512
 # Checkpoint the WAL when the writer is idle after this many groups, or regardless after the
@@ -166,10 +204,19 @@ class Database:
     def __init__(self, path: Path, *, write_timeout: float = WRITE_TIMEOUT_SECONDS) -> None:
         self.path = path
         create_private(path)
+        # Incremental auto-vacuum, so pages freed by retention can go back to the filesystem:
+        # it must be chosen before the file's header is written (WAL mode writes it), so on a
+        # connection of its own; an older file keeps its mode until `receiver prune` VACUUMs it.
+        first = sqlite3.connect(path, isolation_level=None)
+        try:
+            first.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            first.execute("PRAGMA journal_mode=WAL")
+        finally:
+            first.close()
         conn = connect(path)
         try:
             conn.executescript(SCHEMA)
-            _migrate(conn)
+            migrate(conn)
         finally:
             conn.close()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -281,6 +328,9 @@ class Database:
                     if conn is None:
                         conn = self.connect_writer(self.path)
                         conn.execute("PRAGMA wal_autocheckpoint=0")
+                        # A burst of writes (a retention prune) grows the WAL; once checkpointed,
+                        # shrink it back to this instead of keeping the high-water mark on disk.
+                        conn.execute("PRAGMA journal_size_limit=67108864")
                 except Exception as exc:
                     self._failed("open", exc)
                     self._settle(group, [(False, _unavailable(exc))] * len(group))
@@ -371,12 +421,21 @@ class Database:
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self.read_sync, fn)
 
+    # -- space ----------------------------------------------------------------------------------
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Columns added after a table was first created (CREATE TABLE IF NOT EXISTS skips them)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
-    if "body_mismatch" not in columns:
-        conn.execute("ALTER TABLE deliveries ADD COLUMN body_mismatch INTEGER NOT NULL DEFAULT 0")
+    def vacuum(self) -> None:
+        """Rewrite the file without free pages (`receiver prune`), then empty the WAL.
+
+        VACUUM needs no other write in progress: run it with the writer stopped (the CLI's).
+        It also switches an older file to incremental auto-vacuum (see `__init__`).
+        """
+        conn = connect(self.path)
+        try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
 
 
 def _discard(conn: sqlite3.Connection) -> None:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from receiver import logs
+from receiver.cli import lifecycle as lifecycle_commands
 from receiver.cli import listing
 from receiver.cli.base import (
     DEBUG,
@@ -224,13 +225,18 @@ def jobs_show(
     from receiver.audit.api import job_json
 
     provider, job_id = _split_job(job)
+    settings = load_settings(env_file, log_level="warning")
 
     async def lookup(parts: Parts) -> dict[str, Any] | None:
         record = await parts.ledger.job(provider, job_id)
         if record is None:
             return None
         tracker = parts.poller.tracked if parts.poller else None
-        return job_json(record, await tracker.get(provider, job_id) if tracker else None)
+        return job_json(
+            record,
+            await tracker.get(provider, job_id) if tracker else None,
+            payload_retention_days=settings.payload_retention_days,
+        )
 
     settings = load_settings(env_file, log_level="warning")
     require_ledger(settings)
@@ -276,6 +282,13 @@ def jobs_show(
             d["outcome"],
         )
     console.print(deliveries)
+    removed = [d for d in body["deliveries"] if d["payload_removed"]]
+    if removed:
+        console.print(
+            f"  {removed[0]['payload_removed']} ({len(removed)} of "
+            f"{len(body['deliveries'])} deliveries; their SHA-256 stays)",
+            soft_wrap=True,
+        )
     assets = listing.table("n", "state", "uri", "size", "sha256", "source", title="assets")
     for a in body["assets"]:
         assets.add_row(
@@ -287,6 +300,15 @@ def jobs_show(
             a["source"],
         )
     console.print(assets)
+    for a in body["assets"]:
+        fixity = a["fixity"]
+        if fixity["verified_at"] is not None:
+            outcome = "intact" if fixity["ok"] else f"FAILED: {fixity['problem']}"
+            console.print(
+                f"  asset {a['n']}: last verified {fixity['verified_at']} "
+                f"({fixity['verified_by']}): {outcome}",
+                soft_wrap=True,
+            )
 
 
 @app.command()
@@ -312,12 +334,22 @@ def verify(
     since: Since = None,
     until: Until = None,
     as_json: AsJson = False,
+    due: Annotated[
+        bool, typer.Option("--due", help="only assets not verified within RECEIVER_FIXITY_DAYS")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, help="with --due: at most this many")] = 1000,
+    report_file: Annotated[
+        Path | None, typer.Option("--report", help="with --due: write the JSON report here")
+    ] = None,
     env_file: EnvFile = None,
 ) -> None:
     """Re-read archived objects and recompute SHA-256; exit 1 on any mismatch or missing object."""
     from receiver.audit.operations import VerifyReport
     from receiver.audit.operations import verify as run_verify
 
+    if due:
+        lifecycle_commands.verify_due(_kit(), limit, report_file, as_json, env_file)
+        return
     where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
     settings = load_settings(env_file, log_level="warning")
     require_ledger(settings)
@@ -571,6 +603,13 @@ def dev_env(path: Annotated[Path, typer.Argument(help="file to create")]) -> Non
     with os.fdopen(fd, "w") as out:
         out.write("\n".join(lines) + "\n")
     typer.echo(f"created development settings with random secrets in {path}")
+
+
+def _kit() -> lifecycle_commands.CliKit:
+    return lifecycle_commands.CliKit(load_settings, _run, fail, _split_job, _filters)
+
+
+lifecycle_commands.register(app, _kit)  # prune, forget, export (issue 15)
 
 
 # Registered on `app` when imported: `receiver doctor`, `receiver send-test`.

@@ -115,7 +115,12 @@ class Webhooks:
         accepted = result.outcome is DeliveryOutcome.ACCEPTED
         return JSONResponse(
             {
-                "status": "accepted" if accepted else "duplicate",
+                # "forgotten": erased on request (`receiver forget`); acknowledged, not kept.
+                "status": "accepted"
+                if accepted
+                else "forgotten"
+                if result.outcome is DeliveryOutcome.FORGOTTEN
+                else "duplicate",
                 "outcome": result.outcome.value,
                 "provider": provider,
                 "job_id": event.job_id,

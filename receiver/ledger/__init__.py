@@ -6,6 +6,11 @@ archiver reports outcomes per asset (`mark_archived`, `mark_asset_ended`); the a
 whole jobs back (`job`, `list_jobs`) and, for the console's overview, what became of the
 recent ones (`activity`). Adapters: `sqlite.py` (embedded) and `dynamodb.py` (scale-out, with
 the SQS queue). Time is always passed in.
+
+Data over years (issue 15): `prune_payloads` drops old raw bodies while their audit rows stay,
+`prune_jobs` removes long-ended jobs' records, `forget` erases one job and leaves a `Tombstone`
+that `record` honours, and `due_for_fixity` / `mark_verified` keep each archived asset's last
+integrity check.
 """
 
 from __future__ import annotations
@@ -102,8 +107,9 @@ class DeliveryRecord:
     event: str
     payload_sha256: str
     outcome: str
-    body: bytes
+    body: bytes  # b"" once the payload retention removed it (see `payload_removed`)
     body_mismatch: bool = False  # same delivery id as an earlier delivery, different body
+    payload_removed: bool = False  # the raw body was dropped by retention; the row stays
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,44 @@ class AssetRecord:
     sha256: str | None
     archived_at: datetime | None
     error: str | None
+    verified_at: datetime | None = None  # when its bytes were last re-read and checked
+    verified_by: str | None = None  # how: "full-read" (every byte re-hashed)
+    fixity_error: str | None = None  # what the last check found wrong; None if it passed
+
+
+#: The one fixity method so far: the whole object re-read and its SHA-256 recomputed.
+FULL_READ = "full-read"
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """What remains of a job erased on request: when, and the reason the operator gave."""
+
+    provider: str
+    job_id: str
+    forgotten_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class DueAsset:
+    """An archived asset whose fixity check is due (never checked counts from its archiving)."""
+
+    provider: str
+    job_id: str
+    asset: AssetRecord
+
+    @property
+    def last_checked(self) -> datetime | None:
+        return self.asset.verified_at or self.asset.archived_at
+
+
+@dataclass(frozen=True)
+class FixityStatus:
+    """The archive's fixity at a glance (for /metrics and the console)."""
+
+    oldest_check: datetime | None  # the oldest last check (or archiving, if never checked)
+    failing: int  # assets whose last check failed
 
 
 @dataclass(frozen=True)
@@ -235,7 +279,8 @@ class Ledger(Protocol):
     async def track(
         self, provider: str, job_id: str, tracking: dict[str, Any], now: datetime
     ) -> bool:
-        """Register a job to follow by polling; False if it was already known (idempotent)."""
+        """Register a job to follow by polling; False if it was already known (idempotent) or
+        erased on request (a tombstone: no record is created for it again)."""
         ...
 
     async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None: ...
@@ -273,7 +318,8 @@ class Ledger(Protocol):
         ...
 
     async def restore(self, job: JobRecord) -> bool:
-        """Write a job read back from the archive (reindex); False if the ledger had it."""
+        """Write a job read back from the archive (reindex); False if the ledger had it, or if
+        the job was erased on request (a tombstone: an object Object Lock kept stays erased)."""
         ...
 
     async def activity(self, since: datetime) -> Activity:
@@ -282,3 +328,67 @@ class Ledger(Protocol):
         ...
 
     async def ping(self) -> None: ...
+
+    # -- data over years (retention, erasure, fixity) -------------------------------------------
+
+    async def prune_payloads(self, received_before: datetime, now: datetime, limit: int) -> int:
+        """Drop the raw bodies of at most `limit` deliveries received before `received_before`.
+
+        Oldest first. The delivery's row stays (time, delivery id, source, auth, event, outcome,
+        payload SHA-256) and reads back with `payload_removed` and an empty body. Returns how many
+        bodies were dropped now (0: nothing older is left). Small batches: each call is one short
+        write, so ingest never waits long behind it.
+        """
+        ...
+
+    async def prune_jobs(self, ended_before: datetime, limit: int) -> list[tuple[str, str]]:
+        """Remove the whole records of at most `limit` jobs in a final state (archived, failed,
+        expired, dead) last updated before `ended_before`: job, deliveries, assets, tasks.
+
+        Archived objects and manifests are not touched (`reindex` can restore the records).
+        Returns the (provider, job id) pairs removed.
+        """
+        ...
+
+    async def forget(self, provider: str, job_id: str, reason: str, now: datetime) -> bool:
+        """Erase the job's record (as `prune_jobs` does) and leave a `Tombstone`.
+
+        From then on `record` answers `DeliveryOutcome.FORGOTTEN` for that job and writes
+        nothing. False if there was no record to erase (the tombstone is written regardless,
+        so a job can be forgotten before its first delivery).
+        """
+        ...
+
+    async def tombstone(self, provider: str, job_id: str) -> Tombstone | None: ...
+
+    async def due_for_fixity(self, checked_before: datetime, limit: int) -> list[DueAsset]:
+        """Archived assets whose last check (or, never checked, archiving) is before
+        `checked_before`, oldest first, at most `limit`."""
+        ...
+
+    async def mark_verified(
+        self,
+        provider: str,
+        job_id: str,
+        n: int,
+        *,
+        at: datetime,
+        by: str,
+        error: str | None,
+    ) -> bool:
+        """Record a fixity check of an archived asset (error None: it passed). False if the
+        asset is not in the ledger (any more)."""
+        ...
+
+    async def fixity_status(self) -> FixityStatus: ...
+
+    async def fixity_failures(self, limit: int) -> list[DueAsset]:
+        """Archived assets whose last fixity check failed (`AssetRecord.fixity_error`), most
+        recently checked first, at most `limit`: the console's Problems page."""
+        ...
+
+    async def compact(self) -> int:
+        """Give some space freed by pruning back where the backend holds it, in one short write;
+        how much it gave back (0: nothing left to give). SQLite: an incremental vacuum of at most
+        a few MB; DynamoDB: nothing to do, deleted items free their space."""
+        ...

@@ -18,16 +18,21 @@ from receiver.ledger import (
     AssetRecord,
     AssetToCopy,
     DeliveryRecord,
+    DueAsset,
+    FixityStatus,
     IncomingDelivery,
     JobFilter,
     JobRecord,
     JobSummary,
     PlannedOutput,
     RecordResult,
+    Tombstone,
     from_ts,
     to_ts,
 )
 from receiver.ledger import at_ts as _at
+from receiver.ledger import sqlite_lifecycle as lifecycle
+from receiver.ledger.sqlite_lifecycle import asset_record
 
 
 class SqliteLedger:
@@ -44,6 +49,8 @@ class SqliteLedger:
     ) -> bool:
         def write(conn: sqlite3.Connection) -> bool:
             at = now.timestamp()
+            if lifecycle.is_forgotten(conn, provider, job_id):
+                return False
             created = (
                 conn.execute(
                     "INSERT INTO jobs (provider, job_id, state, first_seen_at, updated_at, "
@@ -187,6 +194,53 @@ class SqliteLedger:
             # The last write or checkpoint failed: ready again only once a real write commits.
             await self.db.probe_write()
 
+    # -- data over years (receiver.ledger.sqlite_lifecycle) ---------------------------------------
+
+    async def prune_payloads(self, received_before: datetime, now: datetime, limit: int) -> int:
+        before, at = received_before.timestamp(), now.timestamp()
+        return await self.db.write(lambda conn: lifecycle.prune_payloads(conn, before, at, limit))
+
+    async def prune_jobs(self, ended_before: datetime, limit: int) -> list[tuple[str, str]]:
+        before = ended_before.timestamp()
+        return await self.db.write(lambda conn: lifecycle.prune_jobs(conn, before, limit))
+
+    async def forget(self, provider: str, job_id: str, reason: str, now: datetime) -> bool:
+        at = now.timestamp()
+        return await self.db.write(
+            lambda conn: lifecycle.forget(conn, provider, job_id, reason, at)
+        )
+
+    async def tombstone(self, provider: str, job_id: str) -> Tombstone | None:
+        return await self.db.read(lambda conn: lifecycle.tombstone(conn, provider, job_id))
+
+    async def due_for_fixity(self, checked_before: datetime, limit: int) -> list[DueAsset]:
+        before = checked_before.timestamp()
+        return await self.db.read(lambda conn: lifecycle.due_for_fixity(conn, before, limit))
+
+    async def mark_verified(
+        self,
+        provider: str,
+        job_id: str,
+        n: int,
+        *,
+        at: datetime,
+        by: str,
+        error: str | None,
+    ) -> bool:
+        ts = at.timestamp()
+        return await self.db.write(
+            lambda conn: lifecycle.mark_verified(conn, provider, job_id, n, ts, by, error)
+        )
+
+    async def fixity_status(self) -> FixityStatus:
+        return await self.db.read(lifecycle.fixity_status)
+
+    async def fixity_failures(self, limit: int) -> list[DueAsset]:
+        return await self.db.read(lambda conn: lifecycle.fixity_failures(conn, limit))
+
+    async def compact(self, pages: int = 1024) -> int:
+        return await self.db.write(lambda conn: lifecycle.incremental_vacuum(conn, pages))
+
 
 def _record(
     conn: sqlite3.Connection,
@@ -214,6 +268,11 @@ def _record(
     )
     body_mismatch = first is not None and first["payload_sha256"] != delivery.payload_sha256
     seen_id = False
+    # Only an unknown job can have a tombstone (`forget` erases the row): one indexed read.
+    forgotten = row is None and lifecycle.is_forgotten(conn, *key)
+    if forgotten:
+        decision = decide(None, (), event, seen_id=False, forgotten=True)
+        return RecordResult(decision.outcome, decision.state, 0, 0)
     if row is not None:
         # A new job has no links yet, and a replayed delivery id only matters for a known job.
         current_urls = tuple(
@@ -345,6 +404,8 @@ def _settle_job(conn: sqlite3.Connection, provider: str, job_id: str, now: datet
     row = conn.execute(
         "SELECT state FROM jobs WHERE provider = ? AND job_id = ?", (provider, job_id)
     ).fetchone()
+    if row is None:  # erased meanwhile (`receiver forget`), as the DynamoDB adapter says too
+        raise LookupError(f"no job {provider}/{job_id} in the ledger")
     current = JobState(row["state"])
     if current in FINAL_STATES or "pending" in states:
         return current
@@ -387,6 +448,7 @@ def read_job(conn: sqlite3.Connection, provider: str, job_id: str) -> JobRecord 
             outcome=d["outcome"],
             body=bytes(d["body"]),
             body_mismatch=bool(d["body_mismatch"]),
+            payload_removed=d["body_removed_at"] is not None,
         )
         for d in conn.execute(
             "SELECT * FROM deliveries WHERE provider = ? AND job_id = ? ORDER BY seq",
@@ -394,20 +456,7 @@ def read_job(conn: sqlite3.Connection, provider: str, job_id: str) -> JobRecord 
         )
     ]
     assets = [
-        AssetRecord(
-            n=a["n"],
-            name=a["name"],
-            key=a["key"],
-            source_url=a["source_url"],
-            content_type=a["content_type"],
-            deadline=_at(a["deadline"]),
-            state=a["state"],
-            uri=a["uri"],
-            size=a["size"],
-            sha256=a["sha256"],
-            archived_at=from_ts(a["archived_at"]),
-            error=a["error"],
-        )
+        asset_record(a)
         for a in conn.execute(
             "SELECT * FROM assets WHERE provider = ? AND job_id = ? ORDER BY n",
             (provider, job_id),
@@ -556,6 +605,8 @@ def _activity(conn: sqlite3.Connection, since: datetime) -> Activity:
 def _restore(conn: sqlite3.Connection, job: JobRecord) -> bool:
     key = (job.provider, job.job_id)
     if conn.execute("SELECT 1 FROM jobs WHERE provider = ? AND job_id = ?", key).fetchone():
+        return False
+    if lifecycle.is_forgotten(conn, *key):
         return False
     conn.execute(
         "INSERT INTO jobs (provider, job_id, state, job_type, first_seen_at, updated_at, "

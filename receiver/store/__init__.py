@@ -22,6 +22,9 @@ What crosses the line between the archiver and a store:
   propagate unchanged; failures of the backend itself are raised as ``StoreError``
   (``ObjectMissing`` when the key does not exist).
 * **Overwrites** are allowed: keys are deterministic, so a retried copy lands on the same key.
+* **Erasure** (``delete_all_versions``, for ``receiver forget`` only) removes a key for good:
+  every version and delete marker where the bucket keeps versions. What the store refuses to
+  remove (Object Lock retention, a legal hold, missing permissions) is reported, not raised.
 
 The composition root (``receiver.app.open_store``) picks the adapter from the URL:
 ``file:///abs/path``, ``file://./relative`` or ``s3://bucket/prefix``.
@@ -40,6 +43,7 @@ import anyio
 
 __all__ = [
     "METADATA_LIMIT",
+    "Erasure",
     "ObjectExists",
     "ObjectInfo",
     "ObjectMissing",
@@ -89,6 +93,15 @@ class ObjectInfo:
     content_type: str | None
     sha256: str | None  # as recorded with the object; None if it never was (foreign objects)
     metadata: dict[str, str]  # user metadata as stored, "sha256" included when present
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What ``delete_all_versions`` did to one key."""
+
+    key: str
+    removed: int  # versions (and delete markers) removed; 0 if there was nothing
+    kept: tuple[str, ...] = ()  # what could not be removed, and why (one line each)
 
 
 class StoreError(Exception):
@@ -163,6 +176,16 @@ class Store(Protocol):
 
     def list_keys(self, prefix: str = "") -> AsyncIterator[str]:
         """Keys (relative to the root) starting with ``prefix``, in no guaranteed order."""
+        ...
+
+    async def delete_all_versions(self, key: str) -> Erasure:
+        """Remove ``key`` for good: every version and delete marker (S3 ListObjectVersions +
+        DeleteObject with VersionId), or the file and its sidecar (local).
+
+        A version the store refuses to delete (Object Lock, legal hold, access denied) is listed
+        in ``Erasure.kept``; other versions are still removed. Backend failures that stop the
+        whole operation raise ``StoreError``.
+        """
         ...
 
     async def ping(self) -> None:

@@ -25,6 +25,7 @@ import anyio
 from receiver.store import (
     NO_METADATA,
     SHA256_KEY,
+    Erasure,
     ObjectInfo,
     ObjectMissing,
     StoredObject,
@@ -184,6 +185,18 @@ class LocalStore:
                 key = name if relative == "." else f"{relative}/{name}"
                 if key.startswith(prefix):
                     yield key
+
+    async def delete_all_versions(self, key: str) -> Erasure:
+        path = self._path(key)
+
+        def unlink() -> int:
+            existed = path.exists()
+            _remove(path)  # a folder keeps no versions: the file and its sidecar are all
+            if existed:
+                _fsync_dir(path.parent)
+            return 1 if existed else 0
+
+        return Erasure(key, await _io(unlink))
 
     async def ping(self) -> None:
         def probe() -> None:

@@ -27,6 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from receiver.store import (
     NO_METADATA,
     SHA256_KEY,
+    Erasure,
     ObjectInfo,
     ObjectMissing,
     StoredObject,
@@ -361,6 +362,35 @@ class S3Store:
         while (page := await self._call(next, pages, None)) is not None:
             for item in page.get("Contents", []):
                 yield item["Key"][len(root) :]
+
+    async def delete_all_versions(self, key: str) -> Erasure:
+        full_key = self._full_key(key)
+        pages = iter(
+            self._client.get_paginator("list_object_versions").paginate(
+                Bucket=self.bucket, Prefix=full_key
+            )
+        )
+        versions: list[str] = []
+        while (page := await self._call(next, pages, None)) is not None:
+            for entry in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+                if entry["Key"] == full_key:  # the prefix also matches longer keys
+                    versions.append(entry.get("VersionId") or "null")
+        removed = 0
+        kept: list[str] = []
+        for version in versions:
+            try:
+                await self._call_through(
+                    self._client.delete_object,
+                    Bucket=self.bucket,
+                    Key=full_key,
+                    VersionId=version,
+                )
+                removed += 1
+            except StoreError as exc:
+                # Object Lock retention or a legal hold answers AccessDenied: say so, go on.
+                code = _error_code(exc.__cause__) or type(exc.__cause__).__name__
+                kept.append(f"version {version}: {code}")
+        return Erasure(key, removed, tuple(kept))
 
     async def ping(self) -> None:
         try:

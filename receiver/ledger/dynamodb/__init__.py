@@ -9,10 +9,16 @@ Items (single-table design; a job's items share its partition):
 |--------------------------------|-----------------------------|-----------------------------------|
 | `JOB#{provider}#{job_id}`      | `JOB`                       | the job, with `version`           |
 | `JOB#{provider}#{job_id}`      | `JOB#AST#{n:04d}`           | an asset (output) and its outcome |
-| `JOB#{provider}#{job_id}`      | `DLV#{received µs}#{rand}`  | a delivery (body zlib-compressed) |
-| `JOB#{provider}#{job_id}`      | `PART#{delivery sk}#{k}`    | more of a body over ~350 KB       |
+| `JOB#{provider}#{job_id}`      | `DLV#{received µs}#{rand}`  | a delivery (its audit row)        |
+| `JOB#{provider}#{job_id}`      | `PART#{delivery sk}#{k}`    | its body (zlib, 350 KB parts, TTL)|
 | `JOB#{provider}#{job_id}`      | `TASK#{n:04d}`              | the archive task (the outbox)     |
 | `DLVID#{provider}#{webhook id}`| `DLVID`                     | a webhook id seen (replays)       |
+| `TOMB#{provider}#{job_id}`     | `TOMB`                      | a job erased on request (`forget`)|
+
+Deliveries written before payload retention kept the first body chunk in the `DLV` item itself
+(parts from 1); they read back the same, but the prune does not find them (no `bodies` entry).
+Payload retention, erasure and fixity use two more sparse indexes (`bodies`, `fixity`): see
+`receiver.ledger.dynamodb.lifecycle`.
 
 The job and its assets sort together (`begins_with(sk, "JOB")`), so the state `record` decides
 on is one consistent Query.

@@ -18,13 +18,12 @@ from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from receiver.backends.aws import error_code
-from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState
+from receiver.domain import FINAL_STATES, EventKind, JobEvent, JobState
 from receiver.ledger import (
     Activity,
     ArchivedSample,
     AssetRecord,
     DeliveryRecord,
-    IncomingDelivery,
     JobSummary,
     PlannedOutput,
 )
@@ -241,7 +240,12 @@ def _settle(job: Item, assets: dict[int, Item], now: float) -> JobState:
 
 
 def _delivery_record(item: Item, parts: list[tuple[int, bytes]]) -> DeliveryRecord:
-    body = bytes(item.get("body", b"")) + b"".join(bytes(c) for _, c in sorted(parts))
+    # Two layouts: older items hold the first compressed chunk themselves (parts 1..N-1 beside
+    # them); newer ones keep every chunk in parts 0..N-1, which payload retention deletes.
+    chunks = [bytes(c) for _, c in sorted(parts)]
+    expected = int(item.get("parts", 1)) - (1 if "body" in item else 0)
+    removed = len(chunks) < expected
+    body = b"" if removed else bytes(item.get("body", b"")) + b"".join(chunks)
     return DeliveryRecord(
         seq=int(item["sk"].split("#")[1]),
         delivery_id=item.get("delivery_id"),
@@ -251,8 +255,9 @@ def _delivery_record(item: Item, parts: list[tuple[int, bytes]]) -> DeliveryReco
         event=item["event"],
         payload_sha256=item["payload_sha256"],
         outcome=item["outcome"],
-        body=zlib.decompress(body),
+        body=b"" if removed else zlib.decompress(body),
         body_mismatch=bool(item.get("body_mismatch", False)),
+        payload_removed=removed,
     )
 
 
@@ -270,6 +275,9 @@ def _asset_record(item: Item) -> AssetRecord:
         sha256=item.get("sha256"),
         archived_at=_opt_at(item.get("archived_at")),
         error=item.get("error"),
+        verified_at=_opt_at(item.get("verified_at")),
+        verified_by=item.get("verified_by"),
+        fixity_error=item.get("fixity_error"),
     )
 
 
@@ -360,6 +368,10 @@ def table_definition(name: str) -> dict[str, Any]:
                 ("seq", "N"),
                 ("obpk", "S"),
                 ("obat", "N"),
+                ("bdpk", "S"),
+                ("bdat", "N"),
+                ("fxpk", "S"),
+                ("fxat", "N"),
             )
         ],
         "KeySchema": [
@@ -370,41 +382,18 @@ def table_definition(name: str) -> dict[str, Any]:
             index("by_time", "gsi1pk", "seq", SUMMARY_ATTRIBUTES),
             index("by_state", "gsi2pk", "seq", SUMMARY_ATTRIBUTES),
             index("outbox", "obpk", "obat", ["provider", "job_id", "n", "deadline", "gen"]),
+            # Data over years (receiver.ledger.dynamodb.lifecycle): kept bodies, fixity due.
+            index("bodies", "bdpk", "bdat", ["parts"]),
+            {
+                "IndexName": "fixity",
+                "KeySchema": [
+                    {"AttributeName": "fxpk", "KeyType": "HASH"},
+                    {"AttributeName": "fxat", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            },
         ],
     }
-
-
-def delivery_items(
-    pk: str,
-    sk: str,
-    event: JobEvent,
-    delivery: IncomingDelivery,
-    outcome: DeliveryOutcome,
-    body_mismatch: bool,
-) -> list[Item]:
-    """A delivery's item, its body compressed and split into parts that fit an item each."""
-    body = zlib.compress(delivery.body)
-    chunks = [body[i : i + BODY_CHUNK] for i in range(0, len(body), BODY_CHUNK)] or [b""]
-    head: Item = {
-        "pk": pk,
-        "sk": sk,
-        "delivery_id": delivery.delivery_id,
-        "received_at": delivery.received_at.timestamp(),
-        "source": delivery.source,
-        "auth": delivery.auth,
-        "event": event.kind.value,
-        "payload_sha256": delivery.payload_sha256,
-        "outcome": outcome.value,
-        "body": chunks[0],
-        "parts": len(chunks),
-    }
-    if body_mismatch:  # same delivery id as an earlier delivery, another body
-        head["body_mismatch"] = True
-    parts = [
-        {"pk": pk, "sk": f"PART#{sk}#{k:03d}", "chunk": chunk}
-        for k, chunk in enumerate(chunks[1:], start=1)
-    ]
-    return [head, *parts]
 
 
 def restored_asset_item(pk: str, a: AssetRecord) -> Item:
@@ -425,3 +414,7 @@ def restored_asset_item(pk: str, a: AssetRecord) -> Item:
         "archived_at": _ts(a.archived_at),
         "error": a.error,
     }
+
+
+#: The table's TTL attribute (epoch seconds): set on delivery body parts under payload retention.
+TTL_ATTRIBUTE = "expires_at"

@@ -7,8 +7,9 @@ import json
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -32,9 +33,12 @@ from receiver.ledger import (
 from receiver.ledger import at_ts as _at
 from receiver.ledger import from_ts as _opt_at
 from receiver.ledger import to_ts as _ts
+from receiver.ledger.dynamodb import lifecycle
 from receiver.ledger.dynamodb.items import (
     _MAX_SEQ,
+    BODY_CHUNK,
     SHARDS,
+    TTL_ATTRIBUTE,
     Item,
     _activity,
     _apply_event,
@@ -52,7 +56,6 @@ from receiver.ledger.dynamodb.items import (
     _task_item,
     _task_message,
     decode,
-    delivery_items,
     encode,
     job_pk,
     query_items,
@@ -73,7 +76,7 @@ class LedgerBusy(RuntimeError):
 # --- the adapter --------------------------------------------------------------------------------
 
 
-class DynamoLedger:
+class DynamoLedger(lifecycle.DataOverYears):
     def __init__(
         self,
         table: str,
@@ -82,8 +85,11 @@ class DynamoLedger:
         publish: Publisher | None = None,
         max_attempts: int = 40,
         rng: Callable[[], float] = random.random,
+        payload_retention: timedelta | None = None,
     ) -> None:
         self.table = table
+        # Body parts carry the table's TTL attribute: DynamoDB drops them after this.
+        self.payload_retention = payload_retention
         self.ddb = ddb if ddb is not None else client("dynamodb")
         self.outbox = Outbox(table, self.ddb, publish)
         self.max_attempts = max_attempts
@@ -143,6 +149,8 @@ class DynamoLedger:
     ) -> JobState:
         def change(a: Item) -> Item | None:
             a.update(
+                # Due for its first fixity check counting from now (the `fixity` index).
+                **lifecycle.fixity_index_keys(provider, job_id, now.timestamp(), False),
                 state="archived",
                 uri=asset.uri,
                 key=asset.key,
@@ -375,6 +383,11 @@ class DynamoLedger:
 
         def build() -> tuple[list[Item], tuple[RecordResult, list[TaskMessage]]]:
             job, assets = self._head(event.provider, event.job_id)
+            tomb = lifecycle.tomb_pk(event.provider, event.job_id)
+            # Only an unknown job can have a tombstone (`forget` erases the partition).
+            if job is None and self._get(tomb, "TOMB") is not None:
+                decision = decide(None, (), event, seen_id=False, forgotten=True)
+                return [], (RecordResult(decision.outcome, decision.state, 0, 0), [])
             current = JobState(job["state"]) if job else None
             current_urls = tuple(assets[n]["source_url"] for n in sorted(assets))
             first = self._get(marker, "DLVID") if marker is not None else None
@@ -416,6 +429,17 @@ class DynamoLedger:
             )
             new["version"] = int(new["version"]) + (1 if changed else 0)
             items.insert(0, self._put_job(new, job))
+            if job is None:
+                # A `forget` between our read and this commit must win: its tombstone fails us.
+                items.append(
+                    {
+                        "ConditionCheck": {
+                            "TableName": self.table,
+                            "Key": encode({"pk": tomb, "sk": "TOMB"}),
+                            "ConditionExpression": "attribute_not_exists(pk)",
+                        }
+                    }
+                )
             seq = _micros(now)
             dlv_sk = f"DLV#{seq:017d}#{uuid.uuid4().hex[:12]}"
             items.extend(
@@ -453,14 +477,50 @@ class DynamoLedger:
         *,
         body_mismatch: bool = False,
     ) -> list[Item]:
-        return [
-            self._put(item)
-            for item in delivery_items(pk, sk, event, delivery, outcome, body_mismatch)
+        body = zlib.compress(delivery.body)
+        chunks = [body[i : i + BODY_CHUNK] for i in range(0, len(body), BODY_CHUNK)] or [b""]
+        received = delivery.received_at.timestamp()
+        expires = (
+            int(received + self.payload_retention.total_seconds()) + 1
+            if self.payload_retention is not None
+            else None
+        )
+        provider, job_id = lifecycle.split_job_pk(pk)
+        # The row (audit) and the body (parts 0..N-1) are separate items: payload retention
+        # deletes the parts, by TTL or by `prune_payloads` through the `bodies` index.
+        items = [
+            self._put(
+                {
+                    "pk": pk,
+                    "sk": sk,
+                    "delivery_id": delivery.delivery_id,
+                    "received_at": delivery.received_at.timestamp(),
+                    "source": delivery.source,
+                    "auth": delivery.auth,
+                    "event": event.kind.value,
+                    "payload_sha256": delivery.payload_sha256,
+                    "outcome": outcome.value,
+                    "parts": len(chunks),
+                    # same delivery id as an earlier delivery, another body
+                    "body_mismatch": True if body_mismatch else None,
+                }
+            )
         ]
+        for k, chunk in enumerate(chunks):
+            part: Item = {"pk": pk, "sk": f"PART#{sk}#{k:03d}", "chunk": chunk}
+            part[TTL_ATTRIBUTE] = expires
+            if k == 0:
+                part.update(
+                    lifecycle.body_index_keys(provider, job_id, received), parts=len(chunks)
+                )
+            items.append(self._put(part))
+        return items
 
     def _track(self, provider: str, job_id: str, tracking: dict[str, Any], now: float) -> bool:
         def build() -> tuple[list[Item], bool]:
             job = self._get(job_pk(provider, job_id), "JOB")
+            if job is None and self._get(lifecycle.tomb_pk(provider, job_id), "TOMB"):
+                return [], False  # erased on request: not recorded again
             if job is None:
                 new = _new_job(provider, job_id, now)
                 new.update(state=JobState.TRACKING.value, tracking=json.dumps(tracking))
@@ -554,6 +614,8 @@ class DynamoLedger:
         pk = job_pk(job.provider, job.job_id)
         if self._get(pk, "JOB") is not None:
             return False
+        if self._get(lifecycle.tomb_pk(job.provider, job.job_id), "TOMB") is not None:
+            return False  # erased on request: a manifest Object Lock kept does not bring it back
         # Children first, the job item last and conditionally: a crash in between leaves no job
         # item, so running reindex again completes the restore.
         for d in job.deliveries:
@@ -584,7 +646,21 @@ class DynamoLedger:
                     ),
                 )
         for a in job.assets:
-            self.ddb.put_item(TableName=self.table, Item=encode(restored_asset_item(pk, a)))
+            self.ddb.put_item(
+                TableName=self.table,
+                Item=encode(
+                    {
+                        **restored_asset_item(pk, a),
+                        **(
+                            lifecycle.fixity_index_keys(
+                                job.provider, job.job_id, a.archived_at.timestamp(), False
+                            )
+                            if a.state == "archived" and a.archived_at is not None
+                            else {}
+                        ),
+                    }
+                ),
+            )
         new = _new_job(job.provider, job.job_id, job.first_seen_at.timestamp())
         new.update(
             state=job.state.value,
