@@ -200,7 +200,12 @@ def build_parts(
         fetchers,
         clock=clock,
         lease_for=timedelta(seconds=settings.lease_seconds),
-        retry=RetryPolicy(max_attempts=settings.max_attempts),
+        retry=RetryPolicy(
+            max_attempts=settings.max_attempts,
+            min_bytes_per_second=settings.copy_min_bytes_per_second,
+            slow_window=settings.copy_slow_window_seconds,
+            store_wait_max=settings.store_outage_max_wait_seconds,
+        ),
         rng=rng,
         metrics=metrics,
     )
@@ -308,20 +313,35 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
     openapi = document()
 
     async def metrics(request: Request) -> Response:
+        await store_probe()
         body = await parts.metrics.render(parts.queue, parts.clock())
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(request: Request) -> JSONResponse:
         return JSONResponse(openapi)
 
+    async def store_probe() -> str:
+        """Probe the store and set receiver_store_up; "ok" or what went wrong."""
+        try:
+            await asyncio.wait_for(parts.store.ping(), timeout=5)
+        except Exception as exc:
+            parts.metrics.store_up.set(0)
+            return f"{type(exc).__name__}: {exc}"
+        parts.metrics.store_up.set(1)
+        return "ok"
+
     async def readyz(request: Request) -> JSONResponse:
+        # Ready means "can accept webhooks": that needs the ledger only. Ingest never touches
+        # the store (workers wait out a store outage), so a store outage must not take replicas
+        # out of the load balancer. ?full=1 also checks the store, for people and dashboards.
         checks: dict[str, str] = {}
-        for name, probe in (("ledger", parts.ledger.ping), ("store", parts.store.ping)):
-            try:
-                await asyncio.wait_for(probe(), timeout=5)
-                checks[name] = "ok"
-            except Exception as exc:
-                checks[name] = f"{type(exc).__name__}: {exc}"
+        try:
+            await asyncio.wait_for(parts.ledger.ping(), timeout=5)
+            checks["ledger"] = "ok"
+        except Exception as exc:
+            checks["ledger"] = f"{type(exc).__name__}: {exc}"
+        if request.query_params.get("full") in ("1", "true", "yes"):
+            checks["store"] = await store_probe()
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse(
             {"status": "ready" if ready else "not-ready", "checks": checks},

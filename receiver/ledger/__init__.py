@@ -76,6 +76,7 @@ class AssetToCopy:
     deadline: datetime
     state: str  # "pending" | "archived" | "expired" | "dead"
     completed_at: datetime | None
+    sha256: str | None = None  # set once archived: what a later attempt compares against
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,12 @@ class Ledger(Protocol):
     async def mark_asset_ended(
         self, provider: str, job_id: str, n: int, state: JobState, error: str, now: datetime
     ) -> JobState: ...
+
+    async def note_asset_error(
+        self, provider: str, job_id: str, n: int, error: str, now: datetime
+    ) -> None:
+        """Record why a step after the copy gave up (manifest, ack), keeping the asset's state."""
+        ...
 
     async def job(self, provider: str, job_id: str) -> JobRecord | None: ...
 

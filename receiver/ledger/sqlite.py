@@ -83,6 +83,7 @@ class SqliteLedger:
                 deadline=_at(row["deadline"]),
                 state=row["state"],
                 completed_at=from_ts(row["completed_at"]),
+                sha256=row["sha256"],
             )
 
         return await self.db.read(read)
@@ -126,6 +127,16 @@ class SqliteLedger:
             return _settle_job(conn, provider, job_id, now)
 
         return await self.db.write(write)
+
+    async def note_asset_error(
+        self, provider: str, job_id: str, n: int, error: str, now: datetime
+    ) -> None:
+        await self.db.write(
+            lambda conn: conn.execute(
+                "UPDATE assets SET error = ? WHERE provider = ? AND job_id = ? AND n = ?",
+                (error, provider, job_id, n),
+            )
+        )
 
     async def job(self, provider: str, job_id: str) -> JobRecord | None:
         return await self.db.read(lambda conn: read_job(conn, provider, job_id))

@@ -124,6 +124,7 @@ class DynamoLedger:
                 deadline=_at(asset["deadline"]),
                 state=asset["state"],
                 completed_at=_opt_at(job.get("completed_at")),
+                sha256=asset.get("sha256"),
             )
 
         return await run_blocking(read)
@@ -159,6 +160,15 @@ class DynamoLedger:
             return a
 
         return await run_blocking(self._end_asset, provider, job_id, n, change, now.timestamp())
+
+    async def note_asset_error(
+        self, provider: str, job_id: str, n: int, error: str, now: datetime
+    ) -> None:
+        def change(a: Item) -> Item | None:
+            a.update(error=error)
+            return a
+
+        await run_blocking(self._end_asset, provider, job_id, n, change, now.timestamp())
 
     async def job(self, provider: str, job_id: str) -> JobRecord | None:
         return await run_blocking(self._job, provider, job_id)
