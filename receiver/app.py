@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import ssl
 import time
@@ -33,13 +34,14 @@ from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit.api import AuditApi
 from receiver.audit.openapi import document
 from receiver.backends.sqlite import Database
-from receiver.domain import Clock
+from receiver.domain import Clock, JobState
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ingest.auth import SignatureVerifier
 from receiver.ingest.record import Ingestor
 from receiver.ingest.routes import WebhookAuth, WebhookEndpoint, Webhooks, error_payload
 from receiver.ledger import Ledger
 from receiver.ledger.dynamodb import DynamoLedger
+from receiver.ledger.dynamodb.claims import DynamoTaskClaims
 from receiver.ledger.sqlite import SqliteLedger
 from receiver.metrics import Metrics
 from receiver.polling.poller import Poller
@@ -145,7 +147,21 @@ def open_distributed(settings: Settings) -> tuple[DynamoLedger, SqsQueue]:
     )
     ledger = DynamoLedger.from_url(settings.ledger_url, publish=queue.publish)
     queue.relay = ledger.relay_outbox  # workers re-send what a dead sender left in the outbox
+    # One copy of an asset at a time, whatever SQS delivers twice: a claim on the task's item.
+    queue.claims = DynamoTaskClaims(ledger.table, ledger.ddb)
+    queue.on_redriven = functools.partial(end_redriven_task, ledger)
     return ledger, queue
+
+
+async def end_redriven_task(
+    ledger: Ledger, provider: str, job_id: str, n: int, reason: str
+) -> bool:
+    """A task the queue's redrive policy dead-lettered: end its asset if it is still pending."""
+    asset = await ledger.asset_to_copy(provider, job_id, n)
+    if asset is None or asset.state != "pending":
+        return False
+    await ledger.mark_asset_ended(provider, job_id, n, JobState.DEAD, reason, utc_now())
+    return True
 
 
 def fetch_policies(settings: Settings) -> dict[str, FetchPolicy]:
