@@ -33,8 +33,15 @@ then capacity is short of the deadlines anyway, which the urgent lane's depth sh
 
 Messages are sent by the DynamoDB ledger's outbox (`publish`), after the ledger commit; see
 receiver/ledger/dynamodb/. SQS standard queues deliver at least once, and the outbox may
-re-send: a duplicate message is harmless because the worker reads the asset's state from the
-ledger first and only acknowledges a message whose asset is already archived.
+re-send, so two workers can hold messages for the same task at once. `claims` (the ledger's
+conditional claim on the task's item, receiver/ledger/dynamodb/claims.py) settles it: `lease`
+claims the task and leaves a message whose task a live worker holds invisible until that claim
+ends; `heartbeat` renews the claim (a lost claim is a lost lease); ack/retry/dead_letter
+release it. A later duplicate finds the asset archived in the ledger and is only acknowledged.
+
+The DLQ also receives messages the redrive policy moves (after `maxReceiveCount` receives);
+`reconcile_dead_letters`, run with the outbox relay, ends their assets in the ledger with that
+reason (`on_redriven`) and parks them again with it.
 """
 
 from __future__ import annotations
