@@ -278,6 +278,11 @@ async def test_slow_sources_do_not_hold_the_copy_slots(
             assert time.monotonic() - started < 10, states
             await asyncio.sleep(0.1)
         waited = time.monotonic() - started
+        metrics = harness.parts.metrics
+        for _ in range(30):  # every trickling copy is cut within a window or two
+            if metrics.value("receiver_archive_slow_copies_cut_total") >= workers:
+                break
+            await asyncio.sleep(0.1)
     finally:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -380,3 +385,36 @@ async def _source(server: SourceServer, path: str, size: int) -> Any:
     from tests.sources import content
 
     yield content(path, size)
+
+
+async def test_a_provider_failed_job_gets_a_manifest_that_reindex_restores(
+    harness_factory: Any, tmp_path: Path
+) -> None:
+    from receiver.audit.operations import reindex
+    from receiver.backends.sqlite import Database
+    from receiver.ledger.sqlite import SqliteLedger
+    from tests.conftest import post_signed
+    from tests.payloads import APEX_SECRET, apex_failed
+
+    harness: Harness = await harness_factory(**LOCAL_SOURCES)
+    response = await post_signed(harness, "apex", apex_failed("gone-wrong"), APEX_SECRET)
+    assert response.status_code == 202
+    assert response.json()["tasks_queued"] == 0  # nothing to copy
+
+    assert await harness.parts.archiver.run_once()
+    assert not await harness.parts.archiver.run_once()
+
+    manifests = list(archive_path(harness, "").rglob("manifest.json"))
+    assert [p.parent.name for p in manifests] == ["gone-wrong"]
+    assert harness.rows("tasks")[0]["state"] == "done"
+    fresh = Database(tmp_path / "fresh.db")
+    fresh.start()
+    try:
+        ledger = SqliteLedger(fresh)
+        report = await reindex(ledger, harness.parts.store)
+        assert (report.restored, report.unreadable) == (1, [])
+        job_record = await ledger.job("apex", "gone-wrong")
+        assert job_record is not None
+        assert (job_record.state, job_record.error) == ("failed", "Generation failed")
+    finally:
+        fresh.stop()

@@ -35,8 +35,8 @@ import structlog
 from receiver.archive.fetch import Fetcher, FetchError, SourceGone
 from receiver.archive.guard import CopyGuard
 from receiver.archive.manifest import build_manifest, encode, manifest_key
-from receiver.domain import Clock, JobState, backoff_delay, signed_url_expiry
-from receiver.ledger import ArchivedAsset, AssetToCopy, Ledger
+from receiver.domain import Clock, JobState, archive_key, backoff_delay, signed_url_expiry
+from receiver.ledger import MANIFEST_TASK, ArchivedAsset, AssetToCopy, JobRecord, Ledger
 from receiver.metrics import Metrics
 from receiver.store import ObjectExists, ObjectInfo, ObjectMissing, Store, StoreError
 from receiver.workqueue import Lease, WorkQueue
@@ -150,6 +150,9 @@ class Archiver:
         return True
 
     async def _process(self, lease: Lease) -> None:
+        if lease.n == MANIFEST_TASK:
+            await self._failed_job_manifest(lease)
+            return
         asset = await self.ledger.asset_to_copy(lease.provider, lease.job_id, lease.n)
         if asset is None:
             log.error("archive_task_without_asset")
@@ -393,6 +396,30 @@ class Archiver:
             # the same bytes); the attempt count bounds how often.
             log.warning("archive_ack_failed", error=str(exc))
 
+    async def _failed_job_manifest(self, lease: Lease) -> None:
+        """A job the provider failed: no outputs, but a manifest, so `reindex` restores it."""
+        job = await self.ledger.job(lease.provider, lease.job_id)
+        if job is None:
+            await self.queue.dead_letter(lease, "no such job in the ledger")
+            return
+        if job.state is JobState.FAILED:
+            key = failed_job_manifest_key(job)
+            try:
+                await self._step(
+                    "manifest",
+                    lambda: self.store.put_bytes(
+                        key, encode(build_manifest(job)), content_type="application/json"
+                    ),
+                )
+            except StepFailed as exc:
+                await self._step_gave_up(lease, exc, archived=True)
+                return
+        # (A job that completed after all writes its manifest beside its assets instead.)
+        try:
+            await self._step("ack", lambda: self.queue.ack(lease))
+        except StepFailed as exc:
+            log.warning("archive_ack_failed", error=str(exc))
+
     async def _step(self, name: str, run: Callable[[], Awaitable[object]]) -> None:
         delay = self.retry.step_delay
         for tries in range(1, self.retry.step_tries + 1):
@@ -482,6 +509,24 @@ class Archiver:
         await self.store.put_bytes(
             manifest_key(asset.key), encode(build_manifest(job)), content_type="application/json"
         )
+
+
+def failed_job_manifest_key(job: JobRecord) -> str:
+    """Where a failed job's manifest goes: its folder, dated by the failure (or first sight)."""
+    for when in (job.failed_at, job.first_seen_at):
+        if when is None:
+            continue
+        try:
+            return archive_key(
+                prefix="",
+                provider=job.provider,
+                job_id=job.job_id,
+                completed_at=when,
+                name="manifest.json",
+            )
+        except (OverflowError, ValueError):
+            continue  # a date at the edge of what datetime can shift: use the next one
+    raise ValueError(f"no usable date for the manifest of {job.provider}/{job.job_id}")
 
 
 def _is_outage(result: object) -> bool:

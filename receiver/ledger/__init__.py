@@ -15,6 +15,13 @@ from typing import Any, Protocol
 
 from receiver.domain import DeliveryOutcome, JobEvent, JobState
 
+#: The task number of a job's manifest-only task: a job the provider failed has no outputs to
+#: copy, but its manifest is still written (so `receiver reindex` restores it). The archiver
+#: reads such a task as "write this job's manifest", not as an output.
+MANIFEST_TASK = -1
+#: How long a manifest-only task may wait (it has no provider deadline of its own).
+MANIFEST_TASK_WINDOW_SECONDS = 24 * 3600
+
 
 def to_ts(value: datetime | None) -> float | None:
     """Adapters store times as UTC epoch seconds."""

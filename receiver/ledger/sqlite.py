@@ -10,6 +10,8 @@ from typing import Any
 from receiver.backends.sqlite import Database
 from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
 from receiver.ledger import (
+    MANIFEST_TASK,
+    MANIFEST_TASK_WINDOW_SECONDS,
     ArchivedAsset,
     AssetRecord,
     AssetToCopy,
@@ -266,6 +268,20 @@ def _record(
             (*key, *key),
         )
 
+    if decision.outcome is DeliveryOutcome.ACCEPTED and decision.state is JobState.FAILED:
+        # Nothing to copy, but the job's manifest is still written (reindex restores it).
+        conn.execute(
+            "INSERT OR REPLACE INTO tasks (provider, job_id, n, deadline, not_before, "
+            "state, created_at) VALUES (?, ?, ?, ?, ?, 'ready', ?)",
+            (*key, MANIFEST_TASK, now + MANIFEST_TASK_WINDOW_SECONDS, now, now),
+        )
+    elif current is JobState.FAILED:
+        # A later delivery belongs in the failed job's manifest too (as for archived jobs).
+        conn.execute(
+            "UPDATE tasks SET state = 'ready', not_before = ?, attempts = 0 "
+            "WHERE provider = ? AND job_id = ? AND n = ? AND state = 'done'",
+            (now, *key, MANIFEST_TASK),
+        )
     if current is JobState.ARCHIVED:
         # The manifest beside the assets must list this delivery too: hand the job's finished
         # task back to the archiver, which rewrites the manifest of an archived asset and

@@ -9,7 +9,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -19,6 +19,8 @@ from botocore.exceptions import ClientError
 from receiver.backends.aws import client, error_code, resource_name, run_blocking
 from receiver.domain import DeliveryOutcome, EventKind, JobEvent, JobState, decide
 from receiver.ledger import (
+    MANIFEST_TASK,
+    MANIFEST_TASK_WINDOW_SECONDS,
     ArchivedAsset,
     AssetRecord,
     AssetToCopy,
@@ -396,6 +398,12 @@ class DynamoLedger:
                         items.append(self._put(old))
             if decision.queue_outputs or decision.refresh_outputs:
                 new["deadline"] = _earliest_pending(assets)
+            if decision.outcome is DeliveryOutcome.ACCEPTED and decision.state is JobState.FAILED:
+                # Nothing to copy, but the job's manifest is still written (reindex restores it).
+                until = datetime.fromtimestamp(now + MANIFEST_TASK_WINDOW_SECONDS, tz=UTC)
+                task = _task_item(pk, event.provider, event.job_id, MANIFEST_TASK, until, now)
+                items.append(self._put(task))
+                tasks.append(_task_message(task))
             # Duplicates and ignored news change nothing a decision depends on: they keep the
             # version, so concurrent duplicates do not conflict with each other.
             changed = job is None or decision.outcome in (
@@ -413,7 +421,7 @@ class DynamoLedger:
                 outcome=decision.outcome,
                 job_state=decision.state,
                 delivery_seq=seq,
-                tasks_queued=len(tasks),
+                tasks_queued=sum(1 for t in tasks if t.n != MANIFEST_TASK),
             )
             return items, (result, tasks)
 
