@@ -16,6 +16,8 @@ asset) and **ack**. What each step does when it fails, twice, or runs late:
   step keeps failing comes back, and after `max_attempts` leases it ends with the step's reason
   (`receiver_archive_steps_given_up{step}`, the asset's error in the audit). A copy that
   succeeded is never undone: the asset stays archived when only its manifest could not be written.
+
+This module runs the loop and the copy; steps.py holds what follows a copy's answer.
 """
 
 from __future__ import annotations
@@ -25,41 +27,33 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import anyio
 import structlog
 
-from receiver.archive.fetch import Fetcher, FetchError, SourceGone
+from receiver.archive.fetch import Fetcher, FetchError
 from receiver.archive.guard import CopyGuard
-from receiver.archive.manifest import build_manifest, encode, manifest_key
-from receiver.domain import Clock, JobState, archive_key, backoff_delay, signed_url_expiry
-from receiver.ledger import MANIFEST_TASK, ArchivedAsset, AssetToCopy, JobRecord, Ledger
+from receiver.archive.steps import (
+    CONTENT_TYPE_FALLBACK,
+    RetryPolicy,
+    TaskSteps,
+    failed_job_manifest_key,
+)
+from receiver.domain import Clock, JobState
+from receiver.ledger import MANIFEST_TASK, ArchivedAsset, AssetToCopy, Ledger
 from receiver.metrics import Metrics
-from receiver.store import ObjectExists, ObjectInfo, ObjectMissing, Store, StoreError
+from receiver.store import ObjectExists, ObjectMissing, Store, StoreError
 from receiver.workqueue import Lease, WorkQueue
 
 log = structlog.get_logger(__name__)
 
-CONTENT_TYPE_FALLBACK = "application/octet-stream"
+__all__ = ["Archiver", "RetryPolicy", "failed_job_manifest_key"]
+
 # How long a stopping worker lets its cut copy finish its cleanup before giving the task back.
 STOP_GRACE_SECONDS = 30.0
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 8
-    base_delay: float = 5.0
-    max_delay: float = 900.0
-    max_retry_after: float = 3600.0  # a provider asking for more than this is capped
-    step_tries: int = 3  # tries of mark / manifest / ack within one lease
-    step_delay: float = 0.2  # first pause between those tries (doubling)
-    min_bytes_per_second: float = 16 * 1024  # 0: no throughput floor
-    slow_window: float = 60.0
-    store_wait_first: float = 0.5  # first pause while the store is unreachable (doubling)
-    store_wait_max: float = 30.0
 
 
 @dataclass
@@ -76,15 +70,7 @@ class _Attempt:
             self.guard.stop("lease lost")
 
 
-class StepFailed(Exception):
-    """A step after the copy kept failing within this lease."""
-
-    def __init__(self, step: str, error: BaseException) -> None:
-        super().__init__(f"{step}: {type(error).__name__}: {error}")
-        self.step = step
-
-
-class Archiver:
+class Archiver(TaskSteps):
     def __init__(
         self,
         ledger: Ledger,
@@ -321,230 +307,12 @@ class Archiver:
             content_type=stored.content_type,
         )
 
-    # -- after the copy -------------------------------------------------------------------------
-
-    async def _archived(
-        self, lease: Lease, asset: AssetToCopy, stored: ArchivedAsset, started: float
-    ) -> None:
-        now = self.clock()
-        try:
-            await self._step(
-                "mark",
-                lambda: self.ledger.mark_archived(
-                    lease.provider, lease.job_id, lease.n, stored, now
-                ),
-            )
-        except StepFailed as exc:
-            # The object is in the store; the next attempt finds it (ObjectExists, same digest)
-            # and records it without copying the bytes again.
-            await self._step_gave_up(lease, exc, archived=False)
-            return
-        slack = (asset.deadline - now).total_seconds()
-        self.metrics.archived_objects.inc()
-        self.metrics.archived_bytes.inc(stored.size)
-        self.metrics.copy_seconds.observe(time.perf_counter() - started)
-        self.metrics.slack.observe(slack)
-        if slack < 0:
-            self.metrics.deadline_misses.inc()
-        log.info(
-            "asset_archived",
-            uri=stored.uri,
-            size=stored.size,
-            sha256=stored.sha256,
-            slack_seconds=round(slack, 1),
-        )
-        await self._finish(lease, asset, archived=True)
-
-    async def _exists(
-        self, lease: Lease, asset: AssetToCopy, exc: ObjectExists, started: float
-    ) -> None:
-        """The key was taken: another attempt's copy, or something else that must stay."""
-        existing = exc.existing
-        if existing is None:
-            with contextlib.suppress(Exception):
-                existing = await self.store.head(asset.key)
-        current = await self.ledger.asset_to_copy(lease.provider, lease.job_id, lease.n)
-        recorded = current.sha256 if current is not None else None
-        found = existing.sha256 if existing is not None else None
-        if found is not None and found in (exc.sha256, recorded):
-            log.info("archive_already_stored", sha256=found)
-            if current is not None and current.state == "archived":
-                await self._finish(lease, current, archived=True)
-            else:
-                assert existing is not None
-                await self._archived(lease, asset, _archived_from(existing, asset), started)
-            return
-        reason = (
-            f"a different object is already stored at {asset.key!r} "
-            f"(sha256 {found or 'not recorded'}; this copy's {exc.sha256}): "
-            "not overwritten, an operator must decide"
-        )
-        await self._end(lease, JobState.DEAD, reason, "copy")
-
-    async def _finish(self, lease: Lease, asset: AssetToCopy, *, archived: bool) -> None:
-        """The steps after a recorded copy: the manifest (if archived), then the ack."""
-        if archived:
-            try:
-                await self._step("manifest", lambda: self._write_manifest(asset))
-            except StepFailed as exc:
-                await self._step_gave_up(lease, exc, archived=True)
-                return
-        try:
-            await self._step("ack", lambda: self.queue.ack(lease))
-        except StepFailed as exc:
-            # The lease lapses and the task comes back to this step (the manifest is rewritten,
-            # the same bytes); the attempt count bounds how often.
-            log.warning("archive_ack_failed", error=str(exc))
-
-    async def _failed_job_manifest(self, lease: Lease) -> None:
-        """A job the provider failed: no outputs, but a manifest, so `reindex` restores it."""
-        job = await self.ledger.job(lease.provider, lease.job_id)
-        if job is None:
-            await self.queue.dead_letter(lease, "no such job in the ledger")
-            return
-        if job.state is JobState.FAILED:
-            key = failed_job_manifest_key(job)
-            try:
-                await self._step(
-                    "manifest",
-                    lambda: self.store.put_bytes(
-                        key, encode(build_manifest(job)), content_type="application/json"
-                    ),
-                )
-            except StepFailed as exc:
-                await self._step_gave_up(lease, exc, archived=True)
-                return
-        # (A job that completed after all writes its manifest beside its assets instead.)
-        try:
-            await self._step("ack", lambda: self.queue.ack(lease))
-        except StepFailed as exc:
-            log.warning("archive_ack_failed", error=str(exc))
-
-    async def _step(self, name: str, run: Callable[[], Awaitable[object]]) -> None:
-        delay = self.retry.step_delay
-        for tries in range(1, self.retry.step_tries + 1):
-            try:
-                await run()
-                return
-            except Exception as exc:
-                self.metrics.step_failures.labels(name).inc()
-                log.warning("archive_step_failed", step=name, tries=tries, error=repr(exc)[:500])
-                if tries == self.retry.step_tries:
-                    raise StepFailed(name, exc) from exc
-            await asyncio.sleep(delay)
-            delay *= 2
-
-    async def _step_gave_up(self, lease: Lease, exc: StepFailed, *, archived: bool) -> None:
-        """A step after the copy failed all its tries in this lease: come back, or end."""
-        now = self.clock()
-        if lease.attempt < self.retry.max_attempts:
-            delay = backoff_delay(
-                lease.attempt, self.rng, base=self.retry.base_delay, cap=self.retry.max_delay
-            )
-            await self.queue.retry(lease, now + timedelta(seconds=delay), str(exc))
-            self.metrics.retries.inc()
-            return
-        reason = f"{exc.step} gave up after {lease.attempt} attempts: {exc}"[:2000]
-        self.metrics.steps_given_up.labels(exc.step).inc()
-        log.error("archive_step_gave_up", step=exc.step, error=reason)
-        if archived:
-            # The copy stands: the asset stays archived, the reason is shown beside it.
-            with contextlib.suppress(Exception):
-                await self.ledger.note_asset_error(
-                    lease.provider, lease.job_id, lease.n, reason, now
-                )
-            await self.queue.dead_letter(lease, reason)
-            self.metrics.dead_letters.inc()
-        else:
-            await self._end(lease, JobState.DEAD, reason, None)
-
-    # -- failures -------------------------------------------------------------------------------
-
-    async def _failed(
-        self, lease: Lease, asset: AssetToCopy, reason: str, exc: FetchError | None
-    ) -> None:
-        self.metrics.step_failures.labels("copy").inc()
-        now = self.clock()
-        answer = f"{reason} (HTTP {exc.status}, {exc.code})" if exc and exc.status else reason
-        if isinstance(exc, SourceGone):
-            link_expiry = signed_url_expiry(asset.url)
-            link_dead = link_expiry is not None and now >= link_expiry
-            if now >= asset.deadline or link_dead or lease.attempt >= self.retry.max_attempts:
-                await self._end(lease, JobState.EXPIRED, f"expired: {answer}", None)
-                self.metrics.expired.inc()
-                return
-        elif exc is not None and not exc.retryable:
-            # Refused by the guard, or a permanent answer: retrying cannot help.
-            await self._end(lease, JobState.DEAD, answer, "copy")
-            return
-        if lease.attempt >= self.retry.max_attempts:
-            await self._end(
-                lease, JobState.DEAD, f"gave up after {lease.attempt} attempts: {answer}", "copy"
-            )
-            return
-        delay = backoff_delay(
-            lease.attempt, self.rng, base=self.retry.base_delay, cap=self.retry.max_delay
-        )
-        if exc is not None and exc.retry_after is not None:
-            delay = max(delay, min(exc.retry_after, self.retry.max_retry_after))
-        await self.queue.retry(lease, now + timedelta(seconds=delay), answer)
-        self.metrics.retries.inc()
-        log.warning("archive_retry", error=answer, retry_in_seconds=round(delay, 1))
-
-    async def _end(self, lease: Lease, state: JobState, reason: str, step: str | None) -> None:
-        await self.ledger.mark_asset_ended(
-            lease.provider, lease.job_id, lease.n, state, reason, self.clock()
-        )
-        await self.queue.dead_letter(lease, reason)
-        if state is JobState.DEAD:
-            self.metrics.dead_letters.inc()
-            if step is not None:
-                self.metrics.steps_given_up.labels(step).inc()
-        log.warning("archive_ended", state=state.value, error=reason)
-
-    async def _write_manifest(self, asset: AssetToCopy) -> None:
-        job = await self.ledger.job(asset.provider, asset.job_id)
-        if job is None:
-            return
-        await self.store.put_bytes(
-            manifest_key(asset.key), encode(build_manifest(job)), content_type="application/json"
-        )
-
-
-def failed_job_manifest_key(job: JobRecord) -> str:
-    """Where a failed job's manifest goes: its folder, dated by the failure (or first sight)."""
-    for when in (job.failed_at, job.first_seen_at):
-        if when is None:
-            continue
-        try:
-            return archive_key(
-                prefix="",
-                provider=job.provider,
-                job_id=job.job_id,
-                completed_at=when,
-                name="manifest.json",
-            )
-        except (OverflowError, ValueError):
-            continue  # a date at the edge of what datetime can shift: use the next one
-    raise ValueError(f"no usable date for the manifest of {job.provider}/{job.job_id}")
-
 
 def _is_outage(result: object) -> bool:
     """A store failure that may be the store being unreachable (probed before waiting)."""
     if isinstance(result, ObjectExists | ObjectMissing):
         return False
     return isinstance(result, StoreError | ConnectionError | TimeoutError)
-
-
-def _archived_from(existing: ObjectInfo, asset: AssetToCopy) -> ArchivedAsset:
-    assert existing.sha256 is not None
-    return ArchivedAsset(
-        uri=existing.uri,
-        key=asset.key,
-        size=existing.size,
-        sha256=existing.sha256,
-        content_type=existing.content_type or asset.content_type or CONTENT_TYPE_FALLBACK,
-    )
 
 
 def _media_type(value: str | None) -> str | None:
