@@ -418,3 +418,88 @@ async def test_a_provider_failed_job_gets_a_manifest_that_reindex_restores(
         assert (job_record.state, job_record.error) == ("failed", "Generation failed")
     finally:
         fresh.stop()
+
+
+async def test_an_s3_server_that_stops_and_comes_back_costs_no_attempt(
+    harness_factory: Any, source_server: SourceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from tests.s3server import _client_for, point_boto3_at, stop_child, wait_until_serving
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def start() -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until_serving(endpoint, child)
+        _client_for(endpoint).create_bucket(Bucket="outage")
+        return child
+
+    point_boto3_at(monkeypatch, endpoint)
+    server = start()
+    try:
+        harness: Harness = await harness_factory(archive_url="s3://outage/a", **LOCAL_SOURCES)
+        archiver = harness.parts.archiver
+        archiver.retry = type(archiver.retry)(store_wait_first=0.1, store_wait_max=0.5)
+        stop_child(server)  # the S3 server goes away before the copy
+        url = source_server.add("/o/s3-outage.png", 40_000)
+        await completed(harness, "s3-outage", url)
+        runner = asyncio.create_task(archiver.run(1))
+        try:
+            metrics = harness.parts.metrics
+            for _ in range(300):
+                if metrics.value("receiver_archive_store_outage_waits_total") >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert metrics.value("receiver_archive_store_outage_waits_total") >= 2
+            assert harness.rows("tasks")[0]["attempts"] == 1
+            server = start()  # back (empty: moto keeps nothing), the bucket made again
+            for _ in range(300):
+                if (await job(harness, "s3-outage")).state == "archived":
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        record = await job(harness, "s3-outage")
+        assert record.state == "archived"
+        assert record.assets[0].sha256 == expected_sha256("/o/s3-outage.png", 40_000)
+        task = harness.rows("tasks")[0]
+        assert (task["state"], task["attempts"]) == ("done", 1)
+        assert metrics.value("receiver_archive_retries_total") == 0
+    finally:
+        stop_child(server)
+
+
+async def test_a_worker_stopping_while_it_waits_for_the_store_gives_the_task_back(
+    harness_factory: Any, source_server: SourceServer
+) -> None:
+    harness: Harness = await harness_factory(**LOCAL_SOURCES)
+    archiver = harness.parts.archiver
+    archiver.retry = type(archiver.retry)(store_wait_first=0.05, store_wait_max=0.2)
+    root = archive_path(harness, "")
+    shutil.rmtree(root, ignore_errors=True)
+    root.write_bytes(b"not a folder")
+    await completed(harness, "stop-wait", source_server.add("/o/stop-wait.png", 1000))
+    runner = asyncio.create_task(archiver.run(1))
+    for _ in range(200):
+        if harness.parts.metrics.value("receiver_archive_store_outage_waits_total") >= 1:
+            break
+        await asyncio.sleep(0.05)
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+
+    task = harness.rows("tasks")[0]
+    assert (task["state"], task["last_error"]) == ("ready", "worker stopped before finishing")
+    assert task["not_before"] <= harness.clock.wall()

@@ -210,7 +210,16 @@ class Archiver(TaskSteps):
                 return result
             if not _is_outage(result) or attempt.lost.is_set():
                 return result
-            if not await self._wait_for_store(attempt, asset, result):
+            try:
+                waited = await self._wait_for_store(attempt, asset, result)
+            except asyncio.CancelledError:
+                # Stopping while the store is away: give the task back now, as for a copy.
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self.queue.retry(
+                        attempt.lease, self.clock(), "worker stopped before finishing"
+                    )
+                raise
+            if not waited:
                 return result
 
     async def _stop_copy(
