@@ -7,6 +7,7 @@ DynamoDB item (`TASK#n`) is what keeps two workers from copying the same asset a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -150,3 +151,61 @@ async def test_a_redriven_task_whose_asset_was_archived_is_dropped(moto_s3: str)
     job = await ledger.job("apex", "late-ack")
     assert job is not None and job.state == JobState.ARCHIVED
     assert (await queue.stats(now())).dead == 0
+
+
+async def test_two_archivers_and_a_duplicate_message_copy_the_asset_once(
+    harness_factory: Any, moto_s3: str, source_server: Any, tmp_path: Any
+) -> None:
+    from receiver.archive.worker import Archiver
+    from tests.test_archiver import LOCAL_SOURCES
+    from tests.test_archiver import completed as post_completed
+    from tests.test_contract import create_aws_resources
+
+    serialize_moto()
+    table, queue_name = create_aws_resources(f"two-{uuid.uuid4().hex[:12]}")
+    harness = await harness_factory(
+        ledger_url=f"dynamodb://{table}",
+        queue_url=f"sqs://{queue_name}",
+        local_db=str(tmp_path / "local.db"),
+        lease_seconds=5,  # the duplicate comes back when the holder's claim would have lapsed
+        **LOCAL_SOURCES,
+    )
+    parts = harness.parts
+    # Slow enough (about 2 s) that the duplicate arrives while the first copy runs.
+    url = source_server.add("/o/once.mp4", 3_000_000, trickle=0.04)
+    await post_completed(harness, "once", url)
+    deadline = now() + timedelta(hours=20)
+    await parts.queue.publish([TaskMessage("apex", "once", 0, deadline, "dup")], now())
+    other = Archiver(
+        parts.ledger,
+        parts.queue,
+        parts.store,
+        parts.archiver.fetchers,
+        clock=parts.clock,
+        lease_for=timedelta(seconds=5),
+    )
+    workers = [
+        asyncio.create_task(parts.archiver.run(1)),
+        asyncio.create_task(other.run(1)),
+    ]
+    started = asyncio.get_running_loop().time()
+    try:
+        for _ in range(300):
+            job = await parts.ledger.job("apex", "once")
+            stats = await parts.queue.stats(now())
+            if job is not None and job.state == "archived" and stats.ready + stats.leased == 0:
+                break
+            await asyncio.sleep(0.1)
+        waited = asyncio.get_running_loop().time() - started
+    finally:
+        for worker in workers:
+            worker.cancel()
+        for worker in workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+    job = await parts.ledger.job("apex", "once")
+    assert job is not None and job.state == "archived"
+    stats = await parts.queue.stats(now())
+    assert (stats.ready, stats.leased, stats.dead) == (0, 0, 0)  # both messages answered
+    assert len(source_server.requests("/o/once.mp4")) == 1  # copied once
+    print(f"both messages answered after {waited:.1f}s")
