@@ -42,56 +42,95 @@ class CopyGuard:
         self.monotonic = monotonic
         self.stopped: str | None = None
         self.too_slow = False
-        self._timeout: asyncio.Timeout | None = None
+        self.started = False  # the store began reading: from now on only the source is cut
+        self._need = min_bytes_per_second * window
+        self._window_start = 0.0
+        self._window_bytes = 0
+        self._cut: CopyCut | None = None
+        # Set while the consumer's task waits for the next chunk: the only moment at which the
+        # guard may interrupt it (a cancel then lands in the source's read, never in the store).
+        self._reader: asyncio.Task[object] | None = None
+        self._interrupted = False
 
     def stop(self, reason: str) -> None:
         """Cut the copy now (idempotent; the first reason wins)."""
         if self.stopped is None:
             self.stopped = reason
-        if self._timeout is not None:
-            self._timeout.reschedule(asyncio.get_running_loop().time())
+        self._decide(CopyCut(reason))
 
     async def wrap(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         """``chunks`` as they come, unless the guard cuts them (`CopyCut`)."""
-        need = self.min_bytes_per_second * self.window
+        self.started = True
         loop = asyncio.get_running_loop()
-        window_start = self.monotonic()
-        window_bytes = 0
+        self._window_start = self.monotonic()
+        self._window_bytes = 0
+        # One timer a tick, not one per chunk: chunks can be small and many.
+        tick = min(1.0, self.window / 4)
+        watchdog: asyncio.TimerHandle | None = None
+
+        def watch() -> None:
+            nonlocal watchdog
+            slow = self._roll(self.monotonic())
+            if slow is not None:
+                self._decide(slow)
+            else:
+                watchdog = loop.call_later(tick, watch)
+
+        if self._need > 0:
+            watchdog = loop.call_later(tick, watch)
+        if self.stopped is not None:
+            self._cut = CopyCut(self.stopped)
         source = aiter(chunks)
+        task = asyncio.current_task()
         try:
             while True:
-                if self.stopped is not None:
-                    raise CopyCut(self.stopped)
-                # The latest moment a chunk may arrive before the copy is too slow: the end of
-                # this window if it is short of bytes, else the end of the next one.
-                cut_at = window_start + self.window * (1 if window_bytes < need else 2)
-                delay = max(0.0, cut_at - self.monotonic()) if need > 0 else None
-                when = loop.time() + delay if delay is not None else None
+                if self._cut is not None:
+                    raise self._cut
+                self._reader = task
                 try:
-                    async with asyncio.timeout(when) as self._timeout:
-                        chunk = await anext(source)
+                    chunk = await anext(source)
                 except StopAsyncIteration:
                     return
-                except TimeoutError:
-                    if self.stopped is not None:
-                        raise CopyCut(self.stopped) from None
-                    self.too_slow = True
-                    raise self._slow(window_bytes) from None
+                except asyncio.CancelledError:
+                    if not self._interrupted or task is None:
+                        raise
+                    self._interrupted = False
+                    if task.uncancel() > 0:
+                        raise  # cancelled from outside too: that wins
+                    assert self._cut is not None
+                    raise self._cut from None
                 finally:
-                    self._timeout = None
-                now = self.monotonic()
-                while now - window_start >= self.window:
-                    if window_bytes < need:
-                        self.too_slow = True
-                        raise self._slow(window_bytes)
-                    window_start += self.window
-                    window_bytes = 0
-                window_bytes += len(chunk)
+                    self._reader = None
+                slow = self._roll(self.monotonic())
+                if slow is not None:
+                    raise slow
+                self._window_bytes += len(chunk)
                 yield chunk
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             closer = getattr(source, "aclose", None)
             if closer is not None:
                 await closer()
+
+    def _roll(self, now: float) -> CopyCut | None:
+        """Close the windows that ended by ``now``; the cut if one of them was short of bytes."""
+        if self._need <= 0:
+            return None
+        while now - self._window_start >= self.window:
+            if self._window_bytes < self._need:
+                self.too_slow = True
+                return self._slow(self._window_bytes)
+            self._window_start += self.window
+            self._window_bytes = 0
+        return None
+
+    def _decide(self, cut: CopyCut) -> None:
+        if self._cut is None:
+            self._cut = cut
+        if self._reader is not None and not self._interrupted:
+            self._interrupted = True
+            self._reader.cancel()
 
     def _slow(self, got: int) -> CopyCut:
         return CopyCut(

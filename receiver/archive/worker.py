@@ -35,7 +35,7 @@ import anyio
 import structlog
 
 from receiver.archive.fetch import Fetcher, FetchError
-from receiver.archive.guard import CopyGuard
+from receiver.archive.guard import CopyCut, CopyGuard
 from receiver.archive.steps import (
     CONTENT_TYPE_FALLBACK,
     RetryPolicy,
@@ -63,11 +63,19 @@ class _Attempt:
     lease: Lease
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     guard: CopyGuard | None = None
+    copy: asyncio.Task[ArchivedAsset] | None = None
 
     def lose(self) -> None:
         self.lost.set()
+        self.cut("lease lost")
+
+    def cut(self, reason: str) -> None:
+        """Stop the running copy: by its source once the store reads it, else outright."""
         if self.guard is not None:
-            self.guard.stop("lease lost")
+            self.guard.stop(reason)
+            if not self.guard.started and self.copy is not None:
+                # Still opening the source: the store has nothing to clean up yet.
+                self.copy.cancel()
 
 
 class Archiver(TaskSteps):
@@ -190,7 +198,7 @@ class Archiver(TaskSteps):
             attempt.guard = guard
             if attempt.lost.is_set():
                 guard.stop("lease lost")
-            copy = asyncio.create_task(self._copy(asset, guard))
+            copy = attempt.copy = asyncio.create_task(self._copy(asset, guard))
             try:
                 # asyncio.wait, unlike awaiting the task, does not cancel it if we are cancelled.
                 await asyncio.wait({copy})
@@ -199,10 +207,15 @@ class Archiver(TaskSteps):
                 raise
             finally:
                 attempt.guard = None
-            try:
-                result: ArchivedAsset | Exception = copy.result()
-            except Exception as exc:
-                result = exc
+                attempt.copy = None
+            result: ArchivedAsset | Exception
+            if copy.cancelled():  # cut before the store began reading (see _Attempt.cut)
+                result = CopyCut(guard.stopped or "copy cancelled")
+            else:
+                try:
+                    result = copy.result()
+                except Exception as exc:
+                    result = exc
             if guard.too_slow:
                 self.metrics.slow_copies_cut.inc()
             if isinstance(result, ArchivedAsset):
@@ -226,7 +239,7 @@ class Archiver(TaskSteps):
         self, attempt: _Attempt, guard: CopyGuard, copy: asyncio.Task[ArchivedAsset]
     ) -> None:
         """Stopping (deploy, SIGTERM): cut the source, let the put clean up, give the task back."""
-        guard.stop("worker stopped before finishing")
+        attempt.cut("worker stopped before finishing")
         with anyio.CancelScope(shield=True):
             await asyncio.wait({copy}, timeout=STOP_GRACE_SECONDS)
             if not copy.done():
