@@ -34,6 +34,7 @@ class ConditionalStore:
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.manifest_failures = 0  # fail this many manifest writes
+        self.conditional_bytes = False  # put_bytes refuses to replace, too
         self.puts = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -62,6 +63,9 @@ class ConditionalStore:
         if key.endswith("manifest.json") and self.manifest_failures:
             self.manifest_failures -= 1
             raise RecursionError("maximum recursion depth exceeded while encoding a JSON object")
+        existing = await self.inner.head(key) if self.conditional_bytes else None
+        if existing is not None:
+            raise ObjectExists(key, hashlib.sha256(data).hexdigest(), existing)
         return await self.inner.put_bytes(key, data, **kw)
 
 
@@ -503,3 +507,31 @@ async def test_a_worker_stopping_while_it_waits_for_the_store_gives_the_task_bac
     task = harness.rows("tasks")[0]
     assert (task["state"], task["last_error"]) == ("ready", "worker stopped before finishing")
     assert task["not_before"] <= harness.clock.wall()
+
+
+async def test_a_manifest_the_store_refuses_to_replace_is_a_failed_step_not_a_silent_skip(
+    wrapped: tuple[Harness, ConditionalStore], source_server: SourceServer
+) -> None:
+    from tests.conftest import post_signed
+    from tests.payloads import APEX_SECRET, apex_completed
+
+    harness, store = wrapped
+    store.conditional_bytes = True
+    url = source_server.add("/o/man/out.png", 1000)
+    await completed(harness, "man", url)
+    assert await harness.parts.archiver.run_once()
+    manifest = archive_path(harness, KEY.format("man", "manifest.json"))
+    first = manifest.read_bytes()
+    # The same manifest again (nothing new): the bytes there are as good as written.
+    asset = await harness.parts.ledger.asset_to_copy("apex", "man", 0)
+    assert asset is not None
+    await harness.parts.archiver._write_manifest(asset)
+    # A late delivery changes the manifest; a store that will not replace it fails the step.
+    await post_signed(harness, "apex", apex_completed("man", url=url), APEX_SECRET)
+    assert await harness.parts.archiver.run_once()
+
+    assert manifest.read_bytes() == first
+    task = harness.rows("tasks")[0]
+    assert task["state"] == "ready"
+    assert "manifest" in task["last_error"] and "already exists" in task["last_error"]
+    assert (await job(harness, "man")).state == "archived"

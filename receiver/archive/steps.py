@@ -149,9 +149,7 @@ class TaskSteps:
             try:
                 await self._step(
                     "manifest",
-                    lambda: self.store.put_bytes(
-                        key, encode(build_manifest(job)), content_type="application/json"
-                    ),
+                    lambda: self._put_manifest(key, encode(build_manifest(job))),
                 )
             except StepFailed as exc:
                 await self._step_gave_up(lease, exc, archived=True)
@@ -248,9 +246,17 @@ class TaskSteps:
         job = await self.ledger.job(asset.provider, asset.job_id)
         if job is None:
             return
-        await self.store.put_bytes(
-            manifest_key(asset.key), encode(build_manifest(job)), content_type="application/json"
-        )
+        await self._put_manifest(manifest_key(asset.key), encode(build_manifest(job)))
+
+    async def _put_manifest(self, key: str, body: bytes) -> None:
+        # A manifest is rewritten as deliveries arrive, so its put must replace. Should the store
+        # answer ObjectExists, the same bytes already there are as good as written; different
+        # ones fail this step (counted, ended with the reason), never silently skipped.
+        try:
+            await self.store.put_bytes(key, body, content_type="application/json")
+        except ObjectExists as exc:
+            if exc.existing is None or exc.existing.sha256 != exc.sha256:
+                raise
 
 
 def failed_job_manifest_key(job: JobRecord) -> str:
