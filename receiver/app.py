@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import ssl
 import time
@@ -36,7 +37,7 @@ from receiver.audit.fixity import FixityLoop
 from receiver.audit.lifecycle import PruneReport, RetentionLoop, RetentionPolicy
 from receiver.audit.openapi import document
 from receiver.backends.sqlite import Database
-from receiver.domain import Clock
+from receiver.domain import Clock, JobState
 from receiver.errors import ConfigurationError, RequestRejected
 from receiver.ingest.auth import SignatureVerifier
 from receiver.ingest.record import Ingestor
@@ -49,6 +50,7 @@ from receiver.ingest.routes import (
 )
 from receiver.ledger import Ledger
 from receiver.ledger.dynamodb import DynamoLedger
+from receiver.ledger.dynamodb.claims import DynamoTaskClaims
 from receiver.ledger.sqlite import SqliteLedger
 from receiver.metrics import Metrics
 from receiver.polling.poller import Poller
@@ -196,7 +198,21 @@ def open_distributed(settings: Settings) -> tuple[DynamoLedger, SqsQueue]:
         payload_retention=timedelta(days=settings.payload_retention_days),
     )
     queue.relay = ledger.relay_outbox  # workers re-send what a dead sender left in the outbox
+    # One copy of an asset at a time, whatever SQS delivers twice: a claim on the task's item.
+    queue.claims = DynamoTaskClaims(ledger.table, ledger.ddb)
+    queue.on_redriven = functools.partial(end_redriven_task, ledger)
     return ledger, queue
+
+
+async def end_redriven_task(
+    ledger: Ledger, provider: str, job_id: str, n: int, reason: str
+) -> bool:
+    """A task the queue's redrive policy dead-lettered: end its asset if it is still pending."""
+    asset = await ledger.asset_to_copy(provider, job_id, n)
+    if asset is None or asset.state != "pending":
+        return False
+    await ledger.mark_asset_ended(provider, job_id, n, JobState.DEAD, reason, utc_now())
+    return True
 
 
 def fetch_policies(settings: Settings) -> dict[str, FetchPolicy]:
@@ -251,7 +267,12 @@ def build_parts(
         fetchers,
         clock=clock,
         lease_for=timedelta(seconds=settings.lease_seconds),
-        retry=RetryPolicy(max_attempts=settings.max_attempts),
+        retry=RetryPolicy(
+            max_attempts=settings.max_attempts,
+            min_bytes_per_second=settings.copy_min_bytes_per_second,
+            slow_window=settings.copy_slow_window_seconds,
+            store_wait_max=settings.store_outage_max_wait_seconds,
+        ),
         rng=rng,
         metrics=metrics,
     )
@@ -386,20 +407,35 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         parts.metrics.observe_fixity(await parts.ledger.fixity_status(), parts.clock())
+        await store_probe()
         body = await parts.metrics.render(parts.queue, parts.clock())
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(request: Request) -> JSONResponse:
         return JSONResponse(openapi)
 
+    async def store_probe() -> str:
+        """Probe the store and set receiver_store_up; "ok" or what went wrong."""
+        try:
+            await asyncio.wait_for(parts.store.ping(), timeout=5)
+        except Exception as exc:
+            parts.metrics.store_up.set(0)
+            return f"{type(exc).__name__}: {exc}"
+        parts.metrics.store_up.set(1)
+        return "ok"
+
     async def readyz(request: Request) -> JSONResponse:
+        # Ready means "can accept webhooks": that needs the ledger only. Ingest never touches
+        # the store (workers wait out a store outage), so a store outage must not take replicas
+        # out of the load balancer. ?full=1 also checks the store, for people and dashboards.
         checks: dict[str, str] = {}
-        for name, probe in (("ledger", parts.ledger.ping), ("store", parts.store.ping)):
-            try:
-                await asyncio.wait_for(probe(), timeout=5)
-                checks[name] = "ok"
-            except Exception as exc:
-                checks[name] = f"{type(exc).__name__}: {exc}"
+        try:
+            await asyncio.wait_for(parts.ledger.ping(), timeout=5)
+            checks["ledger"] = "ok"
+        except Exception as exc:
+            checks["ledger"] = f"{type(exc).__name__}: {exc}"
+        if request.query_params.get("full") in ("1", "true", "yes"):
+            checks["store"] = await store_probe()
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse(
             {"status": "ready" if ready else "not-ready", "checks": checks},

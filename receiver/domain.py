@@ -260,13 +260,19 @@ def job_folder(job_id: str) -> str:
     return fit_segment(safe_job)
 
 
+def job_prefix(*, prefix: str, provider: str, job_id: str, completed_at: datetime) -> str:
+    """The folder of a job's objects: `[prefix/]provider/YYYY/MM/DD/<job folder>`."""
+    day = completed_at.astimezone(UTC)
+    parts = [provider, f"{day:%Y}", f"{day:%m}", f"{day:%d}", job_folder(job_id)]
+    return "/".join([prefix.strip("/"), *parts] if prefix.strip("/") else parts)
+
+
 def archive_key(
     *, prefix: str, provider: str, job_id: str, completed_at: datetime, name: str
 ) -> str:
     """Deterministic object key: a retried copy lands on the same key."""
-    day = completed_at.astimezone(UTC)
-    parts = [provider, f"{day:%Y}", f"{day:%m}", f"{day:%d}", job_folder(job_id), fit_name(name)]
-    return "/".join([prefix.strip("/"), *parts] if prefix.strip("/") else parts)
+    folder = job_prefix(prefix=prefix, provider=provider, job_id=job_id, completed_at=completed_at)
+    return f"{folder}/{fit_name(name)}"
 
 
 def backoff_delay(

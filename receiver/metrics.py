@@ -77,6 +77,33 @@ class Metrics:
             "receiver_archive_dead_letters", "Assets dead-lettered (gave up)", registry=r
         )
         self.expired = Counter("receiver_archive_expired", "Assets whose link expired", registry=r)
+        self.step_failures = Counter(
+            "receiver_archive_step_failures",
+            "Failed tries of an archive task's steps (copy, mark, manifest, ack)",
+            ["step"],
+            registry=r,
+        )
+        self.steps_given_up = Counter(
+            "receiver_archive_steps_given_up",
+            "Archive tasks ended because one step kept failing, by step",
+            ["step"],
+            registry=r,
+        )
+        self.slow_copies_cut = Counter(
+            "receiver_archive_slow_copies_cut",
+            "Copies cut because the source stayed below the throughput floor",
+            registry=r,
+        )
+        self.store_outage_waits = Counter(
+            "receiver_archive_store_outage_waits",
+            "Times a worker held its task waiting for an unreachable store (not an attempt)",
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "receiver_store_up",
+            "1 if the archive store answered its last probe or put, 0 if not",
+            registry=r,
+        )
 
         self.status_calls = Counter(
             "receiver_status_calls",

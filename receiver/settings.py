@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     parts_in_flight: int = Field(default=2, ge=1, le=16)
     lease_seconds: int = Field(default=60, ge=5)
     max_attempts: int = Field(default=8, ge=1)
+    # A copy slower than this over a whole window is cut and retried later (it would hold a copy
+    # slot that tasks closer to their deadline need). 0 switches the floor off.
+    copy_min_bytes_per_second: float = Field(default=16 * 1024, ge=0)
+    copy_slow_window_seconds: float = Field(default=60.0, gt=0)
+    # While the store is unreachable a worker holds its task and probes the store with backoff up
+    # to this many seconds apart (the wait is not a copy attempt; the task's deadline bounds it).
+    store_outage_max_wait_seconds: float = Field(default=30.0, gt=0)
     # Scale-out (dynamodb:// + sqs://): tasks due within this many hours when queued go to the
     # urgent lane (NAME-urgent), which workers drain first.
     queue_urgent_hours: float = Field(default=3.0, ge=0)

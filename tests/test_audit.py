@@ -233,12 +233,17 @@ async def test_metrics(audit: Harness, source_server: SourceServer) -> None:
 
 async def test_readyz_reports_an_unreachable_store(harness_factory: Any, moto_s3: str) -> None:
     harness: Harness = await harness_factory(archive_url="s3://no-such-bucket-here/x")
-    response = await harness.client.get("/readyz")
+    # Webhooks need only the ledger: a store outage must not take replicas out of rotation.
+    ready = await harness.client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"ledger": "ok"}
+    response = await harness.client.get("/readyz?full=1")
     assert response.status_code == 503
     body = response.json()
     assert body["status"] == "not-ready"
     assert body["checks"]["ledger"] == "ok"
     assert body["checks"]["store"] != "ok"
+    assert "receiver_store_up 0.0" in (await harness.client.get("/metrics")).text
 
 
 async def test_openapi_document_covers_the_interface(audit: Harness) -> None:

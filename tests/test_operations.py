@@ -133,16 +133,20 @@ def test_reindex_reproduces_the_audit_answers_from_storage_alone(
     result = invoke(tmp_path, "reindex", "--json")
 
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["restored"] == 3
+    assert json.loads(result.output)["restored"] == 4  # the provider-failed job too
     after = {
         j: json.loads(invoke(tmp_path, "jobs", "show", f"apex/{j}", "--json").output)
         for j in ("j0", "j1", "j2")
     }
     assert after == before
-    assert json.loads(invoke(tmp_path, "jobs", "list", "--json").output) == order
+    listed = invoke(tmp_path, "jobs", "list", "--state", "archived", "--json").output
+    assert json.loads(listed) == order
+    # The provider-failed job comes back too: it has a manifest of its own.
+    failed = json.loads(invoke(tmp_path, "jobs", "show", "apex/failed", "--json").output)
+    assert (failed["state"], failed["error"]) == ("failed", "Generation failed")
     assert invoke(tmp_path, "verify").exit_code == 0
     again = json.loads(invoke(tmp_path, "reindex", "--json").output)
-    assert (again["restored"], again["already_known"]) == (0, 3)
+    assert (again["restored"], again["already_known"]) == (0, 4)
 
 
 def test_retry_requeues_a_dead_job(tmp_path: Path, source_server: SourceServer) -> None:

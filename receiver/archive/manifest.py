@@ -111,8 +111,11 @@ def build_manifest(job: JobRecord, previous: dict[str, Any] | None = None) -> di
     }
 
 
+MANIFEST_NAME = "manifest.json"  # beside the assets; never an asset's name (`domain.fit_name`)
+
+
 def manifest_key(asset_key: str) -> str:
-    return asset_key.rsplit("/", 1)[0] + "/manifest.json"
+    return f"{asset_key.rsplit('/', 1)[0]}/{MANIFEST_NAME}"
 
 
 def encode(manifest: dict[str, Any]) -> bytes:

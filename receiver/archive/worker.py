@@ -1,48 +1,84 @@
 """Archive workers: lease the most urgent task, copy its output into the store, record the result.
 
-One copy: read the current link from the ledger → guarded, streamed download → store (SHA-256
-on the way) → `ledger.mark_archived` → manifest beside the asset → ack. A crash anywhere before
-the ack leaves the lease to expire and the task to come back; keys are deterministic, so the
-retry overwrites the same object, and an asset already marked archived is not copied again.
+One task runs four steps: **copy** (read the current link from the ledger → guarded, streamed
+download → store, SHA-256 on the way), **mark** (`ledger.mark_archived`), **manifest** (beside the
+asset) and **ack**. What each step does when it fails, twice, or runs late:
+
+- copy: a source failure is an attempt (retried with backoff, ended after `max_attempts`); an
+  unreachable store is not: the worker holds its task and probes the store with backoff until it
+  answers or the task's deadline passes. A copy slower than the floor is cut and retried later.
+  The store's put is a conditional create: `ObjectExists` with the same SHA-256 (ours, or the
+  ledger's record) means another attempt finished this copy, which is then recorded quietly; a
+  different object is never overwritten and ends the task with the reason.
+- lease lost or worker stopping: the source is cut (see guard.py), never the store's put, so a
+  put that is already completing ends with its own answer and no cleanup deletes a final key.
+- mark, manifest, ack: each is tried `step_tries` times within the lease; a task whose later
+  step keeps failing comes back, and after `max_attempts` leases it ends with the step's reason
+  (`receiver_archive_steps_given_up{step}`, the asset's error in the audit). A copy that
+  succeeded is never undone: the asset stays archived when only its manifest could not be written.
+
+This module runs the loop and the copy; steps.py holds what follows a copy's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
+import anyio
 import structlog
 
-from receiver.archive.fetch import Fetcher, FetchError, SourceGone
-from receiver.archive.manifest import build_manifest, encode, manifest_key
-from receiver.domain import Clock, JobState, backoff_delay, signed_url_expiry
-from receiver.ledger import ArchivedAsset, AssetToCopy, Ledger
+from receiver.archive.fetch import Fetcher, FetchError
+from receiver.archive.guard import CopyCut, CopyGuard
+from receiver.archive.steps import (
+    CONTENT_TYPE_FALLBACK,
+    RetryPolicy,
+    TaskSteps,
+    failed_job_manifest_key,
+)
+from receiver.domain import Clock, JobState
+from receiver.ledger import MANIFEST_TASK, ArchivedAsset, AssetToCopy, Ledger
 from receiver.metrics import Metrics
-from receiver.store import ObjectMissing, Store
+from receiver.store import ObjectExists, ObjectMissing, Store, StoreError
 from receiver.workqueue import Lease, WorkQueue
 
 log = structlog.get_logger(__name__)
 
-CONTENT_TYPE_FALLBACK = "application/octet-stream"
+__all__ = ["Archiver", "RetryPolicy", "failed_job_manifest_key"]
+
+# How long a stopping worker lets its cut copy finish its cleanup before giving the task back.
+STOP_GRACE_SECONDS = 30.0
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 8
-    base_delay: float = 5.0
-    max_delay: float = 900.0
-    max_retry_after: float = 3600.0  # a provider asking for more than this is capped
+@dataclass
+class _Attempt:
+    """One lease of one task, as the heartbeat and the copy share it."""
+
+    lease: Lease
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    guard: CopyGuard | None = None
+    copy: asyncio.Task[ArchivedAsset] | None = None
+
+    def lose(self) -> None:
+        self.lost.set()
+        self.cut("lease lost")
+
+    def cut(self, reason: str) -> None:
+        """Stop the running copy: by its source once the store reads it, else outright."""
+        if self.guard is not None:
+            self.guard.stop(reason)
+            if not self.guard.started and self.copy is not None:
+                # Still opening the source: the store has nothing to clean up yet.
+                self.copy.cancel()
 
 
-class Archiver:
+class Archiver(TaskSteps):
     def __init__(
         self,
         ledger: Ledger,
@@ -56,6 +92,7 @@ class Archiver:
         rng: Callable[[], float] = random.random,
         idle_poll: float = 0.5,
         metrics: Metrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ledger = ledger
         self.queue = queue
@@ -67,6 +104,7 @@ class Archiver:
         self.rng = rng
         self.idle_poll = idle_poll
         self.metrics = metrics or Metrics()
+        self.monotonic = monotonic
         self.wake = asyncio.Event()  # set by the ingress when it queues work in this process
         self.owner_prefix = f"worker-{uuid.uuid4().hex[:8]}"
 
@@ -106,6 +144,9 @@ class Archiver:
         return True
 
     async def _process(self, lease: Lease) -> None:
+        if lease.n == MANIFEST_TASK:
+            await self._failed_job_manifest(lease)
+            return
         asset = await self.ledger.asset_to_copy(lease.provider, lease.job_id, lease.n)
         if asset is None:
             log.error("archive_task_without_asset")
@@ -114,69 +155,154 @@ class Archiver:
         if asset.state != "pending":
             # Copied (or ended) by an earlier attempt that died before its ack: finish that
             # attempt's remaining steps only.
-            if asset.state == "archived":
-                await self._write_manifest(asset)
-            await self.queue.ack(lease)
+            await self._finish(lease, asset, archived=asset.state == "archived")
             return
+        attempt = _Attempt(lease)
+        heartbeat = asyncio.create_task(self._heartbeat(attempt))
         started = time.perf_counter()
-        heartbeat = asyncio.create_task(self._heartbeat(lease))
-        copy = asyncio.create_task(self._copy(asset))
         try:
-            done, _ = await asyncio.wait({heartbeat, copy}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            # Stopping (deploy, SIGTERM): let the copy clean up (abort its upload), then give
-            # the task back now instead of when its lease lapses.
+            result = await self._copy_until_answered(attempt, asset)
+        finally:
             heartbeat.cancel()
-            copy.cancel()
-            await asyncio.gather(heartbeat, copy, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self.queue.retry(lease, self.clock(), "worker stopped before finishing")
-            raise
-        if heartbeat in done:
-            # We lost the lease (another worker took the task over): stop copying, keep quiet.
-            copy.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await copy
-            log.warning("archive_lease_lost")
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        if attempt.lost.is_set():
+            # Another worker holds the task now; whatever our put answered is theirs to see (a
+            # completed put makes theirs answer ObjectExists with the same digest).
+            log.warning("archive_lease_lost", answer=type(result).__name__)
             return
-        heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
-        try:
-            stored = copy.result()
-        except FetchError as exc:
-            await self._failed(lease, asset, exc.reason, exc)
-            return
-        except Exception as exc:
-            await self._failed(lease, asset, f"{type(exc).__name__}: {exc}", None)
-            return
-        now = self.clock()
-        await self.ledger.mark_archived(lease.provider, lease.job_id, lease.n, stored, now)
-        await self._write_manifest(asset)
-        await self.queue.ack(lease)
-        slack = (asset.deadline - now).total_seconds()
-        self.metrics.archived_objects.inc()
-        self.metrics.archived_bytes.inc(stored.size)
-        self.metrics.copy_seconds.observe(time.perf_counter() - started)
-        self.metrics.slack.observe(slack)
-        if slack < 0:
-            self.metrics.deadline_misses.inc()
-        log.info(
-            "asset_archived",
-            uri=stored.uri,
-            size=stored.size,
-            sha256=stored.sha256,
-            slack_seconds=round(slack, 1),
-        )
+        if isinstance(result, ArchivedAsset):
+            await self._archived(lease, asset, result, started)
+        elif isinstance(result, ObjectExists):
+            await self._exists(lease, asset, result, started)
+        elif isinstance(result, FetchError):
+            await self._failed(lease, asset, result.reason, result)
+        elif isinstance(result, ValueError):
+            # The store refused the key or metadata before any I/O: no retry can change that.
+            await self._end(lease, JobState.DEAD, f"refused by the store: {result}", "copy")
+        else:
+            await self._failed(lease, asset, f"{type(result).__name__}: {result}", None)
 
-    async def _heartbeat(self, lease: Lease) -> None:
+    # -- the copy -------------------------------------------------------------------------------
+
+    async def _copy_until_answered(
+        self, attempt: _Attempt, asset: AssetToCopy
+    ) -> ArchivedAsset | Exception:
+        """Copy until the source or the store gives an answer; store outages are waited out."""
+        while True:
+            guard = CopyGuard(
+                min_bytes_per_second=self.retry.min_bytes_per_second,
+                window=self.retry.slow_window,
+                monotonic=self.monotonic,
+            )
+            attempt.guard = guard
+            if attempt.lost.is_set():
+                guard.stop("lease lost")
+            copy = attempt.copy = asyncio.create_task(self._copy(asset, guard))
+            try:
+                # asyncio.wait, unlike awaiting the task, does not cancel it if we are cancelled.
+                await asyncio.wait({copy})
+            except asyncio.CancelledError:
+                await self._stop_copy(attempt, guard, copy)
+                raise
+            finally:
+                attempt.guard = None
+                attempt.copy = None
+            result: ArchivedAsset | Exception
+            if copy.cancelled():  # cut before the store began reading (see _Attempt.cut)
+                result = CopyCut(guard.stopped or "copy cancelled")
+            else:
+                try:
+                    result = copy.result()
+                except Exception as exc:
+                    result = exc
+            if guard.too_slow:
+                self.metrics.slow_copies_cut.inc()
+            if isinstance(result, ArchivedAsset):
+                self.metrics.store_up.set(1)
+                return result
+            if not _is_outage(result) or attempt.lost.is_set():
+                return result
+            try:
+                waited = await self._wait_for_store(attempt, asset, result)
+            except asyncio.CancelledError:
+                # Stopping while the store is away: give the task back now, as for a copy.
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self.queue.retry(
+                        attempt.lease, self.clock(), "worker stopped before finishing"
+                    )
+                raise
+            if not waited:
+                return result
+
+    async def _stop_copy(
+        self, attempt: _Attempt, guard: CopyGuard, copy: asyncio.Task[ArchivedAsset]
+    ) -> None:
+        """Stopping (deploy, SIGTERM): cut the source, let the put clean up, give the task back."""
+        attempt.cut("worker stopped before finishing")
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait({copy}, timeout=STOP_GRACE_SECONDS)
+            if not copy.done():
+                copy.cancel()
+                await asyncio.wait({copy})
+            if not copy.cancelled():
+                copy.exception()  # retrieved: the cancellation is what our caller sees
+            if not attempt.lost.is_set():
+                with contextlib.suppress(Exception):
+                    await self.queue.retry(
+                        attempt.lease, self.clock(), "worker stopped before finishing"
+                    )
+
+    async def _wait_for_store(
+        self, attempt: _Attempt, asset: AssetToCopy, error: Exception
+    ) -> bool:
+        """Wait for an unreachable store while keeping the task; False to count it as a failure.
+
+        The failure is counted when the store answers its probe (the put failed for a reason of
+        this object's own), when the task's deadline has passed, or when the lease is lost.
+        """
+        delay = self.retry.store_wait_first
+        first = True
+        while True:
+            try:
+                await self.store.ping()
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                self.metrics.store_up.set(1)
+                if first:
+                    return False
+                log.info("archive_store_back")
+                return True
+            self.metrics.store_up.set(0)
+            if self.clock() >= asset.deadline:
+                log.warning("archive_store_outage_past_deadline", error=problem)
+                return False
+            if first:
+                log.warning("archive_store_unreachable", error=problem, put_error=str(error))
+            self.metrics.store_outage_waits.inc()
+            first = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(attempt.lost.wait(), delay)
+            if attempt.lost.is_set():
+                return False
+            delay = min(delay * 2, self.retry.store_wait_max)
+
+    async def _heartbeat(self, attempt: _Attempt) -> None:
         interval = self.lease_for.total_seconds() / 3
         while True:
             await asyncio.sleep(interval)
-            if not await self.queue.heartbeat(lease, self.clock(), self.lease_for):
+            try:
+                kept = await self.queue.heartbeat(attempt.lease, self.clock(), self.lease_for)
+            except Exception:
+                # The queue did not answer: the lease may still be ours; try again next beat.
+                log.warning("archive_heartbeat_failed", exc_info=True)
+                continue
+            if not kept:
+                attempt.lose()
                 return
 
-    async def _copy(self, asset: AssetToCopy) -> ArchivedAsset:
+    async def _copy(self, asset: AssetToCopy, guard: CopyGuard) -> ArchivedAsset:
         fetcher = self.fetchers[asset.provider]
         async with fetcher.open(asset.url) as download:
             content_type = (
@@ -190,7 +316,10 @@ class Archiver:
                 "source-host": download.source_host,
             }
             stored = await self.store.put_stream(
-                asset.key, download.iter_bytes(), content_type=content_type, metadata=metadata
+                asset.key,
+                guard.wrap(download.iter_bytes()),
+                content_type=content_type,
+                metadata=metadata,
             )
         return ArchivedAsset(
             uri=stored.uri,
@@ -200,67 +329,12 @@ class Archiver:
             content_type=stored.content_type,
         )
 
-    async def _failed(
-        self, lease: Lease, asset: AssetToCopy, reason: str, exc: FetchError | None
-    ) -> None:
-        now = self.clock()
-        answer = f"{reason} (HTTP {exc.status}, {exc.code})" if exc and exc.status else reason
-        if isinstance(exc, SourceGone):
-            link_expiry = signed_url_expiry(asset.url)
-            link_dead = link_expiry is not None and now >= link_expiry
-            if now >= asset.deadline or link_dead or lease.attempt >= self.retry.max_attempts:
-                await self._end(lease, JobState.EXPIRED, f"expired: {answer}")
-                self.metrics.expired.inc()
-                return
-        elif exc is not None and not exc.retryable:
-            # Refused by the guard, or a permanent answer: retrying cannot help.
-            await self._end(lease, JobState.DEAD, answer)
-            return
-        if lease.attempt >= self.retry.max_attempts:
-            await self._end(
-                lease, JobState.DEAD, f"gave up after {lease.attempt} attempts: {answer}"
-            )
-            return
-        delay = backoff_delay(
-            lease.attempt, self.rng, base=self.retry.base_delay, cap=self.retry.max_delay
-        )
-        if exc is not None and exc.retry_after is not None:
-            delay = max(delay, min(exc.retry_after, self.retry.max_retry_after))
-        await self.queue.retry(lease, now + timedelta(seconds=delay), answer)
-        self.metrics.retries.inc()
-        log.warning("archive_retry", error=answer, retry_in_seconds=round(delay, 1))
 
-    async def _end(self, lease: Lease, state: JobState, reason: str) -> None:
-        await self.ledger.mark_asset_ended(
-            lease.provider, lease.job_id, lease.n, state, reason, self.clock()
-        )
-        await self.queue.dead_letter(lease, reason)
-        if state is JobState.DEAD:
-            self.metrics.dead_letters.inc()
-        log.warning("archive_ended", state=state.value, error=reason)
-
-    async def _write_manifest(self, asset: AssetToCopy) -> None:
-        job = await self.ledger.job(asset.provider, asset.job_id)
-        if job is None:
-            return
-        key = manifest_key(asset.key)
-        # Payloads the ledger no longer keeps (retention) stay as the manifest had them.
-        previous = (
-            await _read_json(self.store, key)
-            if any(d.payload_removed for d in job.deliveries)
-            else None
-        )
-        await self.store.put_bytes(
-            key, encode(build_manifest(job, previous)), content_type="application/json"
-        )
-
-
-async def _read_json(store: Store, key: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(b"".join([chunk async for chunk in store.read(key)]))
-    except (ObjectMissing, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+def _is_outage(result: object) -> bool:
+    """A store failure that may be the store being unreachable (probed before waiting)."""
+    if isinstance(result, ObjectExists | ObjectMissing):
+        return False
+    return isinstance(result, StoreError | ConnectionError | TimeoutError)
 
 
 def _media_type(value: str | None) -> str | None:

@@ -22,6 +22,13 @@ from typing import Any, Protocol
 
 from receiver.domain import DeliveryOutcome, JobEvent, JobState
 
+#: The task number of a job's manifest-only task: a job the provider failed has no outputs to
+#: copy, but its manifest is still written (so `receiver reindex` restores it). The archiver
+#: reads such a task as "write this job's manifest", not as an output.
+MANIFEST_TASK = -1
+#: How long a manifest-only task may wait (it has no provider deadline of its own).
+MANIFEST_TASK_WINDOW_SECONDS = 24 * 3600
+
 
 def to_ts(value: datetime | None) -> float | None:
     """Adapters store times as UTC epoch seconds."""
@@ -86,6 +93,7 @@ class AssetToCopy:
     deadline: datetime
     state: str  # "pending" | "archived" | "expired" | "dead"
     completed_at: datetime | None
+    sha256: str | None = None  # set once archived: what a later attempt compares against
 
 
 @dataclass(frozen=True)
@@ -299,6 +307,12 @@ class Ledger(Protocol):
         """End a job whose polling stopped for good (not found, gave up) as `state` (expired or
         dead) with `reason`, if the provider never finished it (still tracking/processing);
         True if it changed. Registering it again reopens it (`track`)."""
+        ...
+
+    async def note_asset_error(
+        self, provider: str, job_id: str, n: int, error: str, now: datetime
+    ) -> None:
+        """Record why a step after the copy gave up (manifest, ack), keeping the asset's state."""
         ...
 
     async def job(self, provider: str, job_id: str) -> JobRecord | None: ...

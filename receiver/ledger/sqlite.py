@@ -12,6 +12,8 @@ from receiver.backends.sqlite import Database
 from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
 from receiver.errors import LedgerUnavailable
 from receiver.ledger import (
+    MANIFEST_TASK,
+    MANIFEST_TASK_WINDOW_SECONDS,
     Activity,
     ArchivedAsset,
     ArchivedSample,
@@ -118,6 +120,7 @@ class SqliteLedger:
                 deadline=_at(row["deadline"]),
                 state=row["state"],
                 completed_at=from_ts(row["completed_at"]),
+                sha256=row["sha256"],
             )
 
         return await self.db.read(read)
@@ -161,6 +164,16 @@ class SqliteLedger:
             return _settle_job(conn, provider, job_id, now)
 
         return await self.db.write(write)
+
+    async def note_asset_error(
+        self, provider: str, job_id: str, n: int, error: str, now: datetime
+    ) -> None:
+        await self.db.write(
+            lambda conn: conn.execute(
+                "UPDATE assets SET error = ? WHERE provider = ? AND job_id = ? AND n = ?",
+                (error, provider, job_id, n),
+            )
+        )
 
     async def job(self, provider: str, job_id: str) -> JobRecord | None:
         return await self.db.read(lambda conn: read_job(conn, provider, job_id))
@@ -358,6 +371,20 @@ def _record(
             (*key, *key),
         )
 
+    if decision.outcome is DeliveryOutcome.ACCEPTED and decision.state is JobState.FAILED:
+        # Nothing to copy, but the job's manifest is still written (reindex restores it).
+        conn.execute(
+            "INSERT OR REPLACE INTO tasks (provider, job_id, n, deadline, not_before, "
+            "state, created_at) VALUES (?, ?, ?, ?, ?, 'ready', ?)",
+            (*key, MANIFEST_TASK, now + MANIFEST_TASK_WINDOW_SECONDS, now, now),
+        )
+    elif current is JobState.FAILED:
+        # A later delivery belongs in the failed job's manifest too (as for archived jobs).
+        conn.execute(
+            "UPDATE tasks SET state = 'ready', not_before = ?, attempts = 0 "
+            "WHERE provider = ? AND job_id = ? AND n = ? AND state = 'done'",
+            (now, *key, MANIFEST_TASK),
+        )
     if current is JobState.ARCHIVED:
         # The manifest beside the assets must list this delivery too: hand the job's finished
         # task back to the archiver, which rewrites the manifest of an archived asset and

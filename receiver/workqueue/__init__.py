@@ -70,3 +70,20 @@ class WorkQueue(Protocol):
     async def dead_letter(self, lease: Lease, error: str) -> None: ...
 
     async def stats(self, now: datetime) -> QueueStats: ...
+
+
+class TaskClaims(Protocol):
+    """A conditional claim on a task, kept by the ledger (SQS mode: one copy of an asset at once).
+
+    Blocking calls: the SQS queue makes them on its AWS worker threads. Times are epoch seconds.
+    """
+
+    def claim(
+        self, provider: str, job_id: str, n: int, owner: str, now: float, until: float
+    ) -> float | None:
+        """Take or renew the claim until `until`; None if ours, else when the live owner's ends."""
+        ...
+
+    def release(self, provider: str, job_id: str, n: int, owner: str) -> None:
+        """Drop the claim if `owner` still holds it."""
+        ...

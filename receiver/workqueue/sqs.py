@@ -33,8 +33,15 @@ then capacity is short of the deadlines anyway, which the urgent lane's depth sh
 
 Messages are sent by the DynamoDB ledger's outbox (`publish`), after the ledger commit; see
 receiver/ledger/dynamodb/. SQS standard queues deliver at least once, and the outbox may
-re-send: a duplicate message is harmless because the worker reads the asset's state from the
-ledger first and only acknowledges a message whose asset is already archived.
+re-send, so two workers can hold messages for the same task at once. `claims` (the ledger's
+conditional claim on the task's item, receiver/ledger/dynamodb/claims.py) settles it: `lease`
+claims the task and leaves a message whose task a live worker holds invisible until that claim
+ends; `heartbeat` renews the claim (a lost claim is a lost lease); ack/retry/dead_letter
+release it. A later duplicate finds the asset archived in the ledger and is only acknowledged.
+
+The DLQ also receives messages the redrive policy moves (after `maxReceiveCount` receives);
+`reconcile_dead_letters`, run with the outbox relay, ends their assets in the ledger with that
+reason (`on_redriven`) and parks them again with it.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,7 +57,7 @@ import structlog
 from botocore.exceptions import ClientError
 
 from receiver.backends.aws import client, error_code, resource_name, run_blocking
-from receiver.workqueue import Lease, QueueStats, TaskMessage
+from receiver.workqueue import Lease, QueueStats, TaskClaims, TaskMessage
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +94,11 @@ class SqsQueue:
         self.relay: Callable[[datetime], Any] | None = None
         self.relay_every = timedelta(seconds=30)
         self._relayed_at: datetime | None = None
+        # Set by build_parts: the claim on the task's ledger item (one copy of an asset at a
+        # time, whatever SQS delivers twice), and the ledger update for tasks the redrive policy
+        # moved to the DLQ (True if that ended a pending asset). Run on the relay's cadence.
+        self.claims: TaskClaims | None = None
+        self.on_redriven: Callable[[str, str, int, str], Awaitable[bool]] | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SqsQueue:
@@ -136,9 +148,9 @@ class SqsQueue:
 
     async def lease(self, owner: str, now: datetime, lease_for: timedelta) -> Lease | None:
         self._maybe_relay(now)
-        return await run_blocking(self._lease, owner, lease_for)
+        return await run_blocking(self._lease, owner, lease_for, now)
 
-    def _lease(self, owner: str, lease_for: timedelta) -> Lease | None:
+    def _lease(self, owner: str, lease_for: timedelta, now: datetime) -> Lease | None:
         for lane in self.lanes:
             answer = self.sqs.receive_message(
                 QueueUrl=self._url(lane),
@@ -150,7 +162,7 @@ class SqsQueue:
             for message in answer.get("Messages", []):
                 try:
                     task = json.loads(message["Body"])
-                    return Lease(
+                    lease = Lease(
                         task_id=0,
                         provider=str(task["provider"]),
                         job_id=str(task["job_id"]),
@@ -167,20 +179,59 @@ class SqsQueue:
                     self.sqs.delete_message(
                         QueueUrl=self._url(lane), ReceiptHandle=message["ReceiptHandle"]
                     )
+                    continue
+                held = self._claim(lease, now.timestamp(), lease_for)
+                if held is None:
+                    return lease
+                # Another worker copies this asset right now (a duplicate message): leave this
+                # one for when that claim ends; by then the asset is archived or free again.
+                log.info("sqs_task_claimed_elsewhere", job_id=lease.job_id, n=lease.n)
+                self._change_visibility(
+                    lease, _seconds(timedelta(seconds=held - now.timestamp())) + 1
+                )
         return None
 
+    def _claim(self, lease: Lease, now: float, lease_for: timedelta) -> float | None:
+        if self.claims is None:
+            return None
+        return self.claims.claim(
+            lease.provider, lease.job_id, lease.n, lease.owner, now, now + _seconds(lease_for)
+        )
+
+    def _release(self, lease: Lease) -> None:
+        if self.claims is None:
+            return
+        try:
+            self.claims.release(lease.provider, lease.job_id, lease.n, lease.owner)
+        except Exception:
+            # It lapses by itself at the end of the lease.
+            log.warning("sqs_claim_release_failed", exc_info=True)
+
     async def heartbeat(self, lease: Lease, now: datetime, lease_for: timedelta) -> bool:
-        return await run_blocking(self._change_visibility, lease, _seconds(lease_for))
+        def beat() -> bool:
+            if not self._change_visibility(lease, _seconds(lease_for)):
+                return False
+            # The claim too: if it lapsed and another worker took it, this lease is lost.
+            return self._claim(lease, now.timestamp(), lease_for) is None
+
+        return await run_blocking(beat)
 
     async def ack(self, lease: Lease) -> None:
-        await run_blocking(self._delete, lease)
+        def ack() -> None:
+            self._delete(lease)
+            self._release(lease)
+
+        await run_blocking(ack)
 
     async def retry(self, lease: Lease, not_before: datetime, error: str) -> None:
         delay = (not_before - self.clock()).total_seconds()
+
         # The message reappears after the delay with its receive count (our attempt) one higher.
-        await run_blocking(
-            self._change_visibility, lease, max(0, min(MAX_VISIBILITY - 60, math.ceil(delay)))
-        )
+        def retry() -> None:
+            self._change_visibility(lease, max(0, min(MAX_VISIBILITY - 60, math.ceil(delay))))
+            self._release(lease)
+
+        await run_blocking(retry)
 
     async def dead_letter(self, lease: Lease, error: str) -> None:
         def park() -> None:
@@ -189,8 +240,69 @@ class SqsQueue:
             ).body()
             self._to_dlq(body, error)
             self._delete(lease)
+            self._release(lease)
 
         await run_blocking(park)
+
+    async def reconcile_dead_letters(self, limit: int = 100) -> int:
+        """End in the ledger the tasks SQS's redrive policy moved to the DLQ; how many ended.
+
+        The redrive policy moves a message after `maxReceiveCount` receives without an answer
+        (its workers kept dying or stalling), without telling the ledger, whose asset would stay
+        pending forever. Each such message (one without our `error` attribute) is handed to
+        `on_redriven`, then parked again with the reason, so the DLQ still lists every task that
+        needs an operator and the next pass skips it.
+        """
+        if self.on_redriven is None:
+            return 0
+        ended = 0
+        for _ in range(max(1, limit // 10)):
+            answer = await run_blocking(self._receive_dlq)
+            messages = answer.get("Messages", [])
+            if not messages:
+                break
+            for message in messages:
+                if "error" in message.get("MessageAttributes", {}):
+                    continue  # parked by a worker, with its reason: already in the ledger
+                receives = message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
+                reason = (
+                    f"dead-lettered by the queue's redrive policy after {receives} receives "
+                    "without an answer (workers kept dying or stalling on this task)"
+                )
+                try:
+                    task = json.loads(message["Body"])
+                    provider, job_id, n = str(task["provider"]), str(task["job_id"]), int(task["n"])
+                except (KeyError, TypeError, ValueError):
+                    reason = "unreadable task message (moved by the redrive policy)"
+                    await run_blocking(self._repark, message, reason)
+                    continue
+                if await self.on_redriven(provider, job_id, n, reason):
+                    ended += 1
+                    log.warning("sqs_redriven_task_ended", job_id=job_id, n=n, error=reason)
+                    await run_blocking(self._repark, message, reason)
+                else:
+                    # Archived or ended meanwhile: nothing for an operator to do.
+                    await run_blocking(self._delete_dlq, message)
+        return ended
+
+    def _receive_dlq(self) -> Any:
+        return self.sqs.receive_message(
+            QueueUrl=self._url(self.dlq),
+            MaxNumberOfMessages=10,
+            VisibilityTimeout=300,  # not seen again by this pass or the next few
+            WaitTimeSeconds=0,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+        )
+
+    def _repark(self, message: dict[str, Any], reason: str) -> None:
+        self._to_dlq(message["Body"], reason)
+        self._delete_dlq(message)
+
+    def _delete_dlq(self, message: dict[str, Any]) -> None:
+        self.sqs.delete_message(
+            QueueUrl=self._url(self.dlq), ReceiptHandle=message["ReceiptHandle"]
+        )
 
     async def stats(self, now: datetime) -> QueueStats:
         def read() -> QueueStats:
@@ -201,7 +313,10 @@ class SqsQueue:
                 ready += attrs.get("ApproximateNumberOfMessagesDelayed", 0)
                 # In flight: leased, or waiting out a retry delay (SQS cannot tell them apart).
                 leased += attrs.get("ApproximateNumberOfMessagesNotVisible", 0)
-            dead = self._attributes(self.dlq).get("ApproximateNumberOfMessages", 0)
+            parked = self._attributes(self.dlq)
+            # In flight too: the DLQ reconciliation keeps the messages it read invisible a while.
+            dead = parked.get("ApproximateNumberOfMessages", 0)
+            dead += parked.get("ApproximateNumberOfMessagesNotVisible", 0)
             return QueueStats(ready=ready, leased=leased, dead=dead, oldest_ready_at=None)
 
         return await run_blocking(read)
@@ -265,6 +380,10 @@ class SqsQueue:
         except Exception:
             # The next round tries again; nothing is lost while tasks sit in the outbox.
             log.exception("outbox_relay_failed")
+        try:
+            await self.reconcile_dead_letters()
+        except Exception:
+            log.exception("dlq_reconcile_failed")
 
 
 _background: set[asyncio.Task[None]] = set()  # strong references to relay tasks until they finish

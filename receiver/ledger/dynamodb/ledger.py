@@ -9,7 +9,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -19,6 +19,8 @@ from botocore.exceptions import ClientError
 from receiver.backends.aws import client, error_code, resource_name, run_blocking
 from receiver.domain import DeliveryOutcome, EventKind, JobEvent, JobState, decide
 from receiver.ledger import (
+    MANIFEST_TASK,
+    MANIFEST_TASK_WINDOW_SECONDS,
     Activity,
     ArchivedAsset,
     AssetRecord,
@@ -140,6 +142,7 @@ class DynamoLedger(lifecycle.DataOverYears):
                 deadline=_at(asset["deadline"]),
                 state=asset["state"],
                 completed_at=_opt_at(job.get("completed_at")),
+                sha256=asset.get("sha256"),
             )
 
         return await run_blocking(read)
@@ -177,6 +180,15 @@ class DynamoLedger(lifecycle.DataOverYears):
             return a
 
         return await run_blocking(self._end_asset, provider, job_id, n, change, now.timestamp())
+
+    async def note_asset_error(
+        self, provider: str, job_id: str, n: int, error: str, now: datetime
+    ) -> None:
+        def change(a: Item) -> Item | None:
+            a.update(error=error)
+            return a
+
+        await run_blocking(self._end_asset, provider, job_id, n, change, now.timestamp())
 
     async def job(self, provider: str, job_id: str) -> JobRecord | None:
         return await run_blocking(self._job, provider, job_id)
@@ -421,6 +433,12 @@ class DynamoLedger(lifecycle.DataOverYears):
                         items.append(self._put(old))
             if decision.queue_outputs or decision.refresh_outputs:
                 new["deadline"] = _earliest_pending(assets)
+            if decision.outcome is DeliveryOutcome.ACCEPTED and decision.state is JobState.FAILED:
+                # Nothing to copy, but the job's manifest is still written (reindex restores it).
+                until = datetime.fromtimestamp(now + MANIFEST_TASK_WINDOW_SECONDS, tz=UTC)
+                task = _task_item(pk, event.provider, event.job_id, MANIFEST_TASK, until, now)
+                items.append(self._put(task))
+                tasks.append(_task_message(task))
             # Duplicates and ignored news change nothing a decision depends on: they keep the
             # version, so concurrent duplicates do not conflict with each other.
             changed = job is None or decision.outcome in (
@@ -460,7 +478,7 @@ class DynamoLedger(lifecycle.DataOverYears):
                 outcome=decision.outcome,
                 job_state=decision.state,
                 delivery_seq=seq,
-                tasks_queued=len(tasks),
+                tasks_queued=sum(1 for t in tasks if t.n != MANIFEST_TASK),
                 body_mismatch=body_mismatch,
             )
             return items, (result, tasks)
