@@ -199,7 +199,9 @@ def seaweedfs_server(data_dir: Path) -> Iterator[str]:
         stop_child(child, grace=10)
 
 
-def _wait_until_s3_answers(endpoint: str, child: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _wait_until_s3_answers(
+    endpoint: str, child: subprocess.Popen[bytes], timeout: float = 60
+) -> None:
     client = boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint,

@@ -1,13 +1,45 @@
 """The S3 store: archived objects in ``s3://bucket/prefix`` on AWS or any S3-compatible endpoint.
 
-The client is configured only the way boto3 always is (``AWS_ENDPOINT_URL``, ``AWS_REGION``,
-profiles, credentials chain); this module adds no endpoint settings of its own. boto3 is
-synchronous, so every call runs in a worker thread (``asyncio.to_thread``) and the event loop never
-blocks on the network.
+The client is configured only the way boto3 always is (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``,
+``AWS_REGION``, profiles, credentials chain), plus SigV4 for every request and presigned link;
+this module adds no endpoint settings of its own. boto3 is synchronous, so every call runs in a
+worker thread (``asyncio.to_thread``) and the event loop never blocks on the network.
 
 Uploads are driven part by part rather than through ``upload_fileobj``: on a non-seekable stream
 s3transfer buffers about (10 + 5) parts, whereas here memory is bounded by
 ``(parts_in_flight + 1) * part_size``: the parts being uploaded plus the one being read.
+
+**Integrity, without rewriting anything** (no CopyObject):
+
+* A stream shorter than one part is a single PutObject carrying its full-object SHA-256
+  (``x-amz-checksum-sha256``), which the server verifies and keeps; the hex digest is also user
+  metadata ``sha256``.
+* Longer streams are multipart uploads of type ``FULL_OBJECT`` with CRC32: every part carries its
+  own CRC32, and CompleteMultipartUpload carries the CRC32 of the whole object, so the server
+  checks each part as it arrives and the assembled object as a whole. S3 has no full-object SHA-256
+  for multipart uploads (SHA-256 there is only ``COMPOSITE``, a hash of the parts' hashes), and
+  CRC64NVME/CRC32C need ``botocore[crt]``; CRC32 comes with the standard library. The object's
+  full SHA-256 is known only after the last part, when its metadata is already fixed, so it goes
+  into an object **tag** ``sha256`` right after completion. A store that refuses tags fails the put
+  with an error that says so (the object stays: it is complete and verified).
+* What servers do with this (checked with the tests' servers): SeaweedFS 4.x verifies SHA-256 on
+  PutObject and UploadPart, CRC32 on UploadPart and the full-object CRC32 on completion (all
+  ``BadDigest``), honours ``If-None-Match: *`` on both PutObject and CompleteMultipartUpload
+  (``PreconditionFailed``) and keeps tags. moto 5 records and echoes checksums without verifying
+  any, and honours ``If-None-Match`` on PutObject.
+* **Single-PUT threshold**: one part (``part_size``, 8 MiB by default). A larger threshold would
+  need a streamed PUT with a trailing checksum (aws-chunked), whose length must still be known up
+  front, which a download of unknown length does not give without buffering it whole. Measured on
+  SeaweedFS (``make bench``, 1,000 x 1 MiB objects, all single PUTs, and 256 MiB in 8 MiB parts):
+  a multipart upload costs two extra requests (create, complete) plus the tag, about the time of
+  one 1 MiB PUT; for objects over 8 MiB that is under 2% of the transfer. Not worth a second
+  upload path with its own memory bound: the threshold stays at one part.
+
+**Never replace, never delete another attempt's copy**: PutObject and CompleteMultipartUpload are
+sent with ``If-None-Match: *``; a taken key raises ``ObjectExists``. Cleanup after a failure or a
+cancellation aborts only this attempt's own multipart upload and never deletes the key. Before it
+starts a multipart upload, a put aborts the incomplete uploads earlier attempts left for its key
+(a killed process cannot clean up after itself).
 """
 
 from __future__ import annotations
@@ -17,16 +49,21 @@ import base64
 import contextlib
 import hashlib
 import logging
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import boto3
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from receiver.store import (
     NO_METADATA,
     SHA256_KEY,
+    IncompleteUpload,
+    ObjectExists,
     ObjectInfo,
     ObjectMissing,
     StoredObject,
@@ -39,7 +76,7 @@ from receiver.store import (
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, MultipartUploadTypeDef
 
 _T = TypeVar("_T")
 
@@ -49,12 +86,17 @@ log = logging.getLogger(__name__)
 MIN_PART_SIZE = 5 * 2**20
 #: S3's largest part number.
 MAX_PARTS = 10_000
-#: S3's CopyObject limit: larger objects can only be copied with UploadPartCopy.
-MAX_COPY_SIZE = 5 * 2**30
 
 _READ_SIZE = 1 << 20
 # Error codes S3 (and compatible stores) answer for a missing key; HEAD has no body, only "404".
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+# What a conditional write (If-None-Match: *) answers when the key is taken. 409
+# ConditionalRequestConflict: a concurrent write to the same key won the race.
+_TAKEN_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
+# What stores answer for an operation they do not implement.
+_UNSUPPORTED_CODES = frozenset(
+    {"NotImplemented", "501", "MethodNotAllowed", "405", "InvalidRequest", "AccessDenied"}
+)
 
 
 class S3Store:
@@ -77,8 +119,11 @@ class S3Store:
         self.part_size = part_size
         self.parts_in_flight = parts_in_flight
         # A session of our own: boto3's default session is shared module state and not thread-safe
-        # to create clients from. The client itself is thread-safe.
-        self._client: S3Client = boto3.session.Session().client("s3")
+        # to create clients from. The client itself is thread-safe. SigV4 explicitly: for S3 with
+        # a custom endpoint botocore would otherwise presign links with SigV2.
+        self._client: S3Client = boto3.session.Session().client(
+            "s3", config=Config(signature_version="s3v4")
+        )
 
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full_key(key)}"
@@ -91,16 +136,28 @@ class S3Store:
         content_type: str,
         metadata: Mapping[str, str],
     ) -> StoredObject:
+        return await self._put(key, chunks, content_type, metadata, create_only=True)
+
+    async def _put(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        content_type: str,
+        metadata: Mapping[str, str],
+        *,
+        create_only: bool,
+    ) -> StoredObject:
         full_key = self._full_key(key)
         check_metadata(metadata)
-        hasher = hashlib.sha256()
-        async with contextlib.aclosing(_parts(chunks, self.part_size, hasher)) as parts:
+        digests = _Digests()
+        condition: dict[str, str] = {"IfNoneMatch": "*"} if create_only else {}
+        async with contextlib.aclosing(_parts(chunks, self.part_size, digests)) as parts:
             first = await anext(parts, None)
             if first is None or len(first) < self.part_size:
                 # The stream ended before one part filled up: a single PUT, whose SHA-256 checksum
                 # S3 verifies and keeps as the object's full-object checksum.
                 body = first or b""
-                digest = hasher.digest()
+                digest = digests.sha256.digest()
                 try:
                     await self._call_through(
                         self._client.put_object,
@@ -111,10 +168,11 @@ class S3Store:
                         Metadata={**metadata, SHA256_KEY: digest.hex()},
                         ChecksumAlgorithm="SHA256",
                         ChecksumSHA256=_b64(digest),
+                        **condition,  # type: ignore[arg-type]
                     )
-                except asyncio.CancelledError:
-                    # _call_through let the PUT finish: the object may exist now.
-                    await self._delete_quietly(full_key)
+                except StoreError as exc:
+                    if _error_code(exc.__cause__) in _TAKEN_CODES:
+                        raise ObjectExists(key, digest.hex(), await self.head(key)) from exc
                     raise
                 size = len(body)
             else:
@@ -122,31 +180,86 @@ class S3Store:
                 # part alive for the whole upload, one part over the memory bound.
                 handover = [first]
                 del first
+                await self._abort_earlier_uploads(full_key)
                 upload_id, completed, size = await self._upload_parts(
                     full_key, handover, parts, content_type, metadata
                 )
-                digest = hasher.digest()
-                is_object = False
-                try:
-                    await self._call_through(
-                        self._client.complete_multipart_upload,
-                        Bucket=self.bucket,
-                        Key=full_key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": completed},
-                    )
-                    is_object = True
-                    await self._record_sha256(full_key, size, content_type, metadata, digest.hex())
-                except BaseException as exc:
-                    # A refused completion leaves the upload (and any older object at the key);
-                    # after a cancellation we cannot tell which happened, so clean up both.
-                    if not is_object:
-                        with anyio.CancelScope(shield=True):
-                            await self._abort(full_key, upload_id, [])
-                    if is_object or isinstance(exc, asyncio.CancelledError):
-                        await self._delete_quietly(full_key)
-                    raise
+                digest = digests.sha256.digest()
+                await self._complete(key, full_key, upload_id, completed, digests, condition)
         return StoredObject(key, self.uri_for(key), size, digest.hex(), content_type)
+
+    async def _complete(
+        self,
+        key: str,
+        full_key: str,
+        upload_id: str,
+        completed: list[CompletedPartTypeDef],
+        digests: _Digests,
+        condition: dict[str, str],
+    ) -> None:
+        """Complete the upload (the server checks the whole object's CRC32), then tag it.
+
+        Both steps run to their end even if the put is cancelled meanwhile: a completed object
+        without its tag would look foreign. A refused or interrupted completion aborts this
+        upload, and only it: whatever is at the key stays.
+        """
+        sha256 = digests.sha256.hexdigest()
+        try:
+            await run_to_end(
+                self._complete_and_tag(full_key, upload_id, completed, digests, condition)
+            )
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._abort(full_key, upload_id, [])  # NoSuchUpload if it completed
+                if isinstance(exc, StoreError) and _error_code(exc.__cause__) in _TAKEN_CODES:
+                    raise ObjectExists(key, sha256, await self.head(key)) from exc
+            raise
+
+    async def _complete_and_tag(
+        self,
+        full_key: str,
+        upload_id: str,
+        completed: list[CompletedPartTypeDef],
+        digests: _Digests,
+        condition: dict[str, str],
+    ) -> None:
+        await self._call(
+            self._client.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key=full_key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": completed},
+            ChecksumCRC32=_b64(digests.crc32.to_bytes(4, "big")),
+            ChecksumType="FULL_OBJECT",
+            **condition,  # type: ignore[arg-type]
+        )
+        await self._tag_sha256(full_key, digests.sha256.hexdigest())
+
+    async def _tag_sha256(self, full_key: str, sha256: str) -> None:
+        """Record the full-object SHA-256 of a just-completed multipart object as a tag."""
+        try:
+            await self._call(
+                self._client.put_object_tagging,
+                Bucket=self.bucket,
+                Key=full_key,
+                Tagging={"TagSet": [{"Key": SHA256_KEY, "Value": sha256}]},
+            )
+        except StoreError as exc:
+            raise _tags_refused(self.bucket, "PutObjectTagging", exc) from exc
+
+    async def _abort_earlier_uploads(self, full_key: str) -> None:
+        """Abort incomplete uploads for exactly ``full_key`` that earlier attempts left behind."""
+        for upload in await self._call(self._list_uploads, full_key):
+            if upload["Key"] == full_key:
+                await self._abort(full_key, upload["UploadId"], [])
+
+    def _list_uploads(self, prefix: str) -> list[MultipartUploadTypeDef]:
+        """Every incomplete multipart upload under ``prefix`` (all pages; blocking)."""
+        found: list[MultipartUploadTypeDef] = []
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            found.extend(page.get("Uploads", []))
+        return found
 
     async def _upload_parts(
         self,
@@ -169,7 +282,8 @@ class S3Store:
             Key=full_key,
             ContentType=content_type,
             Metadata=dict(metadata),
-            ChecksumAlgorithm="SHA256",
+            ChecksumAlgorithm="CRC32",
+            ChecksumType="FULL_OBJECT",
         )
         upload_id = created["UploadId"]
         tasks: list[asyncio.Task[CompletedPartTypeDef]] = []
@@ -220,18 +334,18 @@ class S3Store:
 
         def upload() -> CompletedPartTypeDef:
             body = handover.pop()
-            # Hashed in the worker thread: hashlib releases the GIL, the event loop stays free.
-            checksum = _b64(hashlib.sha256(body).digest())
+            # Computed in the worker thread: zlib releases the GIL, the event loop stays free.
+            checksum = _b64(zlib.crc32(body).to_bytes(4, "big"))
             response = self._client.upload_part(
                 Bucket=self.bucket,
                 Key=full_key,
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=body,  # type: ignore[arg-type]  # botocore accepts bytearray; saves a copy
-                ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=checksum,
+                ChecksumAlgorithm="CRC32",
+                ChecksumCRC32=checksum,
             )
-            return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
+            return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
 
         return await self._call(upload)
 
@@ -249,51 +363,9 @@ class S3Store:
         except StoreError as exc:
             if _error_code(exc.__cause__) == "NoSuchUpload":
                 return  # it completed after all, or was aborted already
-            # The original failure matters more; a bucket lifecycle rule
-            # (AbortIncompleteMultipartUpload) is the backstop for uploads left behind here.
+            # The original failure matters more; `receiver verify --repair` (and a bucket
+            # lifecycle rule on AWS) finds uploads left behind here.
             log.warning("could not abort multipart upload of s3://%s/%s", self.bucket, full_key)
-
-    async def _delete_quietly(self, full_key: str) -> None:
-        """Best-effort removal of an object a failed put may have left behind."""
-        with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
-            await self._call(self._client.delete_object, Bucket=self.bucket, Key=full_key)
-
-    async def _record_sha256(
-        self,
-        full_key: str,
-        size: int,
-        content_type: str,
-        metadata: Mapping[str, str],
-        sha256: str,
-    ) -> None:
-        """Attach the full-object SHA-256 to a just-completed multipart object.
-
-        It is known only after the last part, but S3 metadata is fixed at
-        create_multipart_upload and immutable afterwards. An in-place CopyObject with
-        MetadataDirective=REPLACE rewrites the metadata, and with ChecksumAlgorithm=SHA256 S3
-        recomputes the copy's checksum over the whole object, so the object's own S3 checksum
-        becomes the full-object SHA-256 instead of the composite per-part one (``<base64>-N``).
-        CopyObject stops at 5 GiB; larger objects get the digest as an object tag instead, the one
-        thing S3 lets us change after upload.
-        """
-        if size <= MAX_COPY_SIZE:
-            await self._call_through(
-                self._client.copy_object,
-                Bucket=self.bucket,
-                Key=full_key,
-                CopySource={"Bucket": self.bucket, "Key": full_key},
-                MetadataDirective="REPLACE",
-                Metadata={**metadata, SHA256_KEY: sha256},
-                ContentType=content_type,
-                ChecksumAlgorithm="SHA256",
-            )
-        else:
-            await self._call_through(
-                self._client.put_object_tagging,
-                Bucket=self.bucket,
-                Key=full_key,
-                Tagging={"TagSet": [{"Key": SHA256_KEY, "Value": sha256}]},
-            )
 
     async def put_bytes(
         self,
@@ -303,9 +375,7 @@ class S3Store:
         content_type: str,
         metadata: Mapping[str, str] = NO_METADATA,
     ) -> StoredObject:
-        return await self.put_stream(
-            key, single_chunk(data), content_type=content_type, metadata=metadata
-        )
+        return await self._put(key, single_chunk(data), content_type, metadata, create_only=False)
 
     async def head(self, key: str) -> ObjectInfo | None:
         full_key = self._full_key(key)
@@ -315,13 +385,20 @@ class S3Store:
             return None
         metadata = dict(response.get("Metadata", {}))
         sha256 = metadata.get(SHA256_KEY)
+        source = "metadata" if sha256 is not None else None
         if sha256 is None:
-            # Objects over MAX_COPY_SIZE carry the digest as a tag (see _record_sha256).
-            tagging = await self._call(
-                self._client.get_object_tagging, Bucket=self.bucket, Key=full_key
-            )
+            # Multipart objects carry the digest as a tag (see the module docstring).
+            try:
+                tagging = await self._call(
+                    self._client.get_object_tagging, Bucket=self.bucket, Key=full_key
+                )
+            except ObjectMissing:
+                return None  # deleted between the two requests
+            except StoreError as exc:
+                raise _tags_refused(self.bucket, "GetObjectTagging", exc) from exc
             tags = {tag["Key"]: tag["Value"] for tag in tagging["TagSet"]}
             sha256 = tags.get(SHA256_KEY)
+            source = "tag" if sha256 is not None else None
         return ObjectInfo(
             key=key,
             uri=self.uri_for(key),
@@ -329,6 +406,7 @@ class S3Store:
             content_type=response.get("ContentType"),
             sha256=sha256,
             metadata=metadata,
+            sha256_source=source,
         )
 
     async def read(self, key: str) -> AsyncIterator[bytes]:
@@ -362,6 +440,31 @@ class S3Store:
             for item in page.get("Contents", []):
                 yield item["Key"][len(root) :]
 
+    async def incomplete_uploads(
+        self, prefix: str, initiated_before: datetime
+    ) -> AsyncIterator[IncompleteUpload]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        for upload in await self._call(self._list_uploads, root + prefix):
+            if upload["Initiated"] < initiated_before:
+                yield IncompleteUpload(
+                    key=upload["Key"][len(root) :],
+                    upload_id=upload["UploadId"],
+                    initiated=upload["Initiated"].astimezone(UTC),
+                )
+
+    async def abort_upload(self, upload: IncompleteUpload) -> None:
+        full_key = self._full_key(upload.key)
+        try:
+            await self._call(
+                self._client.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=full_key,
+                UploadId=upload.upload_id,
+            )
+        except StoreError as exc:
+            if _error_code(exc.__cause__) != "NoSuchUpload":
+                raise
+
     async def ping(self) -> None:
         try:
             await self._call(self._client.head_bucket, Bucket=self.bucket)
@@ -391,17 +494,40 @@ class S3Store:
             raise StoreError(f"s3://{self.bucket}: {exc}") from exc
 
 
+def _tags_refused(bucket: str, operation: str, exc: StoreError) -> StoreError:
+    """The error for a store that does not keep object tags, which multipart SHA-256s live in."""
+    code = _error_code(exc.__cause__)
+    if code in _UNSUPPORTED_CODES:
+        return StoreError(
+            f"s3://{bucket}: the store refuses object tags ({operation}: {code}); receiver records "
+            "the SHA-256 of multipart objects in a tag, so this store cannot hold them verifiably"
+        )
+    return exc
+
+
 def _error_code(exc: BaseException | None) -> str:
     """S3's error code if ``exc`` is a ``ClientError``, else ""."""
     return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
 
 
+class _Digests:
+    """The SHA-256 and CRC32 of a stream, updated chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.crc32 = 0
+
+    def update(self, chunk: bytes) -> None:
+        self.sha256.update(chunk)
+        self.crc32 = zlib.crc32(chunk, self.crc32)
+
+
 async def _parts(
-    chunks: AsyncIterable[bytes], part_size: int, hasher: hashlib._Hash
+    chunks: AsyncIterable[bytes], part_size: int, digests: _Digests
 ) -> AsyncGenerator[bytearray, None]:
     """Regroup ``chunks`` into parts of exactly ``part_size`` bytes (the last may be shorter).
 
-    Every chunk goes into ``hasher`` as it arrives. A short part is only ever yielded at the end
+    Every chunk goes into ``digests`` as it arrives. A short part is only ever yielded at the end
     of the stream, which is how the caller knows a single PUT will do. Nothing is yielded for an
     empty stream.
     """
@@ -412,7 +538,7 @@ async def _parts(
     buffer = bytearray()
     filled = 0
     async for chunk in chunks:
-        hasher.update(chunk)
+        digests.update(chunk)
         view = memoryview(chunk)
         while view:
             take = min(part_size - filled, len(view))
