@@ -123,16 +123,18 @@ def moto_bucket(moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 # --- SeaweedFS -------------------------------------------------------------------------------
 
-#: The credentials the test server accepts (boto3 signs with them, as with moto).
-SEAWEEDFS_IDENTITY = {
-    "identities": [
-        {
-            "name": "tests",
-            "credentials": [{"accessKey": "testing", "secretKey": "testing"}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }
-    ]
-}
+
+def seaweedfs_identity(access_key: str, secret_key: str) -> dict[str, Any]:
+    """The S3 configuration of the one identity the server accepts (boto3 signs as it)."""
+    return {
+        "identities": [
+            {
+                "name": "receiver",
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
 
 
 def weed_binary() -> str:
@@ -161,8 +163,10 @@ def _free_port_pair() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def seaweedfs_server(data_dir: Path) -> Iterator[str]:
-    """Run `weed mini` on 127.0.0.1 only, in `data_dir`; yield its S3 endpoint URL.
+def seaweedfs_server(
+    data_dir: Path, credentials: tuple[str, str] = ("testing", "testing")
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `weed mini` on 127.0.0.1 only, in `data_dir`; yield its S3 endpoint URL and process.
 
     Every component gets free ports (HTTP and gRPC), telemetry is off (it is on by default and
     these machines reach no network), and the volume limits are raised: every bucket is a
@@ -170,7 +174,7 @@ def seaweedfs_server(data_dir: Path) -> Iterator[str]:
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
-    config.write_text(json.dumps(SEAWEEDFS_IDENTITY))
+    config.write_text(json.dumps(seaweedfs_identity(*credentials)))
     ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
     args = [
         weed_binary(),
@@ -193,20 +197,20 @@ def seaweedfs_server(data_dir: Path) -> Iterator[str]:
     with open(data_dir / "weed.log", "ab") as log:
         child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
     try:
-        _wait_until_s3_answers(endpoint, child)
-        yield endpoint
+        _wait_until_s3_answers(endpoint, child, credentials)
+        yield endpoint, child
     finally:
         stop_child(child, grace=10)
 
 
 def _wait_until_s3_answers(
-    endpoint: str, child: subprocess.Popen[bytes], timeout: float = 60
+    endpoint: str, child: subprocess.Popen[bytes], credentials: tuple[str, str], timeout: float = 60
 ) -> None:
     client = boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+        aws_access_key_id=credentials[0],
+        aws_secret_access_key=credentials[1],
         region_name="us-east-1",
     )
     deadline = time.monotonic() + timeout
@@ -223,7 +227,7 @@ def _wait_until_s3_answers(
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The S3 endpoint URL of a SeaweedFS server for the whole session."""
-    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as (endpoint, _):
         yield endpoint
 
 
