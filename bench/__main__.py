@@ -1,6 +1,7 @@
 """`make bench`: run every benchmark and print one table (ratios against same-run baselines).
 
-Knobs (environment): ``BENCH_ONLY`` (comma-separated subset of ingest, large, many, deadlines),
+Knobs (environment): ``BENCH_ONLY`` (comma-separated subset of ingest, large, many, deadlines,
+threshold),
 ``BENCH_SIZES_MIB`` (256,1024), ``BENCH_ROUNDS`` (3, archive-large rounds per size),
 ``BENCH_INGEST_SECONDS`` (10), ``BENCH_CONNECTIONS`` (32), ``BENCH_MANY_COUNT`` (1000),
 ``BENCH_S3`` (seaweedfs,moto: the S3 servers of the archive benchmarks),
@@ -14,10 +15,10 @@ import os
 import shutil
 import time
 
-from bench import archive_large, archive_many, deadlines, ingest
+from bench import archive_large, archive_many, deadlines, ingest, put_threshold
 from bench._common import machine, s3_servers
 
-ALL = ("ingest", "large", "many", "deadlines")
+ALL = ("ingest", "large", "many", "deadlines", "threshold")
 
 
 def ratio(ours: float, baseline: float) -> str:
@@ -137,6 +138,20 @@ def many_rows() -> None:
         )
 
 
+def threshold_rows() -> None:
+    for server in s3_servers():
+        for r in put_threshold.run(server):
+            row(
+                f"put {r.size_mib} MiB → {r.server} S3: 8 MiB parts vs one PUT (single-PUT "
+                "threshold)",
+                f"{r.multipart_s * 1000:.0f} ms multipart",
+                f"{r.single_put_s * 1000:.0f} ms one PUT, whole object in memory",
+                ratio(r.multipart_s, r.single_put_s),
+                "(decision)",
+                "—",
+            )
+
+
 def deadline_rows() -> None:
     r = deadlines.run()
     row(
@@ -166,6 +181,7 @@ def main() -> None:
         "large": large_rows,
         "many": many_rows,
         "deadlines": deadline_rows,
+        "threshold": threshold_rows,
     }
     for name in only:
         runners[name]()

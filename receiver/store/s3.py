@@ -27,13 +27,15 @@ s3transfer buffers about (10 + 5) parts, whereas here memory is bounded by
   ``BadDigest``), honours ``If-None-Match: *`` on both PutObject and CompleteMultipartUpload
   (``PreconditionFailed``) and keeps tags. moto 5 records and echoes checksums without verifying
   any, and honours ``If-None-Match`` on PutObject.
-* **Single-PUT threshold**: one part (``part_size``, 8 MiB by default). A larger threshold would
-  need a streamed PUT with a trailing checksum (aws-chunked), whose length must still be known up
-  front, which a download of unknown length does not give without buffering it whole. Measured on
-  SeaweedFS (``make bench``, 1,000 x 1 MiB objects, all single PUTs, and 256 MiB in 8 MiB parts):
-  a multipart upload costs two extra requests (create, complete) plus the tag, about the time of
-  one 1 MiB PUT; for objects over 8 MiB that is under 2% of the transfer. Not worth a second
-  upload path with its own memory bound: the threshold stays at one part.
+* **Single-PUT threshold**: one part (``part_size``, 8 MiB by default), decided by measuring
+  (``BENCH_ONLY=threshold make bench``: ``put_stream`` with 8 MiB parts against one PUT of the
+  whole object, the best case a larger threshold could give). On SeaweedFS, the server that
+  verifies: 9 MiB 0.85x, 16 MiB 1.20x, 32 MiB 1.02x, 64 MiB 0.68x (multipart / one PUT, medians
+  of 5): no consistent gain, and from a few parts on the parallel parts win. On moto (one Python
+  process, not a production target) one PUT is 1.4-1.7x faster. A larger single PUT would also
+  need the whole object in memory (or an aws-chunked PUT with a trailing checksum, which still
+  needs the length up front, unknown for a download without Content-Length), breaking the memory
+  bound. So there is one upload path beyond one part: multipart.
 
 **Never replace, never delete another attempt's copy**: PutObject and CompleteMultipartUpload are
 sent with ``If-None-Match: *``; a taken key raises ``ObjectExists``. Cleanup after a failure or a
