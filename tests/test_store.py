@@ -512,6 +512,37 @@ async def test_s3_server_refuses_bytes_that_do_not_match_their_checksum(
 
 
 @pytest.mark.anyio
+async def test_s3_store_without_full_object_crc32_gets_per_part_sha256(
+    s3_backend: Backend, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on R2 (FULL_OBJECT only for CRC64NVME): parts carry SHA-256, still verified."""
+    real_create = s3_store._client.create_multipart_upload
+    refused = []
+
+    def no_full_object(**kwargs: Any) -> Any:
+        if kwargs.get("ChecksumType") == "FULL_OBJECT":
+            refused.append(kwargs["Key"])
+            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "no"}}, "Create")
+        return real_create(**kwargs)
+
+    monkeypatch.setattr(s3_store._client, "create_multipart_upload", no_full_object)
+    data = payload(11 * MiB)
+    await s3_store.put_stream(KEY, chunked(data), content_type="x/y", metadata={})
+    await s3_store.put_stream("second", chunked(data), content_type="x/y", metadata={})
+    assert refused == [f"archive/{KEY}"]  # asked once, remembered
+    head = admin_client().head_object(
+        Bucket=s3_store.bucket, Key=f"archive/{KEY}", ChecksumMode="ENABLED"
+    )
+    assert head["ChecksumType"] == "COMPOSITE" and head["ChecksumSHA256"].endswith("-3")
+    info = await s3_store.head(KEY)
+    assert info is not None and (info.sha256, info.sha256_source) == (sha(data), "tag")
+    corrupt(s3_store, monkeypatch, "upload_part")
+    with pytest.raises(StoreError, match="BadDigest"):
+        await s3_store.put_stream("third", chunked(data), content_type="x/y", metadata={})
+    assert sorted(s3_backend.leftovers()) == [f"archive/{KEY}", "archive/second"]
+
+
+@pytest.mark.anyio
 async def test_s3_retried_put_aborts_earlier_uploads_for_its_key(
     s3_backend: Backend, s3_store: S3Store
 ) -> None:

@@ -18,7 +18,9 @@ s3transfer buffers about (10 + 5) parts, whereas here memory is bounded by
   own CRC32, and CompleteMultipartUpload carries the CRC32 of the whole object, so the server
   checks each part as it arrives and the assembled object as a whole. S3 has no full-object SHA-256
   for multipart uploads (SHA-256 there is only ``COMPOSITE``, a hash of the parts' hashes), and
-  CRC64NVME/CRC32C need ``botocore[crt]``; CRC32 comes with the standard library. The object's
+  CRC64NVME/CRC32C need ``botocore[crt]``; CRC32 comes with the standard library. A store that
+  refuses FULL_OBJECT CRC32 (R2 offers FULL_OBJECT only for CRC64NVME) gets per-part SHA-256
+  instead, with a warning: each part is still verified, the assembly is not. The object's
   full SHA-256 is known only after the last part, when its metadata is already fixed, so it goes
   into an object **tag** ``sha256`` right after completion. A store that refuses tags fails the put
   with an error that says so (the object stays: it is complete and verified).
@@ -78,7 +80,11 @@ from receiver.store import (
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, MultipartUploadTypeDef
+    from mypy_boto3_s3.type_defs import (
+        CompletedPartTypeDef,
+        CreateMultipartUploadOutputTypeDef,
+        MultipartUploadTypeDef,
+    )
 
 _T = TypeVar("_T")
 
@@ -120,6 +126,8 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.part_size = part_size
         self.parts_in_flight = parts_in_flight
+        # FULL_OBJECT CRC32 multipart uploads until the store refuses one (_create_upload).
+        self._full_object = True
         # A session of our own: boto3's default session is shared module state and not thread-safe
         # to create clients from. The client itself is thread-safe. SigV4 explicitly: for S3 with
         # a custom endpoint botocore would otherwise presign links with SigV2.
@@ -183,11 +191,15 @@ class S3Store:
                 handover = [first]
                 del first
                 await self._abort_earlier_uploads(full_key)
-                upload_id, completed, size = await self._upload_parts(
+                upload_id, completed, size, full_object = await self._upload_parts(
                     full_key, handover, parts, content_type, metadata
                 )
                 digest = digests.sha256.digest()
-                await self._complete(key, full_key, upload_id, completed, digests, condition)
+                extra = dict(condition)
+                if full_object:  # the server checks the whole object's CRC32 on completion
+                    extra["ChecksumCRC32"] = _b64(digests.crc32.to_bytes(4, "big"))
+                    extra["ChecksumType"] = "FULL_OBJECT"
+                await self._complete(key, full_key, upload_id, completed, digests, extra)
         return StoredObject(key, self.uri_for(key), size, digest.hex(), content_type)
 
     async def _complete(
@@ -231,8 +243,6 @@ class S3Store:
             Key=full_key,
             UploadId=upload_id,
             MultipartUpload={"Parts": completed},
-            ChecksumCRC32=_b64(digests.crc32.to_bytes(4, "big")),
-            ChecksumType="FULL_OBJECT",
             **condition,  # type: ignore[arg-type]
         )
         await self._tag_sha256(full_key, digests.sha256.hexdigest())
@@ -270,23 +280,16 @@ class S3Store:
         parts: AsyncIterator[bytearray],
         content_type: str,
         metadata: Mapping[str, str],
-    ) -> tuple[str, list[CompletedPartTypeDef], int]:
+    ) -> tuple[str, list[CompletedPartTypeDef], int, bool]:
         """Start a multipart upload and upload the part in ``handover`` and the rest of ``parts``.
 
-        Returns the upload id, the completed parts and the total size. At most
-        ``parts_in_flight`` parts upload concurrently while the next one is read. On any failure
-        the upload is aborted once every started part has finished, since a part still in flight
-        during the abort could otherwise survive it and keep costing storage.
+        Returns the upload id, the completed parts, the total size and whether the upload is of
+        type FULL_OBJECT (CRC32). At most ``parts_in_flight`` parts upload concurrently while
+        the next one is read. On any failure the upload is aborted once every started part has
+        finished, since a part still in flight during the abort could otherwise survive it and
+        keep costing storage.
         """
-        created = await self._call(
-            self._client.create_multipart_upload,
-            Bucket=self.bucket,
-            Key=full_key,
-            ContentType=content_type,
-            Metadata=dict(metadata),
-            ChecksumAlgorithm="CRC32",
-            ChecksumType="FULL_OBJECT",
-        )
+        created, full_object = await self._create_upload(full_key, content_type, metadata)
         upload_id = created["UploadId"]
         tasks: list[asyncio.Task[CompletedPartTypeDef]] = []
         try:
@@ -307,7 +310,9 @@ class S3Store:
                     for task in done:
                         task.result()  # raise the first part failure, if any
                 size += len(part)
-                task = asyncio.create_task(self._upload_part(full_key, upload_id, number, part))
+                task = asyncio.create_task(
+                    self._upload_part(full_key, upload_id, number, part, full_object)
+                )
                 tasks.append(task)
                 in_flight.add(task)
                 # Drop our reference before reading the next part, so a part whose upload
@@ -323,10 +328,46 @@ class S3Store:
             with anyio.CancelScope(shield=True):
                 await self._abort(full_key, upload_id, tasks)
             raise
-        return upload_id, completed, size
+        return upload_id, completed, size, full_object
+
+    async def _create_upload(
+        self, full_key: str, content_type: str, metadata: Mapping[str, str]
+    ) -> tuple[CreateMultipartUploadOutputTypeDef, bool]:
+        """CreateMultipartUpload, FULL_OBJECT CRC32 where the store offers it, else per-part
+        SHA-256 (COMPOSITE): Cloudflare R2, for one, has FULL_OBJECT only for CRC64NVME, which
+        botocore computes only with the optional CRT. The store's answer is remembered."""
+        common: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": full_key,
+            "ContentType": content_type,
+            "Metadata": dict(metadata),
+        }
+        if self._full_object:
+            try:
+                created = await self._call(
+                    self._client.create_multipart_upload,
+                    **common,
+                    ChecksumAlgorithm="CRC32",
+                    ChecksumType="FULL_OBJECT",
+                )
+                return created, True
+            except StoreError as exc:
+                if _error_code(exc.__cause__) not in _UNSUPPORTED_CODES | {"InvalidArgument"}:
+                    raise
+                self._full_object = False
+                log.warning(
+                    "s3://%s refuses FULL_OBJECT CRC32 multipart uploads (%s): parts carry "
+                    "SHA-256 instead, and the whole object has no server-side checksum",
+                    self.bucket,
+                    _error_code(exc.__cause__),
+                )
+        created = await self._call(
+            self._client.create_multipart_upload, **common, ChecksumAlgorithm="SHA256"
+        )
+        return created, False
 
     async def _upload_part(
-        self, full_key: str, upload_id: str, number: int, data: bytearray
+        self, full_key: str, upload_id: str, number: int, data: bytearray, full_object: bool
     ) -> CompletedPartTypeDef:
         # The worker thread takes the part out of this list and so holds the only reference: the
         # executor keeps the callable alive for a moment after the result is delivered, and by
@@ -336,18 +377,25 @@ class S3Store:
 
         def upload() -> CompletedPartTypeDef:
             body = handover.pop()
-            # Computed in the worker thread: zlib releases the GIL, the event loop stays free.
-            checksum = _b64(zlib.crc32(body).to_bytes(4, "big"))
+            # Computed in the worker thread: zlib and hashlib release the GIL.
+            if full_object:
+                name, algorithm = "ChecksumCRC32", "CRC32"
+                checksum = _b64(zlib.crc32(body).to_bytes(4, "big"))
+            else:
+                name, algorithm = "ChecksumSHA256", "SHA256"
+                checksum = _b64(hashlib.sha256(body).digest())
             response = self._client.upload_part(
                 Bucket=self.bucket,
                 Key=full_key,
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=body,  # type: ignore[arg-type]  # botocore accepts bytearray; saves a copy
-                ChecksumAlgorithm="CRC32",
-                ChecksumCRC32=checksum,
+                ChecksumAlgorithm=algorithm,  # type: ignore[arg-type]
+                **{name: checksum},  # type: ignore[arg-type]
             )
-            return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
+            completed: CompletedPartTypeDef = {"PartNumber": number, "ETag": response["ETag"]}
+            completed[name] = checksum  # type: ignore[literal-required]
+            return completed
 
         return await self._call(upload)
 
