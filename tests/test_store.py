@@ -543,6 +543,24 @@ async def test_s3_store_without_full_object_crc32_gets_per_part_sha256(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("size", [1000, 11 * MiB], ids=["single-put", "multipart"])
+async def test_s3_object_exists_even_when_it_cannot_be_read_back(
+    s3_backend: Backend, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    await s3_store.put_bytes(KEY, b"first", content_type="x/y")
+
+    def refused(**kwargs: Any) -> Any:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "HeadObject")
+
+    monkeypatch.setattr(s3_store._client, "head_object", refused)
+    data = payload(size)
+    with pytest.raises(ObjectExists) as raised:
+        await s3_store.put_stream(KEY, chunked(data), content_type="x/y", metadata={})
+    assert (raised.value.sha256, raised.value.existing) == (sha(data), None)
+    assert s3_backend.leftovers() == [f"archive/{KEY}"]  # no upload left either
+
+
+@pytest.mark.anyio
 async def test_s3_retried_put_aborts_earlier_uploads_for_its_key(
     s3_backend: Backend, s3_store: S3Store
 ) -> None:

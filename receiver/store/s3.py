@@ -182,7 +182,7 @@ class S3Store:
                     )
                 except StoreError as exc:
                     if _error_code(exc.__cause__) in _TAKEN_CODES:
-                        raise ObjectExists(key, digest.hex(), await self.head(key)) from exc
+                        raise ObjectExists(key, digest.hex(), await self._existing(key)) from exc
                     raise
                 size = len(body)
             else:
@@ -226,8 +226,16 @@ class S3Store:
             with anyio.CancelScope(shield=True):
                 await self._abort(full_key, upload_id, [])  # NoSuchUpload if it completed
                 if isinstance(exc, StoreError) and _error_code(exc.__cause__) in _TAKEN_CODES:
-                    raise ObjectExists(key, sha256, await self.head(key)) from exc
+                    raise ObjectExists(key, sha256, await self._existing(key)) from exc
             raise
+
+    async def _existing(self, key: str) -> ObjectInfo | None:
+        """What holds ``key`` after a conditional write lost, or None if it cannot be read."""
+        try:
+            return await self.head(key)
+        except StoreError:
+            log.warning("could not read back s3://%s/%s", self.bucket, self._full_key(key))
+            return None
 
     async def _complete_and_tag(
         self,
