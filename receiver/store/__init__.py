@@ -260,7 +260,9 @@ async def run_to_end(step: Coroutine[Any, Any, _T]) -> _T:
     For adapters, around the step that makes an object visible (S3 PutObject or
     CompleteMultipartUpload, the local rename): cancelling an await does not stop the work already
     running in a worker thread, so without this the object could appear after the put had
-    reported failure. Waiting lets the adapter's cleanup see, and undo, the step's outcome.
+    reported failure. Waiting lets the adapter know the step's outcome before it cleans up: a
+    completed step's object is complete and stays (it is never deleted), a refused one's upload
+    is aborted.
     """
     task = asyncio.ensure_future(step)
     try:

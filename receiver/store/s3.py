@@ -49,12 +49,10 @@ starts a multipart upload, a put aborts the incomplete uploads earlier attempts 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import logging
-import zlib
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -77,6 +75,7 @@ from receiver.store import (
     run_to_end,
     single_chunk,
 )
+from receiver.store.s3parts import Digests, b64, crc32_b64, split_parts
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -159,9 +158,9 @@ class S3Store:
     ) -> StoredObject:
         full_key = self._full_key(key)
         check_metadata(metadata)
-        digests = _Digests()
+        digests = Digests()
         condition: dict[str, str] = {"IfNoneMatch": "*"} if create_only else {}
-        async with contextlib.aclosing(_parts(chunks, self.part_size, digests)) as parts:
+        async with contextlib.aclosing(split_parts(chunks, self.part_size, digests)) as parts:
             first = await anext(parts, None)
             if first is None or len(first) < self.part_size:
                 # The stream ended before one part filled up: a single PUT, whose SHA-256 checksum
@@ -177,7 +176,7 @@ class S3Store:
                         ContentType=content_type,
                         Metadata={**metadata, SHA256_KEY: digest.hex()},
                         ChecksumAlgorithm="SHA256",
-                        ChecksumSHA256=_b64(digest),
+                        ChecksumSHA256=b64(digest),
                         **condition,  # type: ignore[arg-type]
                     )
                 except StoreError as exc:
@@ -197,7 +196,7 @@ class S3Store:
                 digest = digests.sha256.digest()
                 extra = dict(condition)
                 if full_object:  # the server checks the whole object's CRC32 on completion
-                    extra["ChecksumCRC32"] = _b64(digests.crc32.to_bytes(4, "big"))
+                    extra["ChecksumCRC32"] = b64(digests.crc32.to_bytes(4, "big"))
                     extra["ChecksumType"] = "FULL_OBJECT"
                 await self._complete(key, full_key, upload_id, completed, digests, extra)
         return StoredObject(key, self.uri_for(key), size, digest.hex(), content_type)
@@ -208,7 +207,7 @@ class S3Store:
         full_key: str,
         upload_id: str,
         completed: list[CompletedPartTypeDef],
-        digests: _Digests,
+        digests: Digests,
         condition: dict[str, str],
     ) -> None:
         """Complete the upload (the server checks the whole object's CRC32), then tag it.
@@ -242,7 +241,7 @@ class S3Store:
         full_key: str,
         upload_id: str,
         completed: list[CompletedPartTypeDef],
-        digests: _Digests,
+        digests: Digests,
         condition: dict[str, str],
     ) -> None:
         await self._call(
@@ -388,10 +387,10 @@ class S3Store:
             # Computed in the worker thread: zlib and hashlib release the GIL.
             if full_object:
                 name, algorithm = "ChecksumCRC32", "CRC32"
-                checksum = _b64(zlib.crc32(body).to_bytes(4, "big"))
+                checksum = crc32_b64(body)
             else:
                 name, algorithm = "ChecksumSHA256", "SHA256"
-                checksum = _b64(hashlib.sha256(body).digest())
+                checksum = b64(hashlib.sha256(body).digest())
             response = self._client.upload_part(
                 Bucket=self.bucket,
                 Key=full_key,
@@ -566,51 +565,3 @@ def _tags_refused(bucket: str, operation: str, exc: StoreError) -> StoreError:
 def _error_code(exc: BaseException | None) -> str:
     """S3's error code if ``exc`` is a ``ClientError``, else ""."""
     return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
-
-
-class _Digests:
-    """The SHA-256 and CRC32 of a stream, updated chunk by chunk."""
-
-    def __init__(self) -> None:
-        self.sha256 = hashlib.sha256()
-        self.crc32 = 0
-
-    def update(self, chunk: bytes) -> None:
-        self.sha256.update(chunk)
-        self.crc32 = zlib.crc32(chunk, self.crc32)
-
-
-async def _parts(
-    chunks: AsyncIterable[bytes], part_size: int, digests: _Digests
-) -> AsyncGenerator[bytearray, None]:
-    """Regroup ``chunks`` into parts of exactly ``part_size`` bytes (the last may be shorter).
-
-    Every chunk goes into ``digests`` as it arrives. A short part is only ever yielded at the end
-    of the stream, which is how the caller knows a single PUT will do. Nothing is yielded for an
-    empty stream.
-    """
-    # The first buffer grows with the data, so a small object costs only its size. Once a part
-    # has filled up the stream is known to be big, and later buffers are allocated at exactly
-    # part_size: a growing bytearray over-allocates by up to 1/8, which would add up over the
-    # parts in flight.
-    buffer = bytearray()
-    filled = 0
-    async for chunk in chunks:
-        digests.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            take = min(part_size - filled, len(view))
-            buffer[filled : filled + take] = view[:take]
-            filled += take
-            view = view[take:]
-            if filled == part_size:
-                yield buffer
-                buffer = bytearray(part_size)
-                filled = 0
-    if filled:
-        del buffer[filled:]
-        yield buffer
-
-
-def _b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode("ascii")
