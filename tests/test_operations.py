@@ -131,6 +131,30 @@ def test_verify_passes_then_catches_corruption_and_deletion(tmp_path: Path, arch
     assert human.exit_code == 1 and "sha256 mismatch" in human.output
 
 
+def test_verify_catches_a_missing_manifest_or_object_record(tmp_path: Path, archive: Path) -> None:
+    day = archive / "apex/2026/03/16"
+    (day / "j0/manifest.json").unlink()
+    (day / "j1/v.mp4.meta.json").unlink()  # the local object's own record
+
+    result = invoke(tmp_path, "verify", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    problems = {(f["job_id"], f["problem"]) for f in report["findings"]}
+    assert problems == {("j0", "manifest missing"), ("j1", "object record missing")}
+    assert report["ok"] == 1
+
+
+def test_reindex_reports_an_archived_object_that_is_gone(tmp_path: Path, archive: Path) -> None:
+    (archive / "apex/2026/03/16/j1/v.mp4").unlink()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"receiver.db{suffix}").unlink(missing_ok=True)
+    result = invoke(tmp_path, "reindex", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert report["restored"] == 3  # the manifest still describes the job
+    assert report["mismatches"] == ["apex/2026/03/16/j1/v.mp4: object missing"]
+
+
 def test_reindex_reproduces_the_audit_answers_from_storage_alone(
     tmp_path: Path, archive: Path
 ) -> None:

@@ -29,6 +29,7 @@ import receiver.store.local as local_module
 from receiver.app import open_store
 from receiver.store import (
     METADATA_LIMIT,
+    IncompleteUpload,
     ObjectExists,
     ObjectMissing,
     Store,
@@ -452,6 +453,40 @@ async def test_local_cancel_during_commit_keeps_the_complete_object(
     ]
     info = await store.head("a/b.png")
     assert info is not None and info.sha256 == sha(b"png")
+
+
+@pytest.mark.anyio
+async def test_local_sidecar_failure_keeps_the_data_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the link the object is claimed: a failed sidecar write never removes it again."""
+    real_write = local_module._write_and_sync
+    calls = 0
+
+    def failing_second_write(out: Any, data: bytes | bytearray) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first flushes the data file, the second writes the sidecar
+            raise OSError(28, "No space left on device")
+        real_write(out, data)
+
+    monkeypatch.setattr(local_module, "_write_and_sync", failing_second_write)
+    store = LocalStore(tmp_path)
+    with pytest.raises(StoreError, match="No space left"):
+        await store.put_stream("a/b.png", chunked(b"png"), content_type="image/png", metadata={})
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["b.png"]
+    info = await store.head("a/b.png")
+    assert info is not None and (info.size, info.sha256, info.sha256_source) == (3, None, None)
+
+
+@pytest.mark.anyio
+async def test_local_abort_upload_refuses_what_is_not_its_temp_file(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    await store.put_bytes("a/b.png", b"png", content_type="image/png")
+    for upload_id in ["b.png", "../a/b.png", ".b.png.meta.json"]:
+        with pytest.raises(ValueError, match="not a temp file"):
+            await store.abort_upload(IncompleteUpload("a/b.png", upload_id, datetime.now(UTC)))
+    assert (tmp_path / "a" / "b.png").read_bytes() == b"png"
 
 
 @pytest.mark.anyio
