@@ -135,13 +135,27 @@ def test_verify_catches_a_missing_manifest_or_object_record(tmp_path: Path, arch
     day = archive / "apex/2026/03/16"
     (day / "j0/manifest.json").unlink()
     (day / "j1/v.mp4.meta.json").unlink()  # the local object's own record
+    (day / "j2/v.mp4.meta.json").write_text("{not json")
 
     result = invoke(tmp_path, "verify", "--json")
     assert result.exit_code == 1
     report = json.loads(result.output)
     problems = {(f["job_id"], f["problem"]) for f in report["findings"]}
-    assert problems == {("j0", "manifest missing"), ("j1", "object record missing")}
-    assert report["ok"] == 1
+    assert problems == {
+        ("j0", "manifest missing"),
+        ("j1", "object record missing"),
+        ("j2", "object record unreadable"),
+    }
+    assert report["ok"] == 0
+
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"receiver.db{suffix}").unlink(missing_ok=True)
+    reindexed = json.loads(invoke(tmp_path, "reindex", "--json").output)
+    assert reindexed["restored"] == 2  # j0's manifest is gone
+    j1, j2 = sorted(reindexed["mismatches"])
+    assert j1.startswith("apex/2026/03/16/j1/v.mp4: manifest says sha256 ")
+    assert j1.endswith(", the object records None")
+    assert j2.startswith("apex/2026/03/16/j2/v.mp4: object record unreadable: ")
 
 
 def test_reindex_reports_an_archived_object_that_is_gone(tmp_path: Path, archive: Path) -> None:

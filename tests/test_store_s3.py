@@ -167,6 +167,20 @@ async def test_s3_store_without_full_object_crc32_gets_per_part_sha256(
 
 
 @pytest.mark.anyio
+async def test_s3_access_denied_is_not_taken_for_a_missing_feature(
+    s3_backend: Backend, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def denied(**kwargs: Any) -> Any:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "Create")
+
+    monkeypatch.setattr(s3_store._client, "create_multipart_upload", denied)
+    with pytest.raises(StoreError, match="AccessDenied"):
+        await s3_store.put_stream(KEY, chunked(payload(11 * MiB)), content_type="x/y", metadata={})
+    assert s3_store._full_object  # still FULL_OBJECT CRC32 once permissions are fixed
+    assert s3_backend.leftovers() == []
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("size", [1000, 11 * MiB], ids=["single-put", "multipart"])
 async def test_s3_object_exists_even_when_it_cannot_be_read_back(
     s3_backend: Backend, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch, size: int

@@ -30,7 +30,8 @@ class Finding:
     n: int
     uri: str | None
     # "missing" | "sha256 mismatch" (ledger vs bytes) | "size mismatch" | "manifest missing" |
-    # "manifest mismatch" | "object record missing" | "object record mismatch"
+    # "manifest mismatch" | "object record missing" | "object record unreadable" |
+    # "object record mismatch"
     problem: str
     expected: str | None = None  # what the record in question says
     actual: str | None = None  # what the bytes say
@@ -123,7 +124,11 @@ async def _check(
         recorded = entry.get("sha256") if entry and entry.get("state") == "archived" else None
         if recorded != actual:
             found.append(finding("manifest mismatch", recorded, actual))
-    info = await store.head(asset.key)
+    try:
+        info = await store.head(asset.key)
+    except StoreError as exc:
+        found.append(finding("object record unreadable", str(exc), actual))
+        return found
     if info is None or info.sha256 is None:
         found.append(finding("object record missing", None, actual))
     elif info.sha256 != actual:

@@ -100,7 +100,11 @@ _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 # What a conditional write (If-None-Match: *) answers when the key is taken. 409
 # ConditionalRequestConflict: a concurrent write to the same key won the race.
 _TAKEN_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
-# What stores answer for an operation they do not implement.
+# What a store answers for a FULL_OBJECT CRC32 multipart upload it does not offer.
+_NO_FULL_OBJECT_CODES = frozenset(
+    {"NotImplemented", "501", "InvalidArgument", "InvalidRequest", "400"}
+)
+# What stores answer for an operation they do not implement (or this identity may not use).
 _UNSUPPORTED_CODES = frozenset(
     {"NotImplemented", "501", "MethodNotAllowed", "405", "InvalidRequest", "AccessDenied"}
 )
@@ -359,7 +363,7 @@ class S3Store:
                 )
                 return created, True
             except StoreError as exc:
-                if _error_code(exc.__cause__) not in _UNSUPPORTED_CODES | {"InvalidArgument"}:
+                if _error_code(exc.__cause__) not in _NO_FULL_OBJECT_CODES:
                     raise
                 self._full_object = False
                 log.warning(
