@@ -190,17 +190,25 @@ def seaweedfs_server(
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         f"-s3.config={config}",
+        f"-filer.localSocket={data_dir / 'filer.sock'}",
+        f"-s3.localSocket={data_dir / 's3.sock'}",
     ]
     for name, (http, grpc) in ports.items():
         args += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
     endpoint = f"http://127.0.0.1:{ports['s3'][0]}"
+    # Its unix sockets (filer, S3, admin) go to the temp folder: this one, not /tmp.
+    env = {**os.environ, "TMPDIR": str(data_dir)}
     with open(data_dir / "weed.log", "ab") as log:
-        child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
+        child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir, env=env)
     try:
         _wait_until_s3_answers(endpoint, child, credentials)
         yield endpoint, child
     finally:
         stop_child(child, grace=10)
+        # Some of its gRPC sockets ignore TMPDIR: remove those of our ports from /tmp.
+        for port in {p for pair in ports.values() for p in pair}:
+            for stale in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                stale.unlink(missing_ok=True)
 
 
 def _wait_until_s3_answers(
