@@ -68,7 +68,7 @@ async def _receiver(url: str, bucket: str, workdir: Path) -> dict[str, Any]:
 
     parts = build_parts(_settings(bucket, workdir))
     assert isinstance(parts.store, S3Store)
-    spent = _time_calls(parts.store._client, ("CompleteMultipartUpload", "CopyObject"))
+    spent = _time_calls(parts.store._client, ("CompleteMultipartUpload", "PutObjectTagging"))
     parts.start(workers=0)
     try:
         event = JobEvent(
@@ -89,7 +89,7 @@ async def _receiver(url: str, bucket: str, workdir: Path) -> dict[str, Any]:
         return {
             "seconds": elapsed,
             "complete_s": spent["CompleteMultipartUpload"],
-            "copy_s": spent["CopyObject"],
+            "tag_s": spent["PutObjectTagging"],
             "sha256": job.assets[0].sha256,
             "key": f"bench/{job.assets[0].key}",
         }

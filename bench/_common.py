@@ -134,11 +134,13 @@ def server_process(argv: list[str], env: dict[str, str], port: int) -> Iterator[
 
 @dataclass
 class S3:
-    """moto's S3 server (a child process) and the environment that points boto3 at it."""
+    """An S3 server (a child process: moto or SeaweedFS) and the environment that points boto3
+    at it."""
 
     endpoint: str
     env: dict[str, str]
     pid: int
+    name: str = "moto"  # "moto" | "seaweedfs"
 
     def cpu_seconds(self) -> float:
         """CPU time the server has used so far (Linux; 0 elsewhere): where its time goes."""
@@ -166,11 +168,57 @@ class S3:
         return name
 
     def empty(self, bucket: str) -> None:
-        """Delete every object (and version): moto keeps them all, in memory or temp files."""
+        """Delete every object (and version): the server keeps them all, in memory or on disk."""
         client = self.client()
         for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
             for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
                 client.delete_object(Bucket=bucket, Key=item["Key"], VersionId=item["VersionId"])
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=item["Key"])
+
+
+def _aws_env(endpoint: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_REGION="us-east-1",
+        AWS_CONFIG_FILE="/nonexistent/aws-config",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
+#: The S3 servers the archive benchmarks run against (``BENCH_S3``, comma-separated).
+S3_SERVERS = ("seaweedfs", "moto")
+
+
+def s3_servers() -> list[str]:
+    names = [n for n in os.environ.get("BENCH_S3", ",".join(S3_SERVERS)).split(",") if n]
+    unknown = set(names) - set(S3_SERVERS)
+    if unknown:
+        raise SystemExit(f"BENCH_S3: unknown server(s) {sorted(unknown)}; known: {S3_SERVERS}")
+    return names
+
+
+@contextlib.contextmanager
+def s3_server(name: str) -> Iterator[S3]:
+    """Start the named S3 server (``moto`` or ``seaweedfs``) for one benchmark."""
+    if name == "moto":
+        with moto_s3() as s3:
+            yield s3
+        return
+    from tests.s3server import seaweedfs_server  # the tests' fixture, as a context manager
+
+    with (
+        tempfile.TemporaryDirectory(prefix="receiver-bench-weed-", dir=WORKDIR) as data,
+        seaweedfs_server(Path(data), ("bench", "bench")) as (endpoint, child),
+    ):
+        yield S3(endpoint, _aws_env(endpoint), child.pid, "seaweedfs")
 
 
 @contextlib.contextmanager
@@ -181,18 +229,7 @@ def moto_s3() -> Iterator[S3]:
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(endpoint)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_REGION="us-east-1",
-            AWS_CONFIG_FILE="/nonexistent/aws-config",
-            AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials",
-            AWS_EC2_METADATA_DISABLED="true",
-        )
-        yield S3(endpoint, env, server.pid)
+        yield S3(endpoint, _aws_env(endpoint), server.pid)
     finally:
         server.terminate()
         server.wait(timeout=10)

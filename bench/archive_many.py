@@ -1,11 +1,12 @@
 """Archive, many: ``BENCH_MANY_COUNT`` (1,000) objects of 1 MiB, callback to archived.
 
 receiver: ``receiver serve`` with its default ``RECEIVER_WORKERS`` (4) archive workers in the
-same process, archiving to moto's S3 server. The clock starts before the first signed callback
-is posted (32 at a time) and stops when the ledger shows every job archived: each output
-fetched from the file source, stored with its SHA-256 (a single PUT at this size), recorded,
-and its manifest written. Baseline: boto3 ``upload_file`` of the same files from disk, in a
-thread pool as wide as receiver's worker count, in a child process of its own.
+same process, archiving to an S3 server (SeaweedFS or moto, ``BENCH_S3``). The clock starts
+before the first signed callback is posted (32 at a time) and stops when the ledger shows
+every job archived: each output fetched from the file source, stored with its SHA-256 (a
+single PUT at this size), recorded, and its manifest written. Baseline: boto3 ``upload_file``
+of the same files from disk, in a thread pool as wide as receiver's worker count, in a child
+process of its own.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from bench._common import (
     MiB,
     file_source,
     free_port,
-    moto_s3,
     run_child,
+    s3_server,
     server_process,
     wait_http,
     workdir,
@@ -47,11 +48,12 @@ TIMEOUT = 900.0
 
 @dataclass
 class ManyResult:
+    server: str
     count: int
     workers: int
     receiver_s: float
     floor_s: float
-    receiver_s3_cpu_s: float  # moto's CPU time during each side's run
+    receiver_s3_cpu_s: float  # the S3 server's CPU time during each side's run
     floor_s3_cpu_s: float
 
 
@@ -123,8 +125,8 @@ def _receiver(s3: S3, files: Path, tmp: Path) -> float:
     return elapsed
 
 
-def run() -> ManyResult:
-    with workdir() as tmp, moto_s3() as s3:
+def run(server: str) -> ManyResult:
+    with workdir() as tmp, s3_server(server) as s3:
         files = tmp / "files"
         files.mkdir()
         for i in range(COUNT):
@@ -137,4 +139,4 @@ def run() -> ManyResult:
         before = s3.cpu_seconds()
         ours = _receiver(s3, files, tmp)
         ours_cpu = s3.cpu_seconds() - before
-    return ManyResult(COUNT, WORKERS, ours, floor.out["seconds"], ours_cpu, floor_cpu)
+    return ManyResult(server, COUNT, WORKERS, ours, floor.out["seconds"], ours_cpu, floor_cpu)

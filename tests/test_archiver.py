@@ -77,7 +77,7 @@ async def test_copy_to_local_store_with_sidecar_and_manifest(
     assert not await archive.parts.archiver.run_once()
 
 
-async def test_copy_to_s3_on_moto_server_with_metadata_and_checksum(
+async def test_copy_to_s3_on_seaweedfs_with_metadata_and_checksum(
     harness_factory: Any, source_server: SourceServer, s3_bucket: str
 ) -> None:
     harness: Harness = await harness_factory(
@@ -99,10 +99,12 @@ async def test_copy_to_s3_on_moto_server_with_metadata_and_checksum(
     assert head["ContentLength"] == size
     assert head["ContentType"] == "video/mp4"
     meta = head["Metadata"]
-    assert meta["sha256"] == sha
     assert (meta["provider"], meta["job-id"], meta["job-type"]) == ("apex", "vid-1", "video")
     assert meta["source-host"] == "127.0.0.1"
-    assert "ChecksumSHA256" in head
+    # Multipart: the server verified a full-object CRC32; the SHA-256 is the object's tag.
+    assert head["ChecksumType"] == "FULL_OBJECT" and "ChecksumCRC32" in head
+    tags = s3.get_object_tagging(Bucket=s3_bucket, Key=key)["TagSet"]
+    assert tags == [{"Key": "sha256", "Value": sha}]
     manifest = json.loads(
         s3.get_object(Bucket=s3_bucket, Key="archive/apex/2026/03/16/vid-1/manifest.json")[
             "Body"

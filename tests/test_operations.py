@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from receiver.audit.api import job_json
 from receiver.cli import app as cli
 from tests.conftest import FakeClock, make_settings
 from tests.payloads import APEX_SECRET, apex_completed, apex_failed, signed
+from tests.s3server import admin_client
 from tests.sources import SourceServer
 
 SETTINGS = {
@@ -24,22 +28,24 @@ SETTINGS = {
 }
 
 
-def env_for(tmp_path: Path) -> dict[str, str]:
-    settings = make_settings(tmp_path, **SETTINGS)
+def env_for(tmp_path: Path, **overrides: Any) -> dict[str, str]:
+    settings = make_settings(tmp_path, **SETTINGS, **overrides)
     return {
         "RECEIVER_LEDGER_URL": settings.ledger_url,
         "RECEIVER_ARCHIVE_URL": settings.archive_url,
         "RECEIVER_LOG_FORMAT": "json",
+        "RECEIVER_LEASE_SECONDS": str(settings.lease_seconds),
     }
 
 
-def populate(tmp_path: Path, source: SourceServer, jobs: dict[str, Any]) -> None:
+def populate(tmp_path: Path, source: SourceServer, jobs: dict[str, Any], **overrides: Any) -> None:
     """Deliver webhooks through the real app and run the archiver until idle."""
     import httpx
 
     async def go() -> None:
         clock = FakeClock()
-        parts = build_parts(make_settings(tmp_path, **SETTINGS), clock=clock, wall_clock=clock.wall)
+        settings = make_settings(tmp_path, **SETTINGS, **overrides)
+        parts = build_parts(settings, clock=clock, wall_clock=clock.wall)
         app = create_app(parts)
         parts.start(workers=0)
         try:
@@ -59,8 +65,8 @@ def populate(tmp_path: Path, source: SourceServer, jobs: dict[str, Any]) -> None
     asyncio.run(go())
 
 
-def invoke(tmp_path: Path, *args: str) -> Any:
-    return CliRunner().invoke(cli, list(args), env=env_for(tmp_path))
+def invoke(tmp_path: Path, *args: str, **overrides: Any) -> Any:
+    return CliRunner().invoke(cli, list(args), env=env_for(tmp_path, **overrides))
 
 
 @pytest.fixture
@@ -113,10 +119,54 @@ def test_verify_passes_then_catches_corruption_and_deletion(tmp_path: Path, arch
     assert result.exit_code == 1
     report = json.loads(result.output)
     problems = {(f["job_id"], f["problem"]) for f in report["findings"]}
-    assert problems == {("j0", "sha256 mismatch"), ("j2", "missing")}
+    # The bytes disagree with all three records of j0's SHA-256.
+    assert problems == {
+        ("j0", "sha256 mismatch"),
+        ("j0", "manifest mismatch"),
+        ("j0", "object record mismatch"),
+        ("j2", "missing"),
+    }
     assert report["ok"] == 1
     human = invoke(tmp_path, "verify", "--provider", "apex")
     assert human.exit_code == 1 and "sha256 mismatch" in human.output
+
+
+def test_verify_catches_a_missing_manifest_or_object_record(tmp_path: Path, archive: Path) -> None:
+    day = archive / "apex/2026/03/16"
+    (day / "j0/manifest.json").unlink()
+    (day / "j1/v.mp4.meta.json").unlink()  # the local object's own record
+    (day / "j2/v.mp4.meta.json").write_text("{not json")
+
+    result = invoke(tmp_path, "verify", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    problems = {(f["job_id"], f["problem"]) for f in report["findings"]}
+    assert problems == {
+        ("j0", "manifest missing"),
+        ("j1", "object record missing"),
+        ("j2", "object record unreadable"),
+    }
+    assert report["ok"] == 0
+
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"receiver.db{suffix}").unlink(missing_ok=True)
+    reindexed = json.loads(invoke(tmp_path, "reindex", "--json").output)
+    assert reindexed["restored"] == 3  # j1, j2 and the failed job; j0's manifest is gone
+    j1, j2 = sorted(reindexed["mismatches"])
+    assert j1.startswith("apex/2026/03/16/j1/v.mp4: manifest says sha256 ")
+    assert j1.endswith(", the object records None")
+    assert j2.startswith("apex/2026/03/16/j2/v.mp4: object record unreadable: ")
+
+
+def test_reindex_reports_an_archived_object_that_is_gone(tmp_path: Path, archive: Path) -> None:
+    (archive / "apex/2026/03/16/j1/v.mp4").unlink()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"receiver.db{suffix}").unlink(missing_ok=True)
+    result = invoke(tmp_path, "reindex", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert report["restored"] == 4  # j0-j2 and the failed job: j1's manifest still describes it
+    assert report["mismatches"] == ["apex/2026/03/16/j1/v.mp4: object missing"]
 
 
 def test_reindex_reproduces_the_audit_answers_from_storage_alone(
@@ -249,3 +299,131 @@ def test_reindexed_assets_that_were_never_copied_come_back_dead() -> None:
     assert job.state == "dead"
     assert job.error == UNRECOVERABLE
     assert [(a.state, a.error) for a in job.assets] == [("dead", UNRECOVERABLE), ("archived", None)]
+
+
+# --- on a real S3 server (SeaweedFS) ---------------------------------------------------------
+
+MiB = 2**20
+
+
+@pytest.fixture
+def s3_archive(
+    tmp_path: Path, source_server: SourceServer, s3_bucket: str
+) -> tuple[str, dict[str, str]]:
+    """Three archived jobs in s3://bucket/archive: two single PUTs and one multipart object.
+
+    Returns the bucket and the settings overrides that point the CLI at it. Before archiving, an
+    incomplete upload is left under the prefix, as a worker killed mid-copy would leave it.
+    """
+    overrides = {"archive_url": f"s3://{s3_bucket}/archive", "part_size": 5 * MiB}
+    admin_client().create_multipart_upload(Bucket=s3_bucket, Key="archive/apex/killed/v.mp4")
+    jobs = {}
+    for i, size in enumerate([4000, 5000, 6 * MiB]):
+        url = source_server.add(f"/o/{i}/v.mp4", size, content_type="video/mp4")
+        jobs[f"j{i}"] = apex_completed(f"j{i}", url=url, job_type="video", output_type="video/mp4")
+    populate(tmp_path, source_server, jobs, **overrides)
+    return s3_bucket, overrides
+
+
+def asset_key(job_id: str) -> str:
+    return f"archive/apex/2026/03/16/{job_id}/v.mp4"
+
+
+def test_verify_on_s3_compares_ledger_manifest_and_object_record(
+    tmp_path: Path, s3_archive: tuple[str, dict[str, str]]
+) -> None:
+    bucket, overrides = s3_archive
+    client = admin_client()
+
+    def verify() -> dict[str, Any]:
+        result = invoke(tmp_path, "verify", "--json", **overrides)
+        report: dict[str, Any] = json.loads(result.output)
+        report["exit_code"] = result.exit_code
+        return report
+
+    clean = verify()
+    assert (clean["exit_code"], clean["ok"], clean["findings"]) == (0, 3, [])
+    tags = client.get_object_tagging(Bucket=bucket, Key=asset_key("j2"))["TagSet"]
+    assert tags[0]["Key"] == "sha256"  # the multipart object's record is a tag
+
+    # 1. The object's own record disagrees (a tag rewritten by hand).
+    client.put_object_tagging(
+        Bucket=bucket,
+        Key=asset_key("j2"),
+        Tagging={"TagSet": [{"Key": "sha256", "Value": "0" * 64}]},
+    )
+    # 2. The manifest disagrees.
+    manifest_key = "archive/apex/2026/03/16/j1/manifest.json"
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
+    manifest["assets"][0]["sha256"] = "1" * 64
+    client.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps(manifest).encode())
+    # 3. The ledger disagrees.
+    conn = sqlite3.connect(tmp_path / "receiver.db")
+    with conn:
+        conn.execute("UPDATE assets SET sha256 = ? WHERE job_id = 'j0'", ("2" * 64,))
+    conn.close()
+
+    report = verify()
+    assert report["exit_code"] == 1
+    problems = {(f["job_id"], f["problem"], f["expected"]) for f in report["findings"]}
+    assert problems == {
+        ("j2", "object record mismatch", "0" * 64),
+        ("j1", "manifest mismatch", "1" * 64),
+        ("j0", "sha256 mismatch", "2" * 64),
+    }
+
+
+def test_verify_lists_stale_uploads_and_repair_aborts_them(
+    tmp_path: Path, s3_archive: tuple[str, dict[str, str]]
+) -> None:
+    bucket, overrides = s3_archive
+    client = admin_client()
+    lease = 5  # the shortest lease settings allow; the killed upload must be older than it
+    stale = client.list_multipart_uploads(Bucket=bucket)["Uploads"]
+    assert [u["Key"] for u in stale] == ["archive/apex/killed/v.mp4"]
+    age = (datetime.now(UTC) - stale[0]["Initiated"]).total_seconds()
+    time.sleep(max(0.0, lease + 0.5 - age))
+    # An upload younger than the lease may be a live worker's: never listed, never aborted.
+    client.create_multipart_upload(Bucket=bucket, Key="archive/apex/live/v.mp4")
+
+    listed = invoke(tmp_path, "verify", **overrides, lease_seconds=lease)
+    assert listed.exit_code == 1, listed.output
+    assert "incomplete upload of apex/killed/v.mp4" in listed.output
+    assert "left in place" in listed.output and "apex/live" not in listed.output
+    assert len(client.list_multipart_uploads(Bucket=bucket)["Uploads"]) == 2
+
+    repaired = invoke(tmp_path, "verify", "--repair", "--json", **overrides, lease_seconds=lease)
+    assert repaired.exit_code == 0, repaired.output
+    report = json.loads(repaired.output)
+    assert [(u["key"], u["aborted"]) for u in report["stale_uploads"]] == [
+        ("apex/killed/v.mp4", True)
+    ]
+    left = client.list_multipart_uploads(Bucket=bucket)["Uploads"]
+    assert [u["Key"] for u in left] == ["archive/apex/live/v.mp4"]
+    assert invoke(tmp_path, "verify", **overrides, lease_seconds=lease).exit_code == 0
+
+
+def test_reindex_on_s3_reads_sha256_from_the_object_record(
+    tmp_path: Path, s3_archive: tuple[str, dict[str, str]]
+) -> None:
+    bucket, overrides = s3_archive
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"receiver.db{suffix}").unlink(missing_ok=True)
+    result = invoke(tmp_path, "reindex", "--json", **overrides)
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.output)["restored"], json.loads(result.output)["mismatches"]) == (
+        3,
+        [],
+    )
+
+    admin_client().put_object_tagging(
+        Bucket=bucket,
+        Key=asset_key("j2"),
+        Tagging={"TagSet": [{"Key": "sha256", "Value": "0" * 64}]},
+    )
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"receiver.db{suffix}").unlink(missing_ok=True)
+    again = invoke(tmp_path, "reindex", **overrides)
+    assert again.exit_code == 1
+    assert "apex/2026/03/16/j2/v.mp4: manifest says sha256" in again.output
+    assert "the object records " + "0" * 64 in again.output

@@ -84,10 +84,10 @@ async def verify_due(
     for i, item in enumerate(due, 1):
         asset = item.asset
         try:
-            finding = await check_asset(store, item.provider, item.job_id, asset)
-            problem = None if finding is None else finding.problem
-            expected = None if finding is None else finding.expected
-            actual = None if finding is None else finding.actual
+            findings = await check_asset(store, item.provider, item.job_id, asset)
+            problem = "; ".join(f.problem for f in findings) or None
+            expected = findings[0].expected if findings else None
+            actual = findings[0].actual if findings else None
         except StoreError as exc:
             # The store failing is not the object failing: record nothing, report it.
             log.warning("fixity_check_unavailable", provider=item.provider, error=str(exc))

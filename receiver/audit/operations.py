@@ -1,7 +1,11 @@
 """Operator tasks over the ledger and the archive: verify integrity, rebuild the ledger.
 
-`verify` re-reads archived objects and recomputes their SHA-256. `reindex` rebuilds the ledger
-from the manifests in storage alone: the archive outlives the database.
+`verify` re-reads archived objects, recomputes their SHA-256 from the bytes and compares it with
+the three places that record it: the ledger, the job's manifest and the object's own record (S3
+user metadata or tag, local sidecar). It also lists uploads nobody finished (killed workers) that
+are older than a lease, and with ``repair`` aborts them. `reindex` rebuilds the ledger from the
+manifests in storage alone (the archive outlives the database), checking each archived asset's
+SHA-256 against the object's own record.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from receiver.archive.manifest import SCHEMA
+from receiver.archive.manifest import SCHEMA, manifest_key
 from receiver.domain import JobState
 from receiver.ledger import AssetRecord, DeliveryRecord, JobFilter, JobRecord, Ledger
-from receiver.store import ObjectMissing, Store
+from receiver.store import ObjectMissing, Store, StoreError
 
 
 @dataclass
@@ -25,9 +29,22 @@ class Finding:
     job_id: str
     n: int
     uri: str | None
-    problem: str  # "missing" | "sha256 mismatch" | "size mismatch"
-    expected: str | None = None
-    actual: str | None = None
+    # "missing" | "sha256 mismatch" (ledger vs bytes) | "size mismatch" | "manifest missing" |
+    # "manifest mismatch" | "object record missing" | "object record unreadable" |
+    # "object record mismatch"
+    problem: str
+    expected: str | None = None  # what the record in question says
+    actual: str | None = None  # what the bytes say
+
+
+@dataclass
+class StaleUpload:
+    """An upload started before the cut-off and never finished (a killed worker's)."""
+
+    key: str
+    upload_id: str
+    initiated: str  # ISO 8601
+    aborted: bool = False
 
 
 @dataclass
@@ -35,6 +52,12 @@ class VerifyReport:
     checked: int = 0
     ok: int = 0
     findings: list[Finding] = field(default_factory=list)
+    stale_uploads: list[StaleUpload] = field(default_factory=list)
+
+    @property
+    def has_problems(self) -> bool:
+        """Any finding, or a stale upload left in place (listed, not repaired)."""
+        return bool(self.findings) or any(not u.aborted for u in self.stale_uploads)
 
 
 async def verify(
@@ -42,28 +65,43 @@ async def verify(
     store: Store,
     where: JobFilter,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    *,
+    uploads_before: datetime | None = None,
+    repair: bool = False,
 ) -> VerifyReport:
+    """Check every archived asset matching ``where``; then, if ``uploads_before`` is given, list
+    the store's incomplete uploads started before it (``repair``: abort them)."""
     assets = await ledger.archived_assets(where)
     report = VerifyReport()
+    manifests: dict[str, dict[int, dict[str, Any]] | None] = {}
     for i, (provider, job_id, asset) in enumerate(assets, 1):
         report.checked += 1
-        finding = await _check(store, provider, job_id, asset)
-        if finding is None:
-            report.ok += 1
+        found = await _check(store, provider, job_id, asset, manifests)
+        if found:
+            report.findings.extend(found)
         else:
-            report.findings.append(finding)
+            report.ok += 1
         on_progress(i, len(assets))
+    if uploads_before is not None:
+        async for upload in store.incomplete_uploads("", uploads_before):
+            stale = StaleUpload(upload.key, upload.upload_id, upload.initiated.isoformat())
+            if repair:
+                await store.abort_upload(upload)
+                stale.aborted = True
+            report.stale_uploads.append(stale)
     return report
 
 
-async def verify_asset(
-    store: Store, provider: str, job_id: str, asset: AssetRecord
-) -> Finding | None:
-    """Re-read one archived asset and recompute its SHA-256 (the console's Verify button)."""
-    return await _check(store, provider, job_id, asset)
+async def _check(
+    store: Store,
+    provider: str,
+    job_id: str,
+    asset: AssetRecord,
+    manifests: dict[str, dict[int, dict[str, Any]] | None],
+) -> list[Finding]:
+    def finding(problem: str, expected: str | None = None, actual: str | None = None) -> Finding:
+        return Finding(provider, job_id, asset.n, asset.uri, problem, expected, actual)
 
-
-async def _check(store: Store, provider: str, job_id: str, asset: AssetRecord) -> Finding | None:
     digest = hashlib.sha256()
     size = 0
     try:
@@ -71,31 +109,55 @@ async def _check(store: Store, provider: str, job_id: str, asset: AssetRecord) -
             digest.update(chunk)
             size += len(chunk)
     except ObjectMissing:
-        return Finding(provider, job_id, asset.n, asset.uri, "missing")
-    if digest.hexdigest() != asset.sha256:
-        return Finding(
-            provider,
-            job_id,
-            asset.n,
-            asset.uri,
-            "sha256 mismatch",
-            asset.sha256,
-            digest.hexdigest(),
-        )
+        return [finding("missing")]
+    actual = digest.hexdigest()
+    found: list[Finding] = []
+    if actual != asset.sha256:
+        found.append(finding("sha256 mismatch", asset.sha256, actual))
     if size != asset.size:
-        return Finding(
-            provider, job_id, asset.n, asset.uri, "size mismatch", str(asset.size), str(size)
-        )
-    return None
+        found.append(finding("size mismatch", str(asset.size), str(size)))
+    listed = await _manifest_assets(store, manifest_key(asset.key), manifests)
+    if listed is None:
+        found.append(finding("manifest missing"))
+    else:
+        entry = listed.get(asset.n)
+        recorded = entry.get("sha256") if entry and entry.get("state") == "archived" else None
+        if recorded != actual:
+            found.append(finding("manifest mismatch", recorded, actual))
+    try:
+        info = await store.head(asset.key)
+    except StoreError as exc:
+        found.append(finding("object record unreadable", str(exc), actual))
+        return found
+    if info is None or info.sha256 is None:
+        found.append(finding("object record missing", None, actual))
+    elif info.sha256 != actual:
+        found.append(finding("object record mismatch", info.sha256, actual))
+    return found
+
+
+async def _manifest_assets(
+    store: Store, key: str, cache: dict[str, dict[int, dict[str, Any]] | None]
+) -> dict[int, dict[str, Any]] | None:
+    """The assets a job's manifest lists, by number (read once per job); None if unreadable."""
+    if key not in cache:
+        try:
+            manifest = json.loads(await _read(store, key))
+            cache[key] = {int(a["n"]): a for a in manifest["assets"]}
+        except (ObjectMissing, ValueError, KeyError, TypeError):
+            cache[key] = None
+    return cache[key]
 
 
 async def check_asset(
     store: Store, provider: str, job_id: str, asset: AssetRecord
-) -> Finding | None:
-    """Re-read one archived asset and compare it with the ledger (None: intact).
+) -> list[Finding]:
+    """Re-read one archived asset and compare its SHA-256 with the ledger, its manifest and the
+    object's own record: every disagreement found (empty: intact).
 
-    The one check `verify` runs per asset; `receiver.audit.fixity` runs it on a schedule."""
-    return await _check(store, provider, job_id, asset)
+    The one check `verify` runs per asset; `receiver.audit.fixity` runs it on a schedule and the
+    console's Verify button on demand."""
+    return await _check(store, provider, job_id, asset, {})
 
 
 @dataclass
@@ -104,6 +166,8 @@ class ReindexReport:
     restored: int = 0
     already_known: int = 0
     unreadable: list[str] = field(default_factory=list)
+    # archived assets whose object does not carry the manifest's SHA-256 (or is gone)
+    mismatches: list[str] = field(default_factory=list)
 
 
 async def reindex(ledger: Ledger, store: Store) -> ReindexReport:
@@ -114,9 +178,16 @@ async def reindex(ledger: Ledger, store: Store) -> ReindexReport:
             continue
         report.manifests += 1
         try:
-            jobs.append(job_from_manifest(json.loads(await _read(store, key))))
+            job = job_from_manifest(json.loads(await _read(store, key)))
         except (ValueError, KeyError, TypeError) as exc:
             report.unreadable.append(f"{key}: {type(exc).__name__}: {exc}")
+            continue
+        jobs.append(job)
+        for asset in job.assets:
+            if asset.state == "archived":
+                problem = await _record_disagrees(store, asset)
+                if problem:
+                    report.mismatches.append(f"{asset.key}: {problem}")
     # Restore oldest first, so the ledger's newest-first order matches the original.
     for job in sorted(jobs, key=lambda j: j.first_seen_at):
         if await ledger.restore(job):
@@ -124,6 +195,19 @@ async def reindex(ledger: Ledger, store: Store) -> ReindexReport:
         else:
             report.already_known += 1
     return report
+
+
+async def _record_disagrees(store: Store, asset: AssetRecord) -> str | None:
+    """Why the object's own SHA-256 record does not confirm the manifest's, or None."""
+    try:
+        info = await store.head(asset.key)
+    except StoreError as exc:
+        return f"object record unreadable: {exc}"
+    if info is None:
+        return "object missing"
+    if info.sha256 != asset.sha256:
+        return f"manifest says sha256 {asset.sha256}, the object records {info.sha256}"
+    return None
 
 
 async def _read(store: Store, key: str) -> bytes:

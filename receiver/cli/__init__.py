@@ -342,8 +342,15 @@ def verify(
         Path | None, typer.Option("--report", help="with --due: write the JSON report here")
     ] = None,
     env_file: EnvFile = None,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Abort the stale incomplete uploads it lists.")
+    ] = False,
 ) -> None:
-    """Re-read archived objects and recompute SHA-256; exit 1 on any mismatch or missing object."""
+    """Re-read archived objects, recompute SHA-256 and compare it with the ledger, the manifest
+    and the object's own record; list incomplete uploads older than the lease (--repair aborts
+    them). Exit 1 on any disagreement, missing object or stale upload left in place."""
+    from datetime import timedelta
+
     from receiver.audit.operations import VerifyReport
     from receiver.audit.operations import verify as run_verify
 
@@ -362,6 +369,8 @@ def verify(
                 parts.store,
                 where,
                 lambda done, total: progress.update(bar, completed=done, total=total),
+                uploads_before=parts.clock() - timedelta(seconds=settings.lease_seconds),
+                repair=repair,
             )
 
     report = _run(settings, work)
@@ -370,14 +379,20 @@ def verify(
     else:
         console = Console()
         console.print(
-            f"checked {report.checked}, intact {report.ok}, problems {len(report.findings)}"
+            f"checked {report.checked}, intact {report.ok}, problems {len(report.findings)}, "
+            f"stale uploads {len(report.stale_uploads)}"
         )
         # One plain line per problem: greppable, and never wrapped mid-word like a table.
         for f in report.findings:
             console.print(
                 f"{f.provider}/{f.job_id} asset {f.n}: {f.problem} ({f.uri})", soft_wrap=True
             )
-    if report.findings:
+        for u in report.stale_uploads:
+            done = "aborted" if u.aborted else "left in place (--repair aborts it)"
+            console.print(
+                f"incomplete upload of {u.key} started {u.initiated}: {done}", soft_wrap=True
+            )
+    if report.has_problems:
         raise typer.Exit(code=1)
 
 
@@ -414,11 +429,12 @@ def reindex(as_json: AsJson = False, env_file: EnvFile = None) -> None:
     else:
         typer.echo(
             f"manifests {report.manifests}, restored {report.restored}, "
-            f"already known {report.already_known}, unreadable {len(report.unreadable)}"
+            f"already known {report.already_known}, unreadable {len(report.unreadable)}, "
+            f"sha256 disagreements {len(report.mismatches)}"
         )
-        for problem in report.unreadable:
+        for problem in [*report.unreadable, *report.mismatches]:
             typer.echo(f"  {problem}", err=True)
-    if report.unreadable:
+    if report.unreadable or report.mismatches:
         raise typer.Exit(code=1)
 
 

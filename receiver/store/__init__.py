@@ -9,19 +9,33 @@ What crosses the line between the archiver and a store:
 * **Bytes** go in as an async iterable of chunks (``put_stream``) or one ``bytes`` (``put_bytes``,
   for small things such as manifests) and come out as an async iterator of chunks (``read``).
   Neither direction ever holds a whole object in memory.
-* **Integrity**: every put computes the object's SHA-256 while streaming and records it with the
-  object as user metadata ``sha256`` (hex). ``StoredObject`` returns it to the caller, ``head``
-  reports what the store recorded, and ``read`` lets a verifier recompute it.
+* **Integrity**: every put computes the object's SHA-256 while streaming, the backend verifies
+  what it received where it can (S3 checksums), and the full-object SHA-256 (hex) is recorded with
+  the object itself, readable without downloading it: user metadata ``sha256`` when it is known
+  before the write (S3 single PUT, local sidecar), an object tag ``sha256`` otherwise (S3
+  multipart: metadata is fixed at the start, tags are the one thing S3 lets you add later).
+  ``StoredObject`` returns it to the caller, ``head`` reports it from wherever it is kept
+  (``ObjectInfo.sha256_source``), and ``read`` lets a verifier recompute it.
 * **Metadata** is a small ``str -> str`` map stored with the object (S3 user metadata, or the
   local sidecar). Its rules are S3's, applied to both adapters by ``check_metadata`` so a local
   archive can be moved to S3 unchanged: lower-case ASCII keys, printable ASCII values, at most
   2 KB in total. Anything bigger belongs in a manifest object.
-* **Failure**: a put either returns a ``StoredObject`` for a complete object or leaves nothing
-  behind (no partial object, no pending S3 multipart upload, no temp file), cancellation included:
-  cleanup finishes before the put raises. Exceptions raised by the caller's chunk iterator
-  propagate unchanged; failures of the backend itself are raised as ``StoreError``
-  (``ObjectMissing`` when the key does not exist).
-* **Overwrites** are allowed: keys are deterministic, so a retried copy lands on the same key.
+* **Failure**: a put either returns a ``StoredObject`` for a complete object or leaves nothing of
+  its own behind (no pending S3 multipart upload of this attempt, no temp file), cancellation
+  included: cleanup finishes before the put raises. Cleanup only ever aborts this attempt's own
+  upload or removes its own temp file; it **never deletes the final key**, which may hold another
+  attempt's copy (or this attempt's, if the step that made it visible had already run when the
+  cancellation arrived: then it is complete, with its SHA-256 recorded). Exceptions raised by the
+  caller's chunk iterator propagate unchanged; failures of the backend itself are raised as
+  ``StoreError`` (``ObjectMissing`` when the key does not exist).
+* **No replacing** (``put_stream``): keys are deterministic, so a retried, duplicated or
+  taken-over copy lands on the same key, and the first complete object there wins. ``put_stream``
+  is a conditional create (S3 ``If-None-Match: *`` on PutObject and CompleteMultipartUpload; a
+  hard link locally): if the key is taken it raises ``ObjectExists`` with what is there, and the
+  caller compares SHA-256s. ``put_bytes`` (manifests, rewritten as a job progresses) replaces.
+* **Incomplete uploads** an attempt could not clean up (killed process) are found with
+  ``incomplete_uploads`` and removed with ``abort_upload`` (``receiver verify --repair``); an S3
+  put also aborts the earlier incomplete uploads for its own key before it starts one.
 * **Erasure** (``delete_all_versions``, for ``receiver forget`` only) removes a key for good:
   every version and delete marker where the bucket keeps versions. What the store refuses to
   remove (Object Lock retention, a legal hold, missing permissions) is reported, not raised.
@@ -36,6 +50,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
 
@@ -44,6 +59,7 @@ import anyio
 __all__ = [
     "METADATA_LIMIT",
     "Erasure",
+    "IncompleteUpload",
     "ObjectExists",
     "ObjectInfo",
     "ObjectMissing",
@@ -93,6 +109,19 @@ class ObjectInfo:
     content_type: str | None
     sha256: str | None  # as recorded with the object; None if it never was (foreign objects)
     metadata: dict[str, str]  # user metadata as stored, "sha256" included when present
+    #: where ``sha256`` was read: "metadata" (S3 user metadata), "tag" (S3 object tag),
+    #: "sidecar" (local), "read" (recomputed from the bytes: the record was missing), or None
+    #: when nothing is recorded
+    sha256_source: str | None = None
+
+
+@dataclass(frozen=True)
+class IncompleteUpload:
+    """An upload that was started and neither completed nor aborted (S3 multipart, local temp)."""
+
+    key: str  # relative to the store root/prefix
+    upload_id: str  # the backend's handle: S3 UploadId, or the temp file's name
+    initiated: datetime  # aware UTC, as the backend reports it
 
 
 @dataclass(frozen=True)
@@ -143,11 +172,13 @@ class Store(Protocol):
         content_type: str,
         metadata: Mapping[str, str],
     ) -> StoredObject:
-        """Stream ``chunks`` into ``key``, computing SHA-256 on the way, in bounded memory.
+        """Create ``key`` from ``chunks``, computing SHA-256 on the way, in bounded memory.
 
-        Replaces an existing object. On any failure nothing is left behind and the exception
+        Never replaces: if the key exists (before, or by the time this put commits) it raises
+        ``ObjectExists`` and the existing object is untouched. On any failure this put's own
+        upload or temp file is cleaned up, the final key is never deleted, and the exception
         propagates (the iterator's own exceptions unchanged, backend errors as ``StoreError``).
-        The stored metadata is ``metadata`` plus ``sha256``.
+        The object records ``metadata`` plus its full SHA-256 (see the module docstring).
         """
         ...
 
@@ -159,7 +190,7 @@ class Store(Protocol):
         content_type: str,
         metadata: Mapping[str, str] = NO_METADATA,
     ) -> StoredObject:
-        """``put_stream`` for data already in memory (manifests)."""
+        """Write ``data`` at ``key``, replacing what is there (manifests; not a create-only put)."""
         ...
 
     async def head(self, key: str) -> ObjectInfo | None:
@@ -186,6 +217,16 @@ class Store(Protocol):
         in ``Erasure.kept``; other versions are still removed. Backend failures that stop the
         whole operation raise ``StoreError``.
         """
+        ...
+
+    def incomplete_uploads(
+        self, prefix: str, initiated_before: datetime
+    ) -> AsyncIterator[IncompleteUpload]:
+        """Uploads under ``prefix`` started before ``initiated_before`` and never finished."""
+        ...
+
+    async def abort_upload(self, upload: IncompleteUpload) -> None:
+        """Abort ``upload`` (gone already is fine); never touches a complete object."""
         ...
 
     async def ping(self) -> None:
@@ -243,7 +284,9 @@ async def run_to_end(step: Coroutine[Any, Any, _T]) -> _T:
     For adapters, around the step that makes an object visible (S3 PutObject or
     CompleteMultipartUpload, the local rename): cancelling an await does not stop the work already
     running in a worker thread, so without this the object could appear after the put had
-    reported failure. Waiting lets the adapter's cleanup see, and undo, the step's outcome.
+    reported failure. Waiting lets the adapter know the step's outcome before it cleans up: a
+    completed step's object is complete and stays (it is never deleted), a refused one's upload
+    is aborted.
     """
     task = asyncio.ensure_future(step)
     try:

@@ -2,8 +2,12 @@
 
 Same key layout as S3: key ``a/b/c.png`` is the file ``<root>/a/b/c.png``. What S3 keeps as object
 metadata lives in a sidecar ``<root>/a/b/c.png.meta.json`` (content type, size, sha256, user
-metadata). Both are written to a temp file in the destination folder, fsynced and renamed into place
-with ``os.replace``, so a reader sees the old file or the new one, never a half-written one.
+metadata). Both are written to a temp file in the destination folder and fsynced. ``put_stream``
+then hard-links the data file into place (``os.link`` fails if the name is taken: the local
+``If-None-Match: *``, atomic on POSIX file systems), so an existing object is never replaced and
+the put raises ``ObjectExists``; ``put_bytes`` renames over it with ``os.replace``. Either way a
+reader sees a whole file, never a half-written one. The sidecar follows with ``os.replace``.
+A temp file a killed process left behind is an incomplete upload (``incomplete_uploads``).
 
 Blocking file I/O runs in worker threads; data is written in chunks of at most ``_WRITE_SIZE``.
 """
@@ -17,6 +21,7 @@ import json
 import os
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +31,8 @@ from receiver.store import (
     NO_METADATA,
     SHA256_KEY,
     Erasure,
+    IncompleteUpload,
+    ObjectExists,
     ObjectInfo,
     ObjectMissing,
     StoredObject,
@@ -62,6 +69,17 @@ class LocalStore:
         content_type: str,
         metadata: Mapping[str, str],
     ) -> StoredObject:
+        return await self._put(key, chunks, content_type, metadata, create_only=True)
+
+    async def _put(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        content_type: str,
+        metadata: Mapping[str, str],
+        *,
+        create_only: bool,
+    ) -> StoredObject:
         path = self._path(key)
         check_metadata(metadata)
         await _io(path.parent.mkdir, parents=True, exist_ok=True)
@@ -90,15 +108,12 @@ class LocalStore:
                 SHA256_KEY: digest,
                 "metadata": {**metadata, SHA256_KEY: digest},
             }
-            try:
-                await run_to_end(
-                    _io(_commit, tmp, path, json.dumps(sidecar, sort_keys=True).encode())
-                )
-            except asyncio.CancelledError:
-                # The rename ran to its end: undo it, so a cancelled put leaves nothing either.
-                with anyio.CancelScope(shield=True):
-                    await asyncio.to_thread(_remove, path)
-                raise
+            encoded = json.dumps(sidecar, sort_keys=True).encode()
+            # Runs to its end even if cancelled: the object is then complete, and stays. The
+            # final name is never removed here, whoever put it there.
+            created = await run_to_end(_io(_commit, tmp, path, encoded, create_only))
+            if not created:
+                raise ObjectExists(key, digest, await self.head(key))
         except BaseException:
             # Shielded: a cancelled anyio scope would otherwise cancel the cleanup's await too.
             with anyio.CancelScope(shield=True):
@@ -114,9 +129,7 @@ class LocalStore:
         content_type: str,
         metadata: Mapping[str, str] = NO_METADATA,
     ) -> StoredObject:
-        return await self.put_stream(
-            key, single_chunk(data), content_type=content_type, metadata=metadata
-        )
+        return await self._put(key, single_chunk(data), content_type, metadata, create_only=False)
 
     async def head(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
@@ -145,6 +158,7 @@ class LocalStore:
             content_type=sidecar.get("content_type"),
             sha256=sidecar.get(SHA256_KEY),
             metadata=metadata,
+            sha256_source="sidecar" if sidecar.get(SHA256_KEY) else None,
         )
 
     async def read(self, key: str) -> AsyncIterator[bytes]:
@@ -198,6 +212,40 @@ class LocalStore:
 
         return Erasure(key, await _io(unlink))
 
+    async def incomplete_uploads(
+        self, prefix: str, initiated_before: datetime
+    ) -> AsyncIterator[IncompleteUpload]:
+        folder = prefix.rpartition("/")[0]
+        if folder:
+            check_key(folder)
+        walker = os.walk(self.root / folder)
+        cutoff = initiated_before.timestamp()
+        while True:
+            step = await _io(next, walker, None)
+            if step is None:
+                return
+            dirpath, _, filenames = step
+            relative = Path(dirpath).relative_to(self.root).as_posix()
+            for name in sorted(filenames):
+                if not _is_temp(name):
+                    continue
+                # ".<target>.<random>.tmp": mkstemp's random part has no dots.
+                target = name[1:].rsplit(".", 2)[0]
+                key = target if relative == "." else f"{relative}/{target}"
+                if not key.startswith(prefix):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    mtime = (await _io(os.stat, Path(dirpath) / name)).st_mtime
+                    if mtime < cutoff:
+                        yield IncompleteUpload(key, name, datetime.fromtimestamp(mtime, UTC))
+
+    async def abort_upload(self, upload: IncompleteUpload) -> None:
+        check_key(upload.key)
+        if "/" in upload.upload_id or not _is_temp(upload.upload_id):
+            raise ValueError(f"not a temp file of this store: {upload.upload_id!r}")
+        folder = upload.key.rpartition("/")[0]
+        await _io((self.root / folder / upload.upload_id).unlink, missing_ok=True)
+
     async def ping(self) -> None:
         def probe() -> None:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -222,6 +270,12 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
+def _remove(path: Path) -> None:
+    """Erasure only (`delete_all_versions`): the data file and its sidecar."""
+    _sidecar(path).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
 def _is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(_TEMP_SUFFIX)
 
@@ -240,36 +294,35 @@ def _write_and_sync(out: Any, data: bytes | bytearray) -> None:
     os.fsync(out.fileno())
 
 
-def _commit(tmp: Path, path: Path, sidecar: bytes) -> None:
-    """Move the finished data file into place, then its sidecar.
+def _commit(tmp: Path, path: Path, sidecar: bytes, create_only: bool) -> bool:
+    """Move the finished data file into place, then its sidecar; False if the name is taken.
 
-    The old sidecar goes first so that a crash in between leaves a file without a sidecar (reported
-    as "sha256 not recorded") rather than a sidecar describing other bytes. If the sidecar cannot
-    be written the new file is removed again: a put leaves a complete object or nothing.
+    ``create_only``: hard-link ``tmp`` to ``path``, which fails if ``path`` exists (the caller
+    removes ``tmp``). Otherwise the old sidecar goes first, so that a crash in between leaves a
+    file without a sidecar (reported as "sha256 not recorded") rather than a sidecar describing
+    other bytes. If the sidecar cannot be written the error propagates and the data file stays:
+    it is complete, and another attempt may already rely on it being there.
     """
     meta = _sidecar(path)
-    meta.unlink(missing_ok=True)
-    os.replace(tmp, path)
-    try:
-        fd, meta_tmp = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{meta.name}.", suffix=_TEMP_SUFFIX
-        )
+    if create_only:
         try:
-            with os.fdopen(fd, "wb") as out:
-                _write_and_sync(out, sidecar)
-            os.replace(meta_tmp, meta)
-        except BaseException:
-            Path(meta_tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        tmp.unlink()
+    else:
+        meta.unlink(missing_ok=True)
+        os.replace(tmp, path)
+    fd, meta_tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{meta.name}.", suffix=_TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _write_and_sync(out, sidecar)
+        os.replace(meta_tmp, meta)
     except BaseException:
-        path.unlink(missing_ok=True)
+        Path(meta_tmp).unlink(missing_ok=True)
         raise
-
-
-def _remove(path: Path) -> None:
-    _sidecar(path).unlink(missing_ok=True)
-    path.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,33 +1,73 @@
 """The S3 store: archived objects in ``s3://bucket/prefix`` on AWS or any S3-compatible endpoint.
 
-The client is configured only the way boto3 always is (``AWS_ENDPOINT_URL``, ``AWS_REGION``,
-profiles, credentials chain); this module adds no endpoint settings of its own. boto3 is
-synchronous, so every call runs in a worker thread (``asyncio.to_thread``) and the event loop never
-blocks on the network.
+The client is configured only the way boto3 always is (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``,
+``AWS_REGION``, profiles, credentials chain), plus SigV4 for every request and presigned link;
+this module adds no endpoint settings of its own. boto3 is synchronous, so every call runs in a
+worker thread (``asyncio.to_thread``) and the event loop never blocks on the network.
 
 Uploads are driven part by part rather than through ``upload_fileobj``: on a non-seekable stream
 s3transfer buffers about (10 + 5) parts, whereas here memory is bounded by
 ``(parts_in_flight + 1) * part_size``: the parts being uploaded plus the one being read.
+
+**Integrity, without rewriting anything** (no CopyObject):
+
+* A stream shorter than one part is a single PutObject carrying its full-object SHA-256
+  (``x-amz-checksum-sha256``), which the server verifies and keeps; the hex digest is also user
+  metadata ``sha256``.
+* Longer streams are multipart uploads of type ``FULL_OBJECT`` with CRC32: every part carries its
+  own CRC32, and CompleteMultipartUpload carries the CRC32 of the whole object, so the server
+  checks each part as it arrives and the assembled object as a whole. S3 has no full-object SHA-256
+  for multipart uploads (SHA-256 there is only ``COMPOSITE``, a hash of the parts' hashes), and
+  CRC64NVME/CRC32C need ``botocore[crt]``; CRC32 comes with the standard library. A store that
+  refuses FULL_OBJECT CRC32 (R2 offers FULL_OBJECT only for CRC64NVME) gets per-part SHA-256
+  instead, with a warning: each part is still verified, the assembly is not. The object's
+  full SHA-256 is known only after the last part, when its metadata is already fixed, so it goes
+  into an object **tag** ``sha256`` right after completion. A store that refuses tags fails the put
+  with an error that says so (the object stays: it is complete and verified).
+* What servers do with this (checked with the tests' servers): SeaweedFS 4.x verifies SHA-256 on
+  PutObject and UploadPart, CRC32 on UploadPart and the full-object CRC32 on completion (all
+  ``BadDigest``), honours ``If-None-Match: *`` on both PutObject and CompleteMultipartUpload
+  (``PreconditionFailed``) and keeps tags. moto 5 records and echoes checksums without verifying
+  any, and honours ``If-None-Match`` on PutObject.
+* **Single-PUT threshold**: one part (``part_size``, 8 MiB by default), decided by measuring
+  (``BENCH_ONLY=threshold make bench``: ``put_stream`` with 8 MiB parts against one PUT of the
+  whole object, the best case a larger threshold could give). On SeaweedFS, the server that
+  verifies: 9 MiB 0.85x, 16 MiB 1.20x, 32 MiB 1.02x, 64 MiB 0.68x (multipart / one PUT, medians
+  of 5): no consistent gain, and from a few parts on the parallel parts win. On moto (one Python
+  process, not a production target) one PUT is 1.4-1.7x faster. A larger single PUT would also
+  need the whole object in memory (or an aws-chunked PUT with a trailing checksum, which still
+  needs the length up front, unknown for a download without Content-Length), breaking the memory
+  bound. So there is one upload path beyond one part: multipart.
+
+**Never replace, never delete another attempt's copy**: PutObject and CompleteMultipartUpload are
+sent with ``If-None-Match: *``; a taken key raises ``ObjectExists``. Cleanup after a failure or a
+cancellation aborts only this attempt's own multipart upload and never deletes the key. Before it
+starts a multipart upload, a put aborts the incomplete uploads earlier attempts left for its key
+(a killed process cannot clean up after itself).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import boto3
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from receiver.store import (
     NO_METADATA,
     SHA256_KEY,
     Erasure,
+    IncompleteUpload,
+    ObjectExists,
     ObjectInfo,
     ObjectMissing,
     StoredObject,
@@ -37,10 +77,15 @@ from receiver.store import (
     run_to_end,
     single_chunk,
 )
+from receiver.store.s3parts import Digests, b64, crc32_b64, split_parts
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+    from mypy_boto3_s3.type_defs import (
+        CompletedPartTypeDef,
+        CreateMultipartUploadOutputTypeDef,
+        MultipartUploadTypeDef,
+    )
 
 _T = TypeVar("_T")
 
@@ -50,12 +95,21 @@ log = logging.getLogger(__name__)
 MIN_PART_SIZE = 5 * 2**20
 #: S3's largest part number.
 MAX_PARTS = 10_000
-#: S3's CopyObject limit: larger objects can only be copied with UploadPartCopy.
-MAX_COPY_SIZE = 5 * 2**30
 
 _READ_SIZE = 1 << 20
 # Error codes S3 (and compatible stores) answer for a missing key; HEAD has no body, only "404".
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+# What a conditional write (If-None-Match: *) answers when the key is taken. 409
+# ConditionalRequestConflict: a concurrent write to the same key won the race.
+_TAKEN_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
+# What a store answers for a FULL_OBJECT CRC32 multipart upload it does not offer.
+_NO_FULL_OBJECT_CODES = frozenset(
+    {"NotImplemented", "501", "InvalidArgument", "InvalidRequest", "400"}
+)
+# What stores answer for an operation they do not implement (or this identity may not use).
+_UNSUPPORTED_CODES = frozenset(
+    {"NotImplemented", "501", "MethodNotAllowed", "405", "InvalidRequest", "AccessDenied"}
+)
 
 
 class S3Store:
@@ -77,9 +131,14 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.part_size = part_size
         self.parts_in_flight = parts_in_flight
+        # FULL_OBJECT CRC32 multipart uploads until the store refuses one (_create_upload).
+        self._full_object = True
         # A session of our own: boto3's default session is shared module state and not thread-safe
-        # to create clients from. The client itself is thread-safe.
-        self._client: S3Client = boto3.session.Session().client("s3")
+        # to create clients from. The client itself is thread-safe. SigV4 explicitly: for S3 with
+        # a custom endpoint botocore would otherwise presign links with SigV2.
+        self._client: S3Client = boto3.session.Session().client(
+            "s3", config=Config(signature_version="s3v4")
+        )
 
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full_key(key)}"
@@ -92,16 +151,28 @@ class S3Store:
         content_type: str,
         metadata: Mapping[str, str],
     ) -> StoredObject:
+        return await self._put(key, chunks, content_type, metadata, create_only=True)
+
+    async def _put(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        content_type: str,
+        metadata: Mapping[str, str],
+        *,
+        create_only: bool,
+    ) -> StoredObject:
         full_key = self._full_key(key)
         check_metadata(metadata)
-        hasher = hashlib.sha256()
-        async with contextlib.aclosing(_parts(chunks, self.part_size, hasher)) as parts:
+        digests = Digests()
+        condition: dict[str, str] = {"IfNoneMatch": "*"} if create_only else {}
+        async with contextlib.aclosing(split_parts(chunks, self.part_size, digests)) as parts:
             first = await anext(parts, None)
             if first is None or len(first) < self.part_size:
                 # The stream ended before one part filled up: a single PUT, whose SHA-256 checksum
                 # S3 verifies and keeps as the object's full-object checksum.
                 body = first or b""
-                digest = hasher.digest()
+                digest = digests.sha256.digest()
                 try:
                     await self._call_through(
                         self._client.put_object,
@@ -111,11 +182,12 @@ class S3Store:
                         ContentType=content_type,
                         Metadata={**metadata, SHA256_KEY: digest.hex()},
                         ChecksumAlgorithm="SHA256",
-                        ChecksumSHA256=_b64(digest),
+                        ChecksumSHA256=b64(digest),
+                        **condition,  # type: ignore[arg-type]
                     )
-                except asyncio.CancelledError:
-                    # _call_through let the PUT finish: the object may exist now.
-                    await self._delete_quietly(full_key)
+                except StoreError as exc:
+                    if _error_code(exc.__cause__) in _TAKEN_CODES:
+                        raise ObjectExists(key, digest.hex(), await self._existing(key)) from exc
                     raise
                 size = len(body)
             else:
@@ -123,31 +195,116 @@ class S3Store:
                 # part alive for the whole upload, one part over the memory bound.
                 handover = [first]
                 del first
-                upload_id, completed, size = await self._upload_parts(
+                await self._abort_earlier_uploads(full_key)
+                upload_id, completed, size, full_object = await self._upload_parts(
                     full_key, handover, parts, content_type, metadata
                 )
-                digest = hasher.digest()
-                is_object = False
-                try:
-                    await self._call_through(
-                        self._client.complete_multipart_upload,
-                        Bucket=self.bucket,
-                        Key=full_key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": completed},
-                    )
-                    is_object = True
-                    await self._record_sha256(full_key, size, content_type, metadata, digest.hex())
-                except BaseException as exc:
-                    # A refused completion leaves the upload (and any older object at the key);
-                    # after a cancellation we cannot tell which happened, so clean up both.
-                    if not is_object:
-                        with anyio.CancelScope(shield=True):
-                            await self._abort(full_key, upload_id, [])
-                    if is_object or isinstance(exc, asyncio.CancelledError):
-                        await self._delete_quietly(full_key)
-                    raise
+                digest = digests.sha256.digest()
+                extra = dict(condition)
+                if full_object:  # the server checks the whole object's CRC32 on completion
+                    extra["ChecksumCRC32"] = b64(digests.crc32.to_bytes(4, "big"))
+                    extra["ChecksumType"] = "FULL_OBJECT"
+                await self._complete(key, full_key, upload_id, completed, digests, extra)
         return StoredObject(key, self.uri_for(key), size, digest.hex(), content_type)
+
+    async def _complete(
+        self,
+        key: str,
+        full_key: str,
+        upload_id: str,
+        completed: list[CompletedPartTypeDef],
+        digests: Digests,
+        condition: dict[str, str],
+    ) -> None:
+        """Complete the upload (the server checks the whole object's CRC32), then tag it.
+
+        Both steps run to their end even if the put is cancelled meanwhile: a completed object
+        without its tag would look foreign. A refused or interrupted completion aborts this
+        upload, and only it: whatever is at the key stays.
+        """
+        sha256 = digests.sha256.hexdigest()
+        try:
+            await run_to_end(
+                self._complete_and_tag(full_key, upload_id, completed, digests, condition)
+            )
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._abort(full_key, upload_id, [])  # NoSuchUpload if it completed
+                if isinstance(exc, StoreError) and _error_code(exc.__cause__) in _TAKEN_CODES:
+                    existing = await self._existing(key)
+                    if existing is not None and existing.sha256 is None:
+                        existing = await self._untagged(key, existing, sha256)
+                    raise ObjectExists(key, sha256, existing) from exc
+            raise
+
+    async def _existing(self, key: str) -> ObjectInfo | None:
+        """What holds ``key`` after a conditional write lost, or None if it cannot be read."""
+        try:
+            return await self.head(key)
+        except StoreError:
+            log.warning("could not read back s3://%s/%s", self.bucket, self._full_key(key))
+            return None
+
+    async def _untagged(self, key: str, existing: ObjectInfo, ours: str) -> ObjectInfo:
+        """A multipart object without its SHA-256 tag: an earlier attempt completed it and was
+        killed or frozen before tagging it. Hash its bytes (rare: only that crash window); the
+        same digest as ours is that attempt's copy of the same bytes, so its record is repaired
+        with the tag it should have had. Either way the caller sees what the key really holds."""
+        digest = hashlib.sha256()
+        try:
+            async for chunk in self.read(key):
+                digest.update(chunk)
+        except StoreError:
+            return existing
+        found = digest.hexdigest()
+        if found == ours:
+            with contextlib.suppress(StoreError):
+                await self._tag_sha256(self._full_key(key), found)
+        return dataclasses.replace(existing, sha256=found, sha256_source="read")
+
+    async def _complete_and_tag(
+        self,
+        full_key: str,
+        upload_id: str,
+        completed: list[CompletedPartTypeDef],
+        digests: Digests,
+        condition: dict[str, str],
+    ) -> None:
+        await self._call(
+            self._client.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key=full_key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": completed},
+            **condition,  # type: ignore[arg-type]
+        )
+        await self._tag_sha256(full_key, digests.sha256.hexdigest())
+
+    async def _tag_sha256(self, full_key: str, sha256: str) -> None:
+        """Record the full-object SHA-256 of a just-completed multipart object as a tag."""
+        try:
+            await self._call(
+                self._client.put_object_tagging,
+                Bucket=self.bucket,
+                Key=full_key,
+                Tagging={"TagSet": [{"Key": SHA256_KEY, "Value": sha256}]},
+            )
+        except StoreError as exc:
+            raise _tags_refused(self.bucket, "PutObjectTagging", exc) from exc
+
+    async def _abort_earlier_uploads(self, full_key: str) -> None:
+        """Abort incomplete uploads for exactly ``full_key`` that earlier attempts left behind."""
+        for upload in await self._call(self._list_uploads, full_key):
+            if upload["Key"] == full_key:
+                await self._abort(full_key, upload["UploadId"], [])
+
+    def _list_uploads(self, prefix: str) -> list[MultipartUploadTypeDef]:
+        """Every incomplete multipart upload under ``prefix`` (all pages; blocking)."""
+        found: list[MultipartUploadTypeDef] = []
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            found.extend(page.get("Uploads", []))
+        return found
 
     async def _upload_parts(
         self,
@@ -156,22 +313,16 @@ class S3Store:
         parts: AsyncIterator[bytearray],
         content_type: str,
         metadata: Mapping[str, str],
-    ) -> tuple[str, list[CompletedPartTypeDef], int]:
+    ) -> tuple[str, list[CompletedPartTypeDef], int, bool]:
         """Start a multipart upload and upload the part in ``handover`` and the rest of ``parts``.
 
-        Returns the upload id, the completed parts and the total size. At most
-        ``parts_in_flight`` parts upload concurrently while the next one is read. On any failure
-        the upload is aborted once every started part has finished, since a part still in flight
-        during the abort could otherwise survive it and keep costing storage.
+        Returns the upload id, the completed parts, the total size and whether the upload is of
+        type FULL_OBJECT (CRC32). At most ``parts_in_flight`` parts upload concurrently while
+        the next one is read. On any failure the upload is aborted once every started part has
+        finished, since a part still in flight during the abort could otherwise survive it and
+        keep costing storage.
         """
-        created = await self._call(
-            self._client.create_multipart_upload,
-            Bucket=self.bucket,
-            Key=full_key,
-            ContentType=content_type,
-            Metadata=dict(metadata),
-            ChecksumAlgorithm="SHA256",
-        )
+        created, full_object = await self._create_upload(full_key, content_type, metadata)
         upload_id = created["UploadId"]
         tasks: list[asyncio.Task[CompletedPartTypeDef]] = []
         try:
@@ -192,7 +343,9 @@ class S3Store:
                     for task in done:
                         task.result()  # raise the first part failure, if any
                 size += len(part)
-                task = asyncio.create_task(self._upload_part(full_key, upload_id, number, part))
+                task = asyncio.create_task(
+                    self._upload_part(full_key, upload_id, number, part, full_object)
+                )
                 tasks.append(task)
                 in_flight.add(task)
                 # Drop our reference before reading the next part, so a part whose upload
@@ -208,10 +361,46 @@ class S3Store:
             with anyio.CancelScope(shield=True):
                 await self._abort(full_key, upload_id, tasks)
             raise
-        return upload_id, completed, size
+        return upload_id, completed, size, full_object
+
+    async def _create_upload(
+        self, full_key: str, content_type: str, metadata: Mapping[str, str]
+    ) -> tuple[CreateMultipartUploadOutputTypeDef, bool]:
+        """CreateMultipartUpload, FULL_OBJECT CRC32 where the store offers it, else per-part
+        SHA-256 (COMPOSITE): Cloudflare R2, for one, has FULL_OBJECT only for CRC64NVME, which
+        botocore computes only with the optional CRT. The store's answer is remembered."""
+        common: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": full_key,
+            "ContentType": content_type,
+            "Metadata": dict(metadata),
+        }
+        if self._full_object:
+            try:
+                created = await self._call(
+                    self._client.create_multipart_upload,
+                    **common,
+                    ChecksumAlgorithm="CRC32",
+                    ChecksumType="FULL_OBJECT",
+                )
+                return created, True
+            except StoreError as exc:
+                if _error_code(exc.__cause__) not in _NO_FULL_OBJECT_CODES:
+                    raise
+                self._full_object = False
+                log.warning(
+                    "s3://%s refuses FULL_OBJECT CRC32 multipart uploads (%s): parts carry "
+                    "SHA-256 instead, and the whole object has no server-side checksum",
+                    self.bucket,
+                    _error_code(exc.__cause__),
+                )
+        created = await self._call(
+            self._client.create_multipart_upload, **common, ChecksumAlgorithm="SHA256"
+        )
+        return created, False
 
     async def _upload_part(
-        self, full_key: str, upload_id: str, number: int, data: bytearray
+        self, full_key: str, upload_id: str, number: int, data: bytearray, full_object: bool
     ) -> CompletedPartTypeDef:
         # The worker thread takes the part out of this list and so holds the only reference: the
         # executor keeps the callable alive for a moment after the result is delivered, and by
@@ -221,18 +410,25 @@ class S3Store:
 
         def upload() -> CompletedPartTypeDef:
             body = handover.pop()
-            # Hashed in the worker thread: hashlib releases the GIL, the event loop stays free.
-            checksum = _b64(hashlib.sha256(body).digest())
+            # Computed in the worker thread: zlib and hashlib release the GIL.
+            if full_object:
+                name, algorithm = "ChecksumCRC32", "CRC32"
+                checksum = crc32_b64(body)
+            else:
+                name, algorithm = "ChecksumSHA256", "SHA256"
+                checksum = b64(hashlib.sha256(body).digest())
             response = self._client.upload_part(
                 Bucket=self.bucket,
                 Key=full_key,
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=body,  # type: ignore[arg-type]  # botocore accepts bytearray; saves a copy
-                ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=checksum,
+                ChecksumAlgorithm=algorithm,  # type: ignore[arg-type]
+                **{name: checksum},  # type: ignore[arg-type]
             )
-            return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
+            completed: CompletedPartTypeDef = {"PartNumber": number, "ETag": response["ETag"]}
+            completed[name] = checksum  # type: ignore[literal-required]
+            return completed
 
         return await self._call(upload)
 
@@ -250,51 +446,9 @@ class S3Store:
         except StoreError as exc:
             if _error_code(exc.__cause__) == "NoSuchUpload":
                 return  # it completed after all, or was aborted already
-            # The original failure matters more; a bucket lifecycle rule
-            # (AbortIncompleteMultipartUpload) is the backstop for uploads left behind here.
+            # The original failure matters more; `receiver verify --repair` (and a bucket
+            # lifecycle rule on AWS) finds uploads left behind here.
             log.warning("could not abort multipart upload of s3://%s/%s", self.bucket, full_key)
-
-    async def _delete_quietly(self, full_key: str) -> None:
-        """Best-effort removal of an object a failed put may have left behind."""
-        with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
-            await self._call(self._client.delete_object, Bucket=self.bucket, Key=full_key)
-
-    async def _record_sha256(
-        self,
-        full_key: str,
-        size: int,
-        content_type: str,
-        metadata: Mapping[str, str],
-        sha256: str,
-    ) -> None:
-        """Attach the full-object SHA-256 to a just-completed multipart object.
-
-        It is known only after the last part, but S3 metadata is fixed at
-        create_multipart_upload and immutable afterwards. An in-place CopyObject with
-        MetadataDirective=REPLACE rewrites the metadata, and with ChecksumAlgorithm=SHA256 S3
-        recomputes the copy's checksum over the whole object, so the object's own S3 checksum
-        becomes the full-object SHA-256 instead of the composite per-part one (``<base64>-N``).
-        CopyObject stops at 5 GiB; larger objects get the digest as an object tag instead, the one
-        thing S3 lets us change after upload.
-        """
-        if size <= MAX_COPY_SIZE:
-            await self._call_through(
-                self._client.copy_object,
-                Bucket=self.bucket,
-                Key=full_key,
-                CopySource={"Bucket": self.bucket, "Key": full_key},
-                MetadataDirective="REPLACE",
-                Metadata={**metadata, SHA256_KEY: sha256},
-                ContentType=content_type,
-                ChecksumAlgorithm="SHA256",
-            )
-        else:
-            await self._call_through(
-                self._client.put_object_tagging,
-                Bucket=self.bucket,
-                Key=full_key,
-                Tagging={"TagSet": [{"Key": SHA256_KEY, "Value": sha256}]},
-            )
 
     async def put_bytes(
         self,
@@ -304,9 +458,7 @@ class S3Store:
         content_type: str,
         metadata: Mapping[str, str] = NO_METADATA,
     ) -> StoredObject:
-        return await self.put_stream(
-            key, single_chunk(data), content_type=content_type, metadata=metadata
-        )
+        return await self._put(key, single_chunk(data), content_type, metadata, create_only=False)
 
     async def head(self, key: str) -> ObjectInfo | None:
         full_key = self._full_key(key)
@@ -316,13 +468,20 @@ class S3Store:
             return None
         metadata = dict(response.get("Metadata", {}))
         sha256 = metadata.get(SHA256_KEY)
+        source = "metadata" if sha256 is not None else None
         if sha256 is None:
-            # Objects over MAX_COPY_SIZE carry the digest as a tag (see _record_sha256).
-            tagging = await self._call(
-                self._client.get_object_tagging, Bucket=self.bucket, Key=full_key
-            )
+            # Multipart objects carry the digest as a tag (see the module docstring).
+            try:
+                tagging = await self._call(
+                    self._client.get_object_tagging, Bucket=self.bucket, Key=full_key
+                )
+            except ObjectMissing:
+                return None  # deleted between the two requests
+            except StoreError as exc:
+                raise _tags_refused(self.bucket, "GetObjectTagging", exc) from exc
             tags = {tag["Key"]: tag["Value"] for tag in tagging["TagSet"]}
             sha256 = tags.get(SHA256_KEY)
+            source = "tag" if sha256 is not None else None
         return ObjectInfo(
             key=key,
             uri=self.uri_for(key),
@@ -330,6 +489,7 @@ class S3Store:
             content_type=response.get("ContentType"),
             sha256=sha256,
             metadata=metadata,
+            sha256_source=source,
         )
 
     async def read(self, key: str) -> AsyncIterator[bytes]:
@@ -392,6 +552,31 @@ class S3Store:
                 kept.append(f"version {version}: {code}")
         return Erasure(key, removed, tuple(kept))
 
+    async def incomplete_uploads(
+        self, prefix: str, initiated_before: datetime
+    ) -> AsyncIterator[IncompleteUpload]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        for upload in await self._call(self._list_uploads, root + prefix):
+            if upload["Initiated"] < initiated_before:
+                yield IncompleteUpload(
+                    key=upload["Key"][len(root) :],
+                    upload_id=upload["UploadId"],
+                    initiated=upload["Initiated"].astimezone(UTC),
+                )
+
+    async def abort_upload(self, upload: IncompleteUpload) -> None:
+        full_key = self._full_key(upload.key)
+        try:
+            await self._call(
+                self._client.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=full_key,
+                UploadId=upload.upload_id,
+            )
+        except StoreError as exc:
+            if _error_code(exc.__cause__) != "NoSuchUpload":
+                raise
+
     async def ping(self) -> None:
         try:
             await self._call(self._client.head_bucket, Bucket=self.bucket)
@@ -421,42 +606,17 @@ class S3Store:
             raise StoreError(f"s3://{self.bucket}: {exc}") from exc
 
 
+def _tags_refused(bucket: str, operation: str, exc: StoreError) -> StoreError:
+    """The error for a store that does not keep object tags, which multipart SHA-256s live in."""
+    code = _error_code(exc.__cause__)
+    if code in _UNSUPPORTED_CODES:
+        return StoreError(
+            f"s3://{bucket}: the store refuses object tags ({operation}: {code}); receiver records "
+            "the SHA-256 of multipart objects in a tag, so this store cannot hold them verifiably"
+        )
+    return exc
+
+
 def _error_code(exc: BaseException | None) -> str:
     """S3's error code if ``exc`` is a ``ClientError``, else ""."""
     return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
-
-
-async def _parts(
-    chunks: AsyncIterable[bytes], part_size: int, hasher: hashlib._Hash
-) -> AsyncGenerator[bytearray, None]:
-    """Regroup ``chunks`` into parts of exactly ``part_size`` bytes (the last may be shorter).
-
-    Every chunk goes into ``hasher`` as it arrives. A short part is only ever yielded at the end
-    of the stream, which is how the caller knows a single PUT will do. Nothing is yielded for an
-    empty stream.
-    """
-    # The first buffer grows with the data, so a small object costs only its size. Once a part
-    # has filled up the stream is known to be big, and later buffers are allocated at exactly
-    # part_size: a growing bytearray over-allocates by up to 1/8, which would add up over the
-    # parts in flight.
-    buffer = bytearray()
-    filled = 0
-    async for chunk in chunks:
-        hasher.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            take = min(part_size - filled, len(view))
-            buffer[filled : filled + take] = view[:take]
-            filled += take
-            view = view[take:]
-            if filled == part_size:
-                yield buffer
-                buffer = bytearray(part_size)
-                filled = 0
-    if filled:
-        del buffer[filled:]
-        yield buffer
-
-
-def _b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode("ascii")

@@ -21,7 +21,7 @@ from receiver.audit.api import decode_cursor, encode_cursor, job_filter, job_jso
 from receiver.audit.console import summary
 from receiver.audit.console.media import asset_response, preview_kind
 from receiver.audit.console.session import Session, Sessions, csrf_matches, same_site
-from receiver.audit.operations import verify_asset
+from receiver.audit.operations import check_asset
 from receiver.domain import Clock, JobState
 from receiver.errors import InvalidPayload, NotFound
 from receiver.ledger import JobRecord, Ledger
@@ -380,20 +380,19 @@ class Console:
         if asset is None or asset.state != "archived":
             notice = {"ok": False, "text": f"Asset {n} is not archived: nothing to verify."}
             return await self.job(request, session, notice)
-        finding = await verify_asset(self.parts.store, job.provider, job.job_id, asset)
-        if finding is None:
+        findings = await check_asset(self.parts.store, job.provider, job.job_id, asset)
+        if not findings:
             notice = {
                 "ok": True,
                 "text": f"Asset {n} verified: re-read {asset.size} bytes, SHA-256 "
-                f"{asset.sha256} matches the ledger.",
+                f"{asset.sha256} matches the ledger, the manifest and the object's own record.",
             }
         else:
-            detail = f" (expected {finding.expected}, found {finding.actual})"
-            notice = {
-                "ok": False,
-                "text": f"Asset {n} failed verification: {finding.problem}"
-                + (detail if finding.expected else ""),
-            }
+            problems = "; ".join(
+                f.problem + (f" (expected {f.expected}, found {f.actual})" if f.expected else "")
+                for f in findings
+            )
+            notice = {"ok": False, "text": f"Asset {n} failed verification: {problems}"}
         return await self.job(request, session, notice)
 
     async def retry(self, request: Request, session: Session) -> Response:
