@@ -140,6 +140,12 @@ async def check_store(store: Store, describe: str) -> Check:
             f"{describe}: {store.root} does not exist yet; it is created on the "
             f"first copy ({parent} is writable)",
         )
+    try:
+        # First the bucket itself: some S3-compatible servers (SeaweedFS) create a missing
+        # bucket on the first write, so the probe alone would hide a misspelt bucket name.
+        await store.ping()
+    except Exception as exc:
+        return Check("store", False, f"{describe}: not reachable: {explain(exc)}")
     key = f"{PROBE_PREFIX}probe-{secrets.token_hex(8)}"
     try:
         await store.put_bytes(key, b"receiver doctor probe\n", content_type="text/plain")
