@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import certifi
@@ -32,7 +32,6 @@ from starlette.routing import Route
 from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit.api import AuditApi
-from receiver.audit.console import Console, ConsoleParts
 from receiver.audit.fixity import FixityLoop
 from receiver.audit.lifecycle import PruneReport, RetentionLoop, RetentionPolicy
 from receiver.audit.openapi import document
@@ -49,23 +48,25 @@ from receiver.ingest.routes import (
     note_rejection,
 )
 from receiver.ledger import Ledger
-from receiver.ledger.dynamodb import DynamoLedger
-from receiver.ledger.dynamodb.claims import DynamoTaskClaims
 from receiver.ledger.sqlite import SqliteLedger
 from receiver.metrics import Metrics
 from receiver.polling.poller import Poller
 from receiver.polling.registration import Registrar, Registration, TrackingApi
 from receiver.polling.schedule import Tracker
-from receiver.polling.schedule.dynamodb import DynamoTrackedStore
 from receiver.polling.schedule.sqlite import TrackedStore
 from receiver.providers import REGISTRY
 from receiver.settings import Settings
 from receiver.store import Store
 from receiver.store.local import LocalStore
-from receiver.store.s3 import S3Store
 from receiver.workqueue import WorkQueue
 from receiver.workqueue.sqlite import SqliteQueue
-from receiver.workqueue.sqs import SqsQueue
+
+if TYPE_CHECKING:
+    from receiver.ledger.dynamodb import DynamoLedger
+    from receiver.workqueue.sqs import SqsQueue
+
+# The AWS adapters (boto3: about 20 MB) and the console (Jinja2) are imported where they are
+# picked, so that a `receiver worker` on the embedded default never loads them.
 
 log = structlog.get_logger(__name__)
 
@@ -177,6 +178,8 @@ def open_store(url: str, *, part_size: int = 8 * 2**20, parts_in_flight: int = 2
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"S3 URL {url!r} names no bucket: use s3://bucket/prefix")
+        from receiver.store.s3 import S3Store
+
         return S3Store(
             parts.netloc,
             unquote(parts.path).strip("/"),
@@ -188,6 +191,10 @@ def open_store(url: str, *, part_size: int = 8 * 2**20, parts_in_flight: int = 2
 
 def open_distributed(settings: Settings) -> tuple[DynamoLedger, SqsQueue]:
     """The scale-out pair: the DynamoDB ledger, whose outbox sends through the SQS queue."""
+    from receiver.ledger.dynamodb import DynamoLedger
+    from receiver.ledger.dynamodb.claims import DynamoTaskClaims
+    from receiver.workqueue.sqs import SqsQueue
+
     queue = SqsQueue.from_url(
         settings.queue_url or "", urgent_window=timedelta(hours=settings.queue_urgent_hours)
     )
@@ -243,6 +250,8 @@ def build_parts(
     queue: WorkQueue
     tracked: Tracker
     if settings.distributed:  # dynamodb:// + sqs:// (scale-out)
+        from receiver.polling.schedule.dynamodb import DynamoTrackedStore
+
         dynamo, queue = open_distributed(settings)
         # The poll schedule shares the ledger's table: a job registered on any replica is
         # polled by whichever worker process claims it first.
@@ -298,6 +307,7 @@ async def register_offline(settings: Settings, data: Any, *, clock: Clock) -> Re
     if settings.distributed:
         # The ledger's table holds the schedule too: any `receiver worker` polls the job.
         from receiver.ledger.dynamodb import DynamoLedger
+        from receiver.polling.schedule.dynamodb import DynamoTrackedStore
 
         # No publisher: a registration writes no archive task, so nothing goes to the queue.
         ledger = DynamoLedger.from_url(settings.ledger_url)
@@ -390,6 +400,8 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         on_registered=poller.wake.set if poller else lambda: None,
     )
     tracking = TrackingApi(registrar, api_token)
+    from receiver.audit.console import Console, ConsoleParts
+
     console = Console(
         ConsoleParts(
             parts.ledger,

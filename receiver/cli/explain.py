@@ -6,7 +6,6 @@ carry a signed URL's query string, a token or a key.
 
 from __future__ import annotations
 
-import re
 import sqlite3
 
 import httpx
@@ -19,10 +18,9 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
+from receiver.domain import scrub_secrets
 from receiver.errors import ConfigurationError
 from receiver.store import StoreError
-
-_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
 
 CREDENTIAL_CODES = {
     "InvalidAccessKeyId",
@@ -56,11 +54,6 @@ def rejected(message: str, details: object) -> str:
     return f"{message}: {details}" if details else message
 
 
-def redact(text: str) -> str:
-    """Drop URL query strings (signed URLs carry their credentials there)."""
-    return _QUERY.sub(r"\1?…", text)
-
-
 def _causes(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     current: BaseException | None = exc
@@ -75,8 +68,8 @@ def explain(exc: BaseException) -> str:
     for cause in _causes(exc):
         line = _explain_one(cause)
         if line is not None:
-            return redact(line)
-    return redact(
+            return scrub_secrets(line)
+    return scrub_secrets(
         f"unexpected error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
     )
 
