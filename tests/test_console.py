@@ -397,6 +397,13 @@ async def test_verify_recomputes_the_sha256_and_reports_corruption(
     )
     assert bad.status_code == 409
     assert "failed verification: sha256 mismatch" in bad.text
+    # Recorded like a scheduled fixity check: in the audit, and on the Problems page.
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+    shown = (await console.client.get("/jobs/apex/job-1", headers=bearer)).json()
+    assert shown["assets"][0]["fixity"]["ok"] is False
+    assert shown["assets"][0]["fixity"]["problem"].startswith("sha256 mismatch")
+    problems = await console.client.get("/console/problems")
+    assert "fixity failure" in problems.text and "apex/job-1" in problems.text
     path.unlink()
     gone = await console.client.post(
         "/console/jobs/apex/job-1/assets/0/verify", data=form, headers=SAME_ORIGIN

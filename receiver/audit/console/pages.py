@@ -24,7 +24,7 @@ from receiver.audit.console.session import Session, Sessions, csrf_matches, same
 from receiver.audit.operations import check_asset
 from receiver.domain import Clock, JobState
 from receiver.errors import InvalidPayload, NotFound
-from receiver.ledger import JobRecord, Ledger
+from receiver.ledger import FULL_READ, JobRecord, Ledger
 from receiver.metrics import Metrics
 from receiver.polling.schedule import Tracker
 from receiver.providers import REGISTRY
@@ -381,6 +381,16 @@ class Console:
             notice = {"ok": False, "text": f"Asset {n} is not archived: nothing to verify."}
             return await self.job(request, session, notice)
         findings = await check_asset(self.parts.store, job.provider, job.job_id, asset)
+        # A check from the console is a fixity check like the scheduled ones: recorded on the
+        # asset (the audit shows it; a failure lists the asset on the Problems page).
+        await self.parts.ledger.mark_verified(
+            job.provider,
+            job.job_id,
+            asset.n,
+            at=self.parts.clock(),
+            by=FULL_READ,
+            error="; ".join(f.problem for f in findings) or None,
+        )
         if not findings:
             notice = {
                 "ok": True,

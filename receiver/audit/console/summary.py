@@ -52,7 +52,7 @@ class Overview:
 
 @dataclass
 class Problem:
-    kind: str  # "dead" | "expired" | "deadline miss" | "polling stopped"
+    kind: str  # "dead" | "expired" | "deadline miss" | "polling stopped" | "fixity failure"
     provider: str
     job_id: str
     at: datetime | None
@@ -150,7 +150,8 @@ async def polling(
 
 
 async def problems(ledger: Ledger, tracker: Tracker | None, now: datetime) -> Problems:
-    """Dead-lettered and expired assets, deadline misses and stopped polling, newest first."""
+    """Dead-lettered and expired assets, deadline misses, stopped polling and failed fixity
+    checks, newest first."""
     found = Problems()
     for state in (JobState.DEAD, JobState.EXPIRED):
         summaries = await ledger.list_jobs(
@@ -188,6 +189,17 @@ async def problems(ledger: Ledger, tracker: Tracker | None, now: datetime) -> Pr
     found.more_misses = week.missed - len(week.misses)
     for tracked in await tracker.stopped(PROBLEMS_LIMIT) if tracker else []:
         found.items.append(_stopped(tracked))
+    for failed in await ledger.fixity_failures(PROBLEMS_LIMIT):
+        found.items.append(
+            Problem(
+                "fixity failure",
+                failed.provider,
+                failed.job_id,
+                failed.asset.verified_at,
+                failed.asset.fixity_error or "",
+                failed.asset.n,
+            )
+        )
     found.items.sort(key=lambda p: p.at.timestamp() if p.at else 0.0, reverse=True)
     return found
 
