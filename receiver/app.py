@@ -413,6 +413,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
             tracker=poller.tracked if poller else None,
             poll_problem=poller.problem if poller else lambda provider: None,
             on_requeued=parts.archiver.wake.set,
+            payload_retention_days=settings.payload_retention_days,
         )
     )
     openapi = document()

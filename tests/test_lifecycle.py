@@ -28,6 +28,7 @@ from receiver.cli import app as cli
 from tests.conftest import FakeClock, Harness, make_settings, post_signed
 from tests.payloads import APEX_SECRET, apex_completed, signed
 from tests.sources import SourceServer
+from tests.test_console import sign_in
 
 pytestmark = pytest.mark.anyio
 
@@ -84,6 +85,9 @@ async def test_payloads_go_after_the_retention_period_and_the_audit_says_so(
     delivery = shown["deliveries"][0]
     assert delivery["payload"] is None
     assert delivery["payload_removed"] == "payload removed after 30 days"
+    await sign_in(h)  # the console says the same where the payload was
+    page = await h.client.get("/console/jobs/apex/r1")
+    assert "payload removed after 30 days" in page.text and "View (redacted)" not in page.text
     # The audit row stays, with the fingerprint of what was received.
     assert delivery["payload_sha256"] == hashlib.sha256(body).hexdigest()
     assert delivery["webhook_id"].startswith("msg_")

@@ -62,6 +62,7 @@ class ConsoleParts:
     tracker: Tracker | None = None
     poll_problem: Callable[[str], str | None] = lambda provider: None
     on_requeued: Callable[[], None] = lambda: None  # wake the archive workers
+    payload_retention_days: int | None = None  # what "payload removed after N days" says
 
 
 def _when(value: str | datetime | None) -> str:
@@ -337,7 +338,7 @@ class Console:
         job = await self._job(request)
         tracker = self.parts.tracker
         tracked = await tracker.get(job.provider, job.job_id) if tracker else None
-        body = job_json(job, tracked)
+        body = job_json(job, tracked, payload_retention_days=self.parts.payload_retention_days)
         base = f"/console/jobs/{job.provider}/{job.job_id}"
         for asset in body["assets"]:
             asset["preview"] = (
