@@ -52,8 +52,10 @@ WEBHOOK_RESPONSES = {
     "401": _error("Authentication failed"),
     "404": _error("Unknown provider"),
     "413": _error("Body too large"),
+    "408": _error("The body did not arrive within RECEIVER_BODY_TIMEOUT_SECONDS"),
     "415": _error("Not application/json"),
-    "422": _error("Schema violation or unknown event"),
+    "422": _error("Schema violation, unknown event, or outside the edge rule (README)"),
+    "503": _error("The ledger cannot be written right now; nothing was acknowledged: retry"),
 }
 
 OPERATOR: list[dict[str, list[str]]] = [{"operatorToken": []}]
@@ -130,7 +132,13 @@ def document(tracking_schema: dict[str, Any] | None = None) -> dict[str, Any]:
                 "security": OPERATOR,
                 "parameters": PATH_PARAMS,
                 "responses": {
-                    "200": _json({"type": "object"}, "The job"),
+                    "200": _json(
+                        {"type": "object"},
+                        "The job. Per delivery: `body_mismatch` (the same webhook id arrived "
+                        "earlier with another body), `payload` (redacted; null once retention "
+                        "removed it) and `payload_removed` (why). Per asset: `fixity` (last "
+                        "check: `verified_at`, `verified_by`, `ok`, `problem`).",
+                    ),
                     "401": _error("Missing or invalid operator token"),
                     "404": _error("No such job (or erased on request: `receiver forget`)"),
                 },
@@ -162,7 +170,16 @@ def document(tracking_schema: dict[str, Any] | None = None) -> dict[str, Any]:
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Up"}}}},
         "/readyz": {
             "get": {
-                "summary": "Readiness: ledger and store reachable",
+                "summary": "Readiness to accept webhooks: the ledger answers and takes writes "
+                "(with ?full=1 also the store; for people and dashboards, not load balancers)",
+                "parameters": [
+                    {
+                        "name": "full",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["1"]},
+                    }
+                ],
                 "responses": {
                     "200": {"description": "Ready"},
                     "503": {"description": "Not ready"},
@@ -190,9 +207,11 @@ def document(tracking_schema: dict[str, Any] | None = None) -> dict[str, Any]:
                 "200": _json({"type": "object"}, "Already tracked"),
                 "400": _error("Malformed JSON"),
                 "401": _error("Missing or invalid operator token"),
+                "408": _error("The body did not arrive in time"),
                 "413": _error("Metadata too large"),
                 "415": _error("Not application/json"),
                 "422": _error("Invalid request"),
+                "503": _error("The ledger cannot be written right now: retry"),
             },
         }
     return {
