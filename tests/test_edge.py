@@ -235,3 +235,13 @@ async def test_same_delivery_id_with_another_body_is_flagged_in_audit_and_metric
     assert shown["deliveries"][1]["payload"]["data"]["outputUrl"].endswith("/other.png")
     metrics = (await harness.client.get("/metrics")).text
     assert 'receiver_delivery_body_mismatches_total{provider="apex"} 1.0' in metrics
+    # The flag is part of the record of years: in the manifest, and back from it by reindex.
+    from receiver.archive.manifest import build_manifest
+    from receiver.audit.operations import job_from_manifest
+
+    job = await harness.parts.ledger.job("apex", "m1")
+    assert job is not None
+    manifest = json.loads(json.dumps(build_manifest(job)))
+    assert [d["body_mismatch"] for d in manifest["deliveries"]] == [False, True]
+    restored = job_from_manifest(manifest)
+    assert [d.body_mismatch for d in restored.deliveries] == [False, True]

@@ -83,6 +83,8 @@ def build_manifest(job: JobRecord, previous: dict[str, Any] | None = None) -> di
                 "event": d.event,
                 "outcome": d.outcome,
                 "payload_sha256": d.payload_sha256,
+                # The same webhook id arrived earlier with another body (flagged, kept).
+                "body_mismatch": d.body_mismatch,
                 "payload": (
                     kept.get((_iso(d.received_at), d.payload_sha256))
                     if d.payload_removed

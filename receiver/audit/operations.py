@@ -263,6 +263,7 @@ def job_from_manifest(manifest: dict[str, Any]) -> JobRecord:
                 outcome=d["outcome"],
                 # The payload as the manifest keeps it: URL query strings already removed.
                 body=json.dumps(d["payload"]).encode(),
+                body_mismatch=bool(d.get("body_mismatch", False)),  # absent in older manifests
             )
             for d in manifest["deliveries"]
         ],
