@@ -33,8 +33,8 @@ from receiver.ledger import (
     to_ts,
 )
 from receiver.ledger import at_ts as _at
-from receiver.ledger import sqlite_lifecycle as lifecycle
-from receiver.ledger.sqlite_lifecycle import asset_record
+from receiver.ledger.sqlite import lifecycle
+from receiver.ledger.sqlite.lifecycle import asset_record
 
 
 class SqliteLedger:
@@ -207,7 +207,7 @@ class SqliteLedger:
             # The last write or checkpoint failed: ready again only once a real write commits.
             await self.db.probe_write()
 
-    # -- data over years (receiver.ledger.sqlite_lifecycle) ---------------------------------------
+    # -- data over years (receiver.ledger.sqlite.lifecycle) ---------------------------------------
 
     async def prune_payloads(self, received_before: datetime, now: datetime, limit: int) -> int:
         before, at = received_before.timestamp(), now.timestamp()
