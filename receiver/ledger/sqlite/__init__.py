@@ -16,10 +16,8 @@ from receiver.ledger import (
     MANIFEST_TASK_WINDOW_SECONDS,
     Activity,
     ArchivedAsset,
-    ArchivedSample,
     AssetRecord,
     AssetToCopy,
-    DeliveryRecord,
     DueAsset,
     FixityStatus,
     IncomingDelivery,
@@ -33,8 +31,10 @@ from receiver.ledger import (
     to_ts,
 )
 from receiver.ledger import at_ts as _at
-from receiver.ledger.sqlite import lifecycle
-from receiver.ledger.sqlite.lifecycle import asset_record
+from receiver.ledger.sqlite import lifecycle, reads
+from receiver.ledger.sqlite.reads import read_job
+
+__all__ = ["SqliteLedger", "read_job"]
 
 
 class SqliteLedger:
@@ -176,24 +176,24 @@ class SqliteLedger:
         )
 
     async def job(self, provider: str, job_id: str) -> JobRecord | None:
-        return await self.db.read(lambda conn: read_job(conn, provider, job_id))
+        return await self.db.read(lambda conn: reads.read_job(conn, provider, job_id))
 
     async def list_jobs(
         self, where: JobFilter, *, before_seq: int | None, limit: int
     ) -> list[JobSummary]:
-        return await self.db.read(lambda conn: _list_jobs(conn, where, before_seq, limit))
+        return await self.db.read(lambda conn: reads.list_jobs(conn, where, before_seq, limit))
 
     async def requeue(self, provider: str, job_id: str, now: datetime) -> int:
         return await self.db.write(lambda conn: _requeue(conn, provider, job_id, now.timestamp()))
 
     async def archived_assets(self, where: JobFilter) -> list[tuple[str, str, AssetRecord]]:
-        return await self.db.read(lambda conn: _archived_assets(conn, where))
+        return await self.db.read(lambda conn: reads.archived_assets(conn, where))
 
     async def restore(self, job: JobRecord) -> bool:
         return await self.db.write(lambda conn: _restore(conn, job))
 
     async def activity(self, since: datetime) -> Activity:
-        return await self.db.read(lambda conn: _activity(conn, since))
+        return await self.db.read(lambda conn: reads.activity(conn, since))
 
     async def ping(self) -> None:
         await self.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
@@ -457,107 +457,6 @@ def _settle_job(conn: sqlite3.Connection, provider: str, job_id: str, now: datet
     return new
 
 
-def read_job(conn: sqlite3.Connection, provider: str, job_id: str) -> JobRecord | None:
-    row = conn.execute(
-        "SELECT * FROM jobs WHERE provider = ? AND job_id = ?", (provider, job_id)
-    ).fetchone()
-    if row is None:
-        return None
-    deliveries = [
-        DeliveryRecord(
-            seq=d["seq"],
-            delivery_id=d["delivery_id"],
-            received_at=_at(d["received_at"]),
-            source=d["source"],
-            auth=d["auth"],
-            event=d["event"],
-            payload_sha256=d["payload_sha256"],
-            outcome=d["outcome"],
-            body=bytes(d["body"]),
-            body_mismatch=bool(d["body_mismatch"]),
-            payload_removed=d["body_removed_at"] is not None,
-        )
-        for d in conn.execute(
-            "SELECT * FROM deliveries WHERE provider = ? AND job_id = ? ORDER BY seq",
-            (provider, job_id),
-        )
-    ]
-    assets = [
-        asset_record(a)
-        for a in conn.execute(
-            "SELECT * FROM assets WHERE provider = ? AND job_id = ? ORDER BY n",
-            (provider, job_id),
-        )
-    ]
-    return JobRecord(
-        provider=provider,
-        job_id=job_id,
-        state=JobState(row["state"]),
-        job_type=row["job_type"],
-        first_seen_at=_at(row["first_seen_at"]),
-        updated_at=_at(row["updated_at"]),
-        completed_at=from_ts(row["completed_at"]),
-        failed_at=from_ts(row["failed_at"]),
-        archived_at=from_ts(row["archived_at"]),
-        deadline=from_ts(row["deadline"]),
-        error=row["error"],
-        credits_refunded=row["credits_refunded"],
-        metadata=json.loads(row["metadata"]),
-        tracking=json.loads(row["tracking"]) if row["tracking"] else None,
-        deliveries=deliveries,
-        assets=assets,
-    )
-
-
-def _where(where: JobFilter) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    args: list[Any] = []
-    for column, value in (
-        ("provider", where.provider),
-        ("state", where.state),
-        ("job_type", where.job_type),
-    ):
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            args.append(value)
-    if where.since is not None:
-        clauses.append("first_seen_at >= ?")
-        args.append(where.since.timestamp())
-    if where.until is not None:
-        clauses.append("first_seen_at < ?")
-        args.append(where.until.timestamp())
-    return (" AND ".join(clauses) or "1"), args
-
-
-def _summary(row: sqlite3.Row) -> JobSummary:
-    return JobSummary(
-        seq=row["seq"],
-        provider=row["provider"],
-        job_id=row["job_id"],
-        state=JobState(row["state"]),
-        job_type=row["job_type"],
-        first_seen_at=_at(row["first_seen_at"]),
-        completed_at=from_ts(row["completed_at"]),
-        archived_at=from_ts(row["archived_at"]),
-        deadline=from_ts(row["deadline"]),
-        error=row["error"],
-    )
-
-
-def _list_jobs(
-    conn: sqlite3.Connection, where: JobFilter, before_seq: int | None, limit: int
-) -> list[JobSummary]:
-    sql, args = _where(where)
-    if before_seq is not None:
-        sql += " AND seq < ?"
-        args.append(before_seq)
-    rows = conn.execute(
-        f"SELECT * FROM jobs WHERE {sql} ORDER BY seq DESC LIMIT ?",  # noqa: S608 (fixed columns)
-        (*args, limit),
-    )
-    return [_summary(r) for r in rows]
-
-
 def _requeue(conn: sqlite3.Connection, provider: str, job_id: str, now: float) -> int:
     key = (provider, job_id)
     requeued = conn.execute(
@@ -580,53 +479,6 @@ def _requeue(conn: sqlite3.Connection, provider: str, job_id: str, now: float) -
             (now, *key, *key),
         )
     return requeued
-
-
-def _archived_assets(
-    conn: sqlite3.Connection, where: JobFilter
-) -> list[tuple[str, str, AssetRecord]]:
-    sql, args = _where(where)
-    jobs = conn.execute(
-        f"SELECT provider, job_id FROM jobs WHERE {sql} ORDER BY seq",  # noqa: S608
-        args,
-    ).fetchall()
-    found: list[tuple[str, str, AssetRecord]] = []
-    for job in jobs:
-        record = read_job(conn, job["provider"], job["job_id"])
-        assert record is not None
-        found.extend(
-            (record.provider, record.job_id, a) for a in record.assets if a.state == "archived"
-        )
-    return found
-
-
-def _activity(conn: sqlite3.Connection, since: datetime) -> Activity:
-    start = since.timestamp()
-    states = {
-        r["state"]: r["n"]
-        for r in conn.execute(
-            "SELECT state, COUNT(*) AS n FROM jobs WHERE first_seen_at >= ? GROUP BY state",
-            (start,),
-        )
-    }
-    rows = conn.execute(
-        "SELECT a.provider, a.job_id, a.n, a.size, a.archived_at, a.deadline FROM assets a "
-        "JOIN jobs j ON j.provider = a.provider AND j.job_id = a.job_id "
-        "WHERE j.first_seen_at >= ? AND a.state = 'archived'",
-        (start,),
-    )
-    samples = (
-        ArchivedSample(
-            r["provider"],
-            r["job_id"],
-            r["n"],
-            r["size"] or 0,
-            _at(r["archived_at"]),
-            _at(r["deadline"]),
-        )
-        for r in rows
-    )
-    return Activity.build(since, states, samples)
 
 
 def _restore(conn: sqlite3.Connection, job: JobRecord) -> bool:
