@@ -59,6 +59,10 @@ acknowledges a message whose asset is already archived.
 
 Limits: a transaction holds at most 100 items (4 MB), so a job may have at most ~45 outputs;
 an item at most 400 KB, hence compressed and split delivery bodies.
+
+Modules: `items` (item format, keys, the table definition), `ledger` (`record` and the other
+writes), `reads` (jobs, listings, activity), `outbox` (send and relay), `claims` (one copy of a
+task at a time in SQS mode), `lifecycle` (retention, erasure, fixity bookkeeping).
 """
 
 from receiver.ledger.dynamodb.items import Item, decode, encode, query_items, table_definition

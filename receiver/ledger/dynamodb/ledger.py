@@ -1,16 +1,15 @@
-"""The DynamoDB ledger adapter: `record` and the reads (see the package docstring)."""
+"""The DynamoDB ledger adapter: `record` and the other writes (reads.py: the reads; see the
+package docstring for the item layout)."""
 
 from __future__ import annotations
 
-import heapq
 import json
 import random
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from itertools import islice
 from typing import Any, TypeVar
 
 import structlog
@@ -21,14 +20,10 @@ from receiver.domain import DeliveryOutcome, EventKind, JobEvent, JobState, deci
 from receiver.ledger import (
     MANIFEST_TASK,
     MANIFEST_TASK_WINDOW_SECONDS,
-    Activity,
     ArchivedAsset,
-    AssetRecord,
     AssetToCopy,
     IncomingDelivery,
-    JobFilter,
     JobRecord,
-    JobSummary,
     PlannedOutput,
     RecordResult,
 )
@@ -37,33 +32,25 @@ from receiver.ledger import from_ts as _opt_at
 from receiver.ledger import to_ts as _ts
 from receiver.ledger.dynamodb import lifecycle
 from receiver.ledger.dynamodb.items import (
-    _MAX_SEQ,
     BODY_CHUNK,
-    SHARDS,
     TTL_ATTRIBUTE,
     Item,
-    _activity,
     _apply_event,
     _asset_item,
-    _asset_record,
-    _delivery_record,
     _earliest_pending,
     _index,
     _is_conflict,
     _micros,
     _new_job,
-    _seq_floor,
     _settle,
-    _summary,
     _task_item,
     _task_message,
-    decode,
     encode,
     job_pk,
-    query_items,
     restored_asset_item,
 )
 from receiver.ledger.dynamodb.outbox import Outbox, Publisher
+from receiver.ledger.dynamodb.reads import Reads
 from receiver.workqueue import TaskMessage
 
 log = structlog.get_logger(__name__)
@@ -78,7 +65,7 @@ class LedgerBusy(RuntimeError):
 # --- the adapter --------------------------------------------------------------------------------
 
 
-class DynamoLedger(lifecycle.DataOverYears):
+class DynamoLedger(Reads, lifecycle.DataOverYears):
     def __init__(
         self,
         table: str,
@@ -190,49 +177,13 @@ class DynamoLedger(lifecycle.DataOverYears):
 
         await run_blocking(self._end_asset, provider, job_id, n, change, now.timestamp())
 
-    async def job(self, provider: str, job_id: str) -> JobRecord | None:
-        return await run_blocking(self._job, provider, job_id)
-
-    async def list_jobs(
-        self, where: JobFilter, *, before_seq: int | None, limit: int
-    ) -> list[JobSummary]:
-        def read() -> list[JobSummary]:
-            return [_summary(j) for j in islice(self._listing(where, before_seq), limit)]
-
-        return await run_blocking(read)
-
     async def requeue(self, provider: str, job_id: str, now: datetime) -> int:
         count, tasks = await run_blocking(self._requeue, provider, job_id, now.timestamp())
         await self.outbox.send(tasks, now)
         return count
 
-    async def archived_assets(self, where: JobFilter) -> list[tuple[str, str, AssetRecord]]:
-        # An operator command (verify), not the request path: walk the listing index, oldest
-        # first like SQLite, and read each job's assets.
-        def read() -> list[tuple[str, str, AssetRecord]]:
-            found: list[tuple[str, str, AssetRecord]] = []
-            for summary in reversed(list(self._listing(where, None))):
-                record = self._job(summary["provider"], summary["job_id"])
-                if record is not None:
-                    found.extend(
-                        (record.provider, record.job_id, a)
-                        for a in record.assets
-                        if a.state == "archived"
-                    )
-            return found
-
-        return await run_blocking(read)
-
     async def restore(self, job: JobRecord) -> bool:
         return await run_blocking(self._restore, job)
-
-    async def activity(self, since: datetime) -> Activity:
-        # The listing index from `since`, then each job's asset items (one Query a job).
-        def read() -> Activity:
-            jobs = self._listing(JobFilter(since=since), None)
-            return _activity(since, jobs, lambda p, j: self._head(p, j)[1].values())
-
-        return await run_blocking(read)
 
     async def ping(self) -> None:
         await run_blocking(
@@ -244,112 +195,6 @@ class DynamoLedger(lifecycle.DataOverYears):
     async def relay_outbox(self, now: datetime, *, limit: int = 500) -> int:
         """Re-send tasks that stayed unsent past the outbox's grace; how many were sent."""
         return await self.outbox.relay(now, limit=limit)
-
-    # -- reads ----------------------------------------------------------------------------------
-
-    def _query(self, **kwargs: Any) -> Iterator[Item]:
-        return query_items(self.ddb, self.table, **kwargs)
-
-    def _head(self, provider: str, job_id: str) -> tuple[Item | None, dict[int, Item]]:
-        """The job item and its assets, by n (one consistent Query)."""
-        job: Item | None = None
-        assets: dict[int, Item] = {}
-        for item in self._query(
-            KeyConditionExpression="pk = :pk AND begins_with(sk, :job)",
-            ExpressionAttributeValues=encode({":pk": job_pk(provider, job_id), ":job": "JOB"}),
-            ConsistentRead=True,
-        ):
-            if item["sk"] == "JOB":
-                job = item
-            else:
-                assets[int(item["n"])] = item
-        return job, assets
-
-    def _get(self, pk: str, sk: str) -> Item | None:
-        raw = self.ddb.get_item(
-            TableName=self.table, Key=encode({"pk": pk, "sk": sk}), ConsistentRead=True
-        ).get("Item")
-        return decode(raw) if raw else None
-
-    def _job(self, provider: str, job_id: str) -> JobRecord | None:
-        job: Item | None = None
-        assets: list[Item] = []
-        deliveries: list[Item] = []
-        parts: dict[str, list[tuple[int, bytes]]] = {}
-        for item in self._query(
-            KeyConditionExpression="pk = :pk",
-            ExpressionAttributeValues=encode({":pk": job_pk(provider, job_id)}),
-            ConsistentRead=True,
-        ):
-            sk: str = item["sk"]
-            if sk == "JOB":
-                job = item
-            elif sk.startswith("JOB#AST#"):
-                assets.append(item)
-            elif sk.startswith("DLV#"):
-                deliveries.append(item)
-            elif sk.startswith("PART#"):
-                owner, _, k = sk[len("PART#") :].rpartition("#")
-                parts.setdefault(owner, []).append((int(k), item["chunk"]))
-        if job is None:
-            return None
-        return JobRecord(
-            provider=provider,
-            job_id=job_id,
-            state=JobState(job["state"]),
-            job_type=job.get("job_type"),
-            first_seen_at=_at(job["first_seen_at"]),
-            updated_at=_at(job["updated_at"]),
-            completed_at=_opt_at(job.get("completed_at")),
-            failed_at=_opt_at(job.get("failed_at")),
-            archived_at=_opt_at(job.get("archived_at")),
-            deadline=_opt_at(job.get("deadline")),
-            error=job.get("error"),
-            credits_refunded=job.get("credits_refunded"),
-            metadata=json.loads(job.get("metadata", "{}")),
-            tracking=json.loads(job["tracking"]) if job.get("tracking") else None,
-            deliveries=[
-                _delivery_record(d, parts.get(d["sk"], []))
-                for d in sorted(deliveries, key=lambda d: str(d["sk"]))
-            ],
-            assets=[_asset_record(a) for a in sorted(assets, key=lambda a: int(a["n"]))],
-        )
-
-    def _listing(self, where: JobFilter, before_seq: int | None) -> Iterator[Item]:
-        """Job summaries newest first, merged from every shard of the fitting index."""
-        if where.state is not None:
-            index, pk_name = "by_state", "gsi2pk"
-            keys = [f"STATE#{where.state}#{s}" for s in range(SHARDS)]
-        else:
-            index, pk_name = "by_time", "gsi1pk"
-            keys = [f"JOBS#{s}" for s in range(SHARDS)]
-        low = _seq_floor(where.since) if where.since is not None else 0
-        high = _seq_floor(where.until) - 1 if where.until is not None else _MAX_SEQ
-        if before_seq is not None:
-            high = min(high, before_seq - 1)
-        if low > high:
-            return iter(())
-        filters: list[str] = []
-        values: Item = {":lo": low, ":hi": high}
-        if where.provider is not None:
-            filters.append("provider = :provider")
-            values[":provider"] = where.provider
-        if where.job_type is not None:
-            filters.append("job_type = :job_type")
-            values[":job_type"] = where.job_type
-        streams = []
-        for key in keys:
-            args: Item = {
-                "IndexName": index,
-                "KeyConditionExpression": f"{pk_name} = :pk AND seq BETWEEN :lo AND :hi",
-                "ExpressionAttributeValues": encode({**values, ":pk": key}),
-                "ScanIndexForward": False,
-                "Limit": 100,
-            }
-            if filters:
-                args["FilterExpression"] = " AND ".join(filters)
-            streams.append(self._query(**args))
-        return heapq.merge(*streams, key=lambda j: -int(j["seq"]))
 
     # -- writes ---------------------------------------------------------------------------------
 
