@@ -9,41 +9,44 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import Progress
 
 from receiver import logs
-from receiver.cli import lifecycle as lifecycle_commands
 from receiver.cli import listing
 from receiver.cli.base import (
     DEBUG,
     AsJson,
     EnvFile,
+    JobType,
+    Provider,
+    Since,
+    State,
+    Until,
     app,
     command,
     fail,
+    filters,
     load_settings,
     log_listening,
     require_ledger,
+    run_parts,
     simulator_settings,
+    split_job,
     whsec,
     write_private,
 )
 from receiver.cli.explain import explain, rejected
 from receiver.cli.listing import count_line, page_and_count
-from receiver.errors import ConfigurationError, RequestRejected
+from receiver.errors import ConfigurationError
 from receiver.ledger import JobFilter
-from receiver.settings import Settings
 
 if TYPE_CHECKING:
     from receiver.app import Parts
-
-T = TypeVar("T")
 
 
 def tune_gc() -> None:
@@ -97,7 +100,6 @@ def serve(
 @app.command()
 def worker(env_file: EnvFile = None) -> None:
     """Run archive workers only (RECEIVER_WORKERS parallel copies), until interrupted."""
-    import asyncio
     import signal
 
     from receiver.app import build_parts
@@ -130,48 +132,6 @@ def worker(env_file: EnvFile = None) -> None:
 jobs_app = typer.Typer(help="Look jobs up in the ledger.")
 app.add_typer(jobs_app, name="jobs")
 
-Provider = Annotated[str | None, typer.Option(help="apex, fliki, flora or vividflow")]
-State = Annotated[str | None, typer.Option(help="queued, archived, failed, expired, dead...")]
-JobType = Annotated[str | None, typer.Option("--type", help="provider job type, e.g. video")]
-Since = Annotated[str | None, typer.Option(help="first seen at or after (ISO 8601)")]
-Until = Annotated[str | None, typer.Option(help="first seen before (ISO 8601)")]
-
-
-def _run(settings: Settings, work: Callable[[Parts], Awaitable[T]]) -> T:
-    """Run `work` against this process's parts (no workers), then shut them down."""
-    from receiver.app import build_parts
-
-    async def go() -> T:
-        parts = build_parts(settings)
-        parts.start(workers=0)
-        try:
-            return await work(parts)
-        finally:
-            await parts.stop()
-
-    try:
-        return asyncio.run(go())
-    except RequestRejected as exc:
-        raise fail(rejected(exc.message, exc.details)) from None
-    except ConfigurationError as exc:
-        raise fail(str(exc)) from None
-
-
-def _split_job(ref: str) -> tuple[str, str]:
-    provider, sep, job_id = ref.partition("/")
-    if not sep or not job_id:
-        raise fail(f"expected PROVIDER/JOB_ID, got {ref!r}")
-    return provider, job_id
-
-
-def _filters(**values: str | None) -> JobFilter:
-    from receiver.audit.api import job_filter
-
-    try:
-        return job_filter(**values)
-    except RequestRejected as exc:
-        raise fail(rejected(exc.message, exc.details)) from None
-
 
 @jobs_app.command("list")
 def jobs_list(
@@ -187,10 +147,10 @@ def jobs_list(
     """List jobs, newest first."""
     from receiver.audit.api import summary_json
 
-    where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
+    where = filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
     settings = load_settings(env_file, log_level="warning")
     require_ledger(settings)
-    rows, total = _run(settings, lambda p: page_and_count(p.ledger, where, limit))
+    rows, total = run_parts(settings, lambda p: page_and_count(p.ledger, where, limit))
     jobs = [summary_json(j) for j in rows]
     if as_json:
         typer.echo(json.dumps(jobs, indent=2))
@@ -224,7 +184,7 @@ def jobs_show(
     """Everything about one job: deliveries, assets, deadline and outcome."""
     from receiver.audit.api import job_json
 
-    provider, job_id = _split_job(job)
+    provider, job_id = split_job(job)
     settings = load_settings(env_file, log_level="warning")
 
     async def lookup(parts: Parts) -> dict[str, Any] | None:
@@ -240,7 +200,7 @@ def jobs_show(
 
     settings = load_settings(env_file, log_level="warning")
     require_ledger(settings)
-    body = _run(settings, lookup)
+    body = run_parts(settings, lookup)
     if body is None:
         raise fail(f"no job {job}")
     if as_json:
@@ -317,10 +277,10 @@ def retry(
     env_file: EnvFile = None,
 ) -> None:
     """Re-queue a dead-lettered or expired job's assets with a fresh set of attempts."""
-    provider, job_id = _split_job(job)
+    provider, job_id = split_job(job)
     settings = load_settings(env_file, log_level="warning")
     require_ledger(settings)
-    count = _run(settings, lambda p: p.ledger.requeue(provider, job_id, p.clock()))
+    count = run_parts(settings, lambda p: p.ledger.requeue(provider, job_id, p.clock()))
     if not count:
         raise fail(f"{job}: nothing to retry (unknown job, or no dead or expired asset)")
     typer.echo(f"{job}: {count} asset(s) queued again")
@@ -355,9 +315,11 @@ def verify(
     from receiver.audit.operations import verify as run_verify
 
     if due:
-        lifecycle_commands.verify_due(_kit(), limit, report_file, as_json, env_file)
+        from receiver.cli.lifecycle import verify_due
+
+        verify_due(limit, report_file, as_json, env_file)
         return
-    where = _filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
+    where = filters(provider=provider, state=state, job_type=job_type, since=since, until=until)
     settings = load_settings(env_file, log_level="warning")
     require_ledger(settings)
 
@@ -373,7 +335,7 @@ def verify(
                 repair=repair,
             )
 
-    report = _run(settings, work)
+    report = run_parts(settings, work)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(report), indent=2))
     else:
@@ -409,7 +371,7 @@ def reindex(as_json: AsJson = False, env_file: EnvFile = None) -> None:
     creating = path is not None and not path.exists()
     kept = False
     try:
-        report = _run(settings, lambda p: run_reindex(p.ledger, p.store))
+        report = run_parts(settings, lambda p: run_reindex(p.ledger, p.store))
         kept = not creating or report.manifests > 0
     finally:
         if creating and not kept and path is not None:
@@ -621,17 +583,12 @@ def dev_env(path: Annotated[Path, typer.Argument(help="file to create")]) -> Non
     typer.echo(f"created development settings with random secrets in {path}")
 
 
-def _kit() -> lifecycle_commands.CliKit:
-    return lifecycle_commands.CliKit(load_settings, _run, fail, _split_job, _filters)
-
-
-lifecycle_commands.register(app, _kit)  # prune, forget, export (issue 15)
-
-
-# Registered on `app` when imported: `receiver doctor`, `receiver send-test`.
+# Registered on `app` when imported: `receiver doctor`, `receiver send-test`; `receiver prune`,
+# `forget`, `export`.
 from receiver.cli import checks as _checks  # noqa: E402
+from receiver.cli import lifecycle as _lifecycle  # noqa: E402
 
-__all__ = ["_checks", "app", "command", "main"]
+__all__ = ["_checks", "_lifecycle", "app", "command", "main"]
 
 
 def main() -> None:

@@ -3,17 +3,26 @@ one-line error exit, the ledger guard, --debug and --version, and readable help.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from receiver import settings as settings_module
-from receiver.errors import ConfigurationError
+from receiver.cli.explain import rejected
+from receiver.errors import ConfigurationError, RequestRejected
+from receiver.ledger import JobFilter
 from receiver.settings import Settings
+
+if TYPE_CHECKING:
+    from receiver.app import Parts
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Webhook receiver and asset archiver for AI media generation APIs.",
@@ -148,3 +157,48 @@ def command() -> Any:
 
     tidy(cli)
     return cli
+
+
+# --- what the commands that read the ledger share ---------------------------------------------
+
+Provider = Annotated[str | None, typer.Option(help="apex, fliki, flora or vividflow")]
+State = Annotated[str | None, typer.Option(help="queued, archived, failed, expired, dead...")]
+JobType = Annotated[str | None, typer.Option("--type", help="provider job type, e.g. video")]
+Since = Annotated[str | None, typer.Option(help="first seen at or after (ISO 8601)")]
+Until = Annotated[str | None, typer.Option(help="first seen before (ISO 8601)")]
+
+
+def run_parts(settings: Settings, work: Callable[[Parts], Awaitable[T]]) -> T:
+    """Run `work` against this process's parts (no workers), then shut them down."""
+    from receiver.app import build_parts
+
+    async def go() -> T:
+        parts = build_parts(settings)
+        parts.start(workers=0)
+        try:
+            return await work(parts)
+        finally:
+            await parts.stop()
+
+    try:
+        return asyncio.run(go())
+    except RequestRejected as exc:
+        raise fail(rejected(exc.message, exc.details)) from None
+    except ConfigurationError as exc:
+        raise fail(str(exc)) from None
+
+
+def split_job(ref: str) -> tuple[str, str]:
+    provider, sep, job_id = ref.partition("/")
+    if not sep or not job_id:
+        raise fail(f"expected PROVIDER/JOB_ID, got {ref!r}")
+    return provider, job_id
+
+
+def filters(**values: str | None) -> JobFilter:
+    from receiver.audit.api import job_filter
+
+    try:
+        return job_filter(**values)
+    except RequestRejected as exc:
+        raise fail(rejected(exc.message, exc.details)) from None

@@ -1,92 +1,87 @@
 """`receiver prune | forget | export` and `verify --due`: data over years on the command line.
 
-Part of the CLI (the composition root): `receiver.cli` registers these commands and hands over
-its helpers (settings, running against the parts, failing) as a `CliKit`, so this module needs
-no import of the package's `__init__`. The work itself is in
+Part of the CLI (the composition root): registered on `receiver.cli.base.app` when
+`receiver.cli` imports this module. The work itself is in
 `receiver.audit.lifecycle`, `receiver.audit.fixity` and `receiver.audit.export`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from receiver.cli.base import EnvFile, require_ledger
+from receiver.cli.base import (
+    EnvFile,
+    app,
+    fail,
+    filters,
+    load_settings,
+    require_ledger,
+    run_parts,
+    split_job,
+)
 from receiver.errors import ConfigurationError
-from receiver.ledger import JobFilter, JobRecord
+from receiver.ledger import JobRecord
 from receiver.settings import Settings
 
 if TYPE_CHECKING:
     from receiver.app import Parts
 
 
-@dataclass(frozen=True)
-class CliKit:
-    """The CLI's shared helpers (see `receiver.cli`)."""
+@app.command()
+def prune(
+    vacuum: Annotated[
+        bool, typer.Option(help="SQLite: rewrite the file afterwards to give the space back")
+    ] = True,
+    env_file: EnvFile = None,
+) -> None:
+    """Apply the retention settings now: drop old payloads (and long-ended jobs, if set)."""
+    run_prune(vacuum, env_file)
 
-    load_settings: Callable[..., Settings]
-    run: Callable[[Settings, Callable[[Parts], Awaitable[Any]]], Any]
-    fail: Callable[[str], typer.Exit]
-    split_job: Callable[[str], tuple[str, str]]
-    filters: Callable[..., JobFilter]
+
+@app.command()
+def forget(
+    job: Annotated[str, typer.Argument(help="PROVIDER/JOB_ID")],
+    reason: Annotated[str, typer.Option(help="why, and on whose request (kept)")] = "",
+    yes: Annotated[bool, typer.Option("--yes", help="act; without it, a dry run")] = False,
+    env_file: EnvFile = None,
+) -> None:
+    """Erase a job: its archived objects (every version), manifest and ledger record.
+
+    Leaves a tombstone (when, and --reason) so a redelivery does not archive it again.
+    """
+    run_forget(job, reason, yes, env_file)
 
 
-def register(app: typer.Typer, kit: Callable[[], CliKit]) -> None:
-    """Add `prune`, `forget` and `export` to `app`."""
-
-    @app.command()
-    def prune(
-        vacuum: Annotated[
-            bool, typer.Option(help="SQLite: rewrite the file afterwards to give the space back")
-        ] = True,
-        env_file: EnvFile = None,
-    ) -> None:
-        """Apply the retention settings now: drop old payloads (and long-ended jobs, if set)."""
-        run_prune(kit(), vacuum, env_file)
-
-    @app.command()
-    def forget(
-        job: Annotated[str, typer.Argument(help="PROVIDER/JOB_ID")],
-        reason: Annotated[str, typer.Option(help="why, and on whose request (kept)")] = "",
-        yes: Annotated[bool, typer.Option("--yes", help="act; without it, a dry run")] = False,
-        env_file: EnvFile = None,
-    ) -> None:
-        """Erase a job: its archived objects (every version), manifest and ledger record.
-
-        Leaves a tombstone (when, and --reason) so a redelivery does not archive it again.
-        """
-        run_forget(kit(), job, reason, yes, env_file)
-
-    @app.command()
-    def export(
-        job: Annotated[
-            str | None, typer.Argument(help="PROVIDER/JOB_ID (or a range: --since/--until)")
-        ] = None,
-        bagit: Annotated[
-            Path, typer.Option(help="new folder to write the BagIt bag (RFC 8493) into")
-        ] = Path("bag"),
-        provider: Annotated[str | None, typer.Option(help="with a range: this provider")] = None,
-        since: Annotated[str | None, typer.Option(help="first seen at or after (ISO 8601)")] = None,
-        until: Annotated[str | None, typer.Option(help="first seen before (ISO 8601)")] = None,
-        env_file: EnvFile = None,
-    ) -> None:
-        """Write archived jobs as a BagIt bag: assets, manifest-sha256.txt, job manifests."""
-        run_export(kit(), job, bagit, provider, since, until, env_file)
+@app.command()
+def export(
+    job: Annotated[
+        str | None, typer.Argument(help="PROVIDER/JOB_ID (or a range: --since/--until)")
+    ] = None,
+    bagit: Annotated[
+        Path, typer.Option(help="new folder to write the BagIt bag (RFC 8493) into")
+    ] = Path("bag"),
+    provider: Annotated[str | None, typer.Option(help="with a range: this provider")] = None,
+    since: Annotated[str | None, typer.Option(help="first seen at or after (ISO 8601)")] = None,
+    until: Annotated[str | None, typer.Option(help="first seen before (ISO 8601)")] = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Write archived jobs as a BagIt bag: assets, manifest-sha256.txt, job manifests."""
+    run_export(job, bagit, provider, since, until, env_file)
 
 
 def verify_due(
-    kit: CliKit, limit: int, report_file: Path | None, as_json: bool, env_file: list[Path] | None
+    limit: int, report_file: Path | None, as_json: bool, env_file: list[Path] | None
 ) -> None:
     """`receiver verify --due`: the due fixity checks; exit 1 if any failed."""
     from receiver.audit.fixity import FixityReport
     from receiver.audit.fixity import verify_due as run_checks
 
-    settings = kit.load_settings(env_file, log_level="warning")
+    settings = load_settings(env_file, log_level="warning")
     require_ledger(settings)
 
     async def work(parts: Parts) -> FixityReport:
@@ -98,7 +93,7 @@ def verify_due(
             limit=limit,
         )
 
-    report: FixityReport = kit.run(settings, work)
+    report: FixityReport = run_parts(settings, work)
     body = json.dumps(report.as_json(), indent=2)
     if report_file is not None:
         report_file.write_text(body + "\n")
@@ -120,11 +115,11 @@ def _file_size(settings: Settings) -> int:
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
 
 
-def run_prune(kit: CliKit, vacuum: bool, env_file: list[Path] | None) -> None:
+def run_prune(vacuum: bool, env_file: list[Path] | None) -> None:
     from receiver.audit.lifecycle import PruneReport, RetentionPolicy, prune
     from receiver.backends.sqlite import Database
 
-    settings = kit.load_settings(env_file, log_level="warning")
+    settings = load_settings(env_file, log_level="warning")
     require_ledger(settings)
     policy = RetentionPolicy.from_days(
         settings.payload_retention_days, settings.job_retention_days, settings.retention_batch
@@ -134,7 +129,7 @@ def run_prune(kit: CliKit, vacuum: bool, env_file: list[Path] | None) -> None:
     async def work(parts: Parts) -> PruneReport:
         return await prune(parts.ledger, policy, parts.clock())
 
-    report: PruneReport = kit.run(settings, work)
+    report: PruneReport = run_parts(settings, work)
     jobs = (
         f"jobs removed {len(report.jobs_removed)} (ended over {settings.job_retention_days} days)"
         if settings.job_retention_days is not None
@@ -150,13 +145,13 @@ def run_prune(kit: CliKit, vacuum: bool, env_file: list[Path] | None) -> None:
         typer.echo(f"{settings.sqlite_path}: {before} -> {_file_size(settings)} bytes")
 
 
-def run_forget(kit: CliKit, job: str, reason: str, yes: bool, env_file: list[Path] | None) -> None:
+def run_forget(job: str, reason: str, yes: bool, env_file: list[Path] | None) -> None:
     from receiver.audit.lifecycle import ForgetReport, forget
 
-    provider, job_id = kit.split_job(job)
+    provider, job_id = split_job(job)
     if yes and not reason.strip():
-        raise kit.fail("--reason is required with --yes (the tombstone keeps it)")
-    settings = kit.load_settings(env_file, log_level="warning")
+        raise fail("--reason is required with --yes (the tombstone keeps it)")
+    settings = load_settings(env_file, log_level="warning")
     require_ledger(settings)
 
     async def work(parts: Parts) -> ForgetReport:
@@ -164,7 +159,7 @@ def run_forget(kit: CliKit, job: str, reason: str, yes: bool, env_file: list[Pat
             parts.ledger, parts.store, provider, job_id, reason=reason, now=parts.clock(), act=yes
         )
 
-    report: ForgetReport = kit.run(settings, work)
+    report: ForgetReport = run_parts(settings, work)
     record = "its ledger record" if report.in_ledger else "no ledger record"
     if not report.acted:
         typer.echo(f"dry run: would erase {job}: {record}, {len(report.keys)} object key(s):")
@@ -189,7 +184,6 @@ def run_forget(kit: CliKit, job: str, reason: str, yes: bool, env_file: list[Pat
 
 
 def run_export(
-    kit: CliKit,
     job: str | None,
     bag: Path,
     provider: str | None,
@@ -200,10 +194,10 @@ def run_export(
     from receiver.audit.export import ExportReport, export_bagit, jobs_in_range, report_json
 
     if job is None and since is None and until is None:
-        raise kit.fail("give PROVIDER/JOB_ID or a range (--since and/or --until)")
-    ref = kit.split_job(job) if job is not None else None
-    where = kit.filters(provider=provider, state=None, job_type=None, since=since, until=until)
-    settings = kit.load_settings(env_file, log_level="warning")
+        raise fail("give PROVIDER/JOB_ID or a range (--since and/or --until)")
+    ref = split_job(job) if job is not None else None
+    where = filters(provider=provider, state=None, job_type=None, since=since, until=until)
+    settings = load_settings(env_file, log_level="warning")
     require_ledger(settings)
 
     async def work(parts: Parts) -> ExportReport:
@@ -217,9 +211,9 @@ def run_export(
         return await export_bagit(parts.store, jobs, bag, now=parts.clock())
 
     try:
-        report: ExportReport = kit.run(settings, work)
+        report: ExportReport = run_parts(settings, work)
     except FileExistsError as exc:
-        raise kit.fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(report_json(report))
     if report.problems or not report.jobs:
         raise typer.Exit(code=1)
