@@ -93,6 +93,11 @@ class SourceFile:
     etag_changes: bool = False  # a new ETag on every request (the object is being replaced)
     ignore_range: bool = False  # advertise ranges but answer 200 with the whole body
     data: bytes | None = None  # serve these bytes (a real image or video) instead of generated ones
+    # Connection reuse: close the connection, unannounced, after answering (an idle kept-alive
+    # connection the server dropped), or hang up without answering a request that arrives on a
+    # connection that already served one (the server closed it just as the request went out).
+    close_after: bool = False
+    hangup_on_reuse: bool = False
     requests: int = field(default=0, init=False)
 
 
@@ -101,6 +106,7 @@ class RecordedRequest:
     method: str
     path: str
     headers: dict[str, str]  # lower-case names
+    connection: int = 0  # which accepted connection carried it (1, 2, ...)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -113,6 +119,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         """Silence the per-request stderr line."""
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection_id = self.server.owner._accepted()
+        self.served = 0  # requests answered on this connection before the current one
+
     def do_HEAD(self) -> None:
         self._serve(body=False)
 
@@ -122,12 +133,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, *, body: bool) -> None:
         path = self.path.split("?", 1)[0]
         owner = self.server.owner
+        reused = self.served > 0
+        self.served += 1
         spec, attempt = owner._record(
             RecordedRequest(
-                self.command, self.path, {k.lower(): v for k, v in self.headers.items()}
+                self.command,
+                self.path,
+                {k.lower(): v for k, v in self.headers.items()},
+                self.connection_id,
             ),
             path,
         )
+        if spec is not None and spec.hangup_on_reuse and reused:
+            self._hang_up()
+            return
         if spec is None:
             self._simple(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
             return
@@ -144,6 +163,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._simple(spec.status, spec.error_body, spec.error_content_type)
             return
         self._send_file(spec, attempt, body=body)
+        if spec.close_after:
+            self.wfile.flush()
+            self._hang_up()
+
+    def _hang_up(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _simple(
         self, status: int, payload: bytes, content_type: str, extra: dict[str, str] | None = None
@@ -235,13 +262,15 @@ class _Server(ThreadingHTTPServer):
 class SourceServer:
     """A local HTTP source; register files with ``add`` and point clients at ``url(path)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._files: dict[str, SourceFile] = {}
         self._requests: dict[str, list[RecordedRequest]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._connections = 0
+        self._httpd = _Server((host, port), _Handler)
         self._httpd.owner = self
+        self.host = host
         self.port: int = self._httpd.server_address[1]
         # A short poll interval keeps stop() (and so every test's teardown) fast.
         self._thread = threading.Thread(
@@ -259,7 +288,7 @@ class SourceServer:
         self._httpd.server_close()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def add(self, path: str, size: int = 0, *, seed: str | None = None, **behaviour: Any) -> str:
         """Register ``path`` (see SourceFile for behaviours); return its URL.
@@ -279,6 +308,17 @@ class SourceServer:
         """Requests received for ``path`` so far (query strings ignored), oldest first."""
         with self._lock:
             return list(self._requests.get(path, []))
+
+    @property
+    def connections(self) -> int:
+        """How many connections the server has accepted so far."""
+        with self._lock:
+            return self._connections
+
+    def _accepted(self) -> int:
+        with self._lock:
+            self._connections += 1
+            return self._connections
 
     def _record(self, request: RecordedRequest, path: str) -> tuple[SourceFile | None, int]:
         with self._lock:

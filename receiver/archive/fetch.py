@@ -33,6 +33,7 @@ from typing import NoReturn, Protocol
 import httpx
 import structlog
 
+from receiver.archive.pool import KeyedPoolTransport
 from receiver.domain import scrub_secrets
 
 log = structlog.get_logger(__name__)
@@ -82,6 +83,10 @@ class FetchPolicy:
     # Overall deadline of one copy, resumes included.
     total_timeout: float = 3600.0
     max_resumes: int = 5
+    # Idle kept-alive connections per (scheme, host name, port, checked IP), and how long one
+    # may sit idle before it is closed.
+    keepalive_per_host: int = 4
+    keepalive_expiry: float = 15.0
 
 
 class FetchError(Exception):
@@ -429,10 +434,17 @@ class Fetcher:
         self._policy = policy
         self._resolver: Resolver = resolver if resolver is not None else SystemResolver()
         self._clock = clock
+        if transport is None:
+            # Kept-alive connections are reused only for the same host name and the same
+            # checked address (see receiver.archive.pool). One TLS context serves every pool
+            # and every fetcher: loading the CA bundle is the costly part.
+            transport = KeyedPoolTransport(
+                tls=tls if tls is not None else httpx.create_ssl_context(),
+                keepalive_per_key=policy.keepalive_per_host,
+                keepalive_expiry=policy.keepalive_expiry,
+            )
         self._client = httpx.AsyncClient(
             transport=transport,
-            # One context can serve every fetcher: loading the CA bundle is the costly part.
-            verify=tls if tls is not None else True,
             timeout=httpx.Timeout(
                 connect=policy.connect_timeout,
                 read=policy.read_timeout,
@@ -442,10 +454,6 @@ class Fetcher:
             follow_redirects=False,
             # Proxies and .netrc from the environment would bypass the address we checked.
             trust_env=False,
-            # The pool keys connections by origin, which here is the IP: a kept-alive TLS
-            # connection verified for one hostname must not be reused for another hostname
-            # that resolves to the same address.
-            limits=httpx.Limits(max_keepalive_connections=0),
             headers={"user-agent": "receiver-archiver", "accept-encoding": "identity"},
         )
 
