@@ -129,7 +129,8 @@ def many_rows() -> None:
         row(
             f"archive {r.count:,} x 1 MiB → {r.server} S3, callback → archived "
             f"({r.workers} workers)",
-            f"{r.receiver_s:.2f} s (server CPU {r.receiver_s3_cpu_s:.2f} s)",
+            f"{r.receiver_s:.2f} s (server CPU {r.receiver_s3_cpu_s:.2f} s; "
+            f"{r.source_connections:,} source connections)",
             f"{r.floor_s:.2f} s boto3, {r.workers} threads, from disk "
             f"(server CPU {r.floor_s3_cpu_s:.2f} s)",
             ratio(r.receiver_s, r.floor_s),
