@@ -245,3 +245,25 @@ async def test_pool_is_bounded_and_closed_with_the_fetcher(source_server: Source
     assert transport.keys == []
     with pytest.raises(RuntimeError, match="closed"):
         await transport.handle_async_request(httpx.Request("GET", source_server.url("/b")))
+
+
+async def test_a_busy_pool_is_never_evicted(source_server: SourceServer) -> None:
+    names = [f"n{i}.example.test" for i in range(3)]
+    resolver = FakeResolver({name: ["127.0.0.1"] for name in names})
+    source_server.add("/big", 2_000_000)
+    source_server.add("/small", 100)
+    transport = KeyedPoolTransport(tls=httpx.create_ssl_context(), max_keys=1)
+    fetcher = Fetcher(
+        replace(POLICY, allowed_hosts=tuple(names)), resolver=resolver, transport=transport
+    )
+    try:
+        async with fetcher.open(url(source_server, names[0], "/big")) as busy:
+            # Over the bound while names[0]'s download is open: its pool stays.
+            assert len(await download(fetcher, url(source_server, names[1], "/small"))) == 100
+            assert [key[1] for key in transport.keys] == names[:2]
+            body = b"".join([chunk async for chunk in busy.iter_bytes()])
+        assert sha(body) == expected_sha256("/big", 2_000_000)
+        await download(fetcher, url(source_server, names[2], "/small"))
+        assert [key[1] for key in transport.keys] == [names[2]]
+    finally:
+        await fetcher.aclose()

@@ -111,10 +111,10 @@ class KeyedPoolTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise RuntimeError("the source connection pool is closed")
-        key = pool_key(request)
-        entry = await self._entry(key)
-        entry.active += 1
+        entry, retired = self._acquire(pool_key(request))
         try:
+            for transport in retired:
+                await transport.aclose()
             response = await self._send(entry, request)
         except BaseException:
             self._release(entry)
@@ -160,14 +160,20 @@ class KeyedPoolTransport(httpx.AsyncBaseTransport):
                     request.extensions["trace"] = outer_trace
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _entry(self, key: PoolKey) -> _Entry:
+    def _acquire(self, key: PoolKey) -> tuple[_Entry, list[httpx.AsyncHTTPTransport]]:
+        """``key``'s pool, marked busy, and the pools to close (expired or evicted).
+
+        No await in here: the pools change hands atomically, so two requests for one key
+        never create two pools and a pool being handed out is never evicted.
+        """
         now = self._monotonic()
+        retired: list[httpx.AsyncHTTPTransport] = []
         entry = self._entries.pop(key, None)
-        # Pools that sat unused past the idle expiry hold only expired connections: drop them.
-        for stale_key, stale in list(self._entries.items()):
-            if stale.active == 0 and now - stale.last_used > self._keepalive_expiry:
-                del self._entries[stale_key]
-                await stale.transport.aclose()
+        for other_key, other in list(self._entries.items()):
+            # Pools unused past the idle expiry hold only expired connections: drop them.
+            if other.active == 0 and now - other.last_used > self._keepalive_expiry:
+                del self._entries[other_key]
+                retired.append(other.transport)
         if entry is None:
             entry = _Entry(
                 transport=httpx.AsyncHTTPTransport(
@@ -181,20 +187,18 @@ class KeyedPoolTransport(httpx.AsyncBaseTransport):
                 ),
                 last_used=now,
             )
-            await self._evict(room_for=1)
+            # Least recently used idle pools go first; when every pool is busy the bound is
+            # exceeded for now (busy pools are bounded by the number of copies in flight).
+            for other_key, other in list(self._entries.items()):
+                if len(self._entries) < self._max_keys:
+                    break
+                if other.active == 0:
+                    del self._entries[other_key]
+                    retired.append(other.transport)
         entry.last_used = now
+        entry.active += 1
         self._entries[key] = entry  # most recently used last
-        return entry
-
-    async def _evict(self, room_for: int) -> None:
-        """Close least recently used idle pools until ``room_for`` more fit under max_keys."""
-        for key, entry in list(self._entries.items()):
-            if len(self._entries) + room_for <= self._max_keys:
-                return
-            if entry.active == 0:
-                del self._entries[key]
-                await entry.transport.aclose()
-        # Every pool is busy: go over the bound for now (busy pools are bounded by the workers).
+        return entry, retired
 
     def _release(self, entry: _Entry) -> None:
         entry.active -= 1
