@@ -21,7 +21,7 @@ import pytest
 
 from receiver.archive.fetch import Fetcher, FetchPolicy, SourceUnavailable, UrlRefused
 from receiver.archive.pool import KeyedPoolTransport
-from tests.sources import SourceServer, expected_sha256
+from tests.sources import SourceServer, expected_sha256, tls_contexts
 from tests.test_fetch import FakeResolver, sha
 
 pytestmark = pytest.mark.anyio
@@ -267,3 +267,25 @@ async def test_a_busy_pool_is_never_evicted(source_server: SourceServer) -> None
         assert [key[1] for key in transport.keys] == [names[2]]
     finally:
         await fetcher.aclose()
+
+
+async def test_https_connection_carries_only_the_name_it_was_verified_for(
+    resolver: FakeResolver,
+) -> None:
+    server_tls, client_tls = tls_contexts(*NAMES)
+    server = SourceServer(tls=server_tls)
+    server.start()
+    server.add("/s", 70_000)
+    fetcher = Fetcher(replace(POLICY, allow_http=False), resolver=resolver, tls=client_tls)
+    try:
+        for name in (NAMES[0], NAMES[0], NAMES[1], NAMES[1], NAMES[0]):
+            body = await download(fetcher, f"https://{name}:{server.port}/s")
+            assert sha(body) == expected_sha256("/s", 70_000)
+    finally:
+        await fetcher.aclose()
+        server.stop()
+    assert server.connections == 2
+    assert sorted(n or "" for n in server.server_names.values()) == sorted(NAMES)
+    # Every request went over a connection whose TLS server name is its own Host.
+    for request in server.requests("/s"):
+        assert request.header("host") == f"{server.server_names[request.connection]}:{server.port}"
