@@ -129,9 +129,13 @@ def many_rows() -> None:
         row(
             f"archive {r.count:,} x 1 MiB → {r.server} S3, callback → archived "
             f"({r.workers} workers)",
-            f"{r.receiver_s:.2f} s (server CPU {r.receiver_s3_cpu_s:.2f} s)",
+            f"{r.receiver_s:.2f} s (server CPU {r.receiver_s3_cpu_s:.2f} s; "
+            f"{r.source_connections:,} source connections; a copy (fetch, store, mark) "
+            f"{r.copy_s / r.count * 1000:.0f} ms, copy slots busy "
+            f"{r.copy_s / (r.workers * r.receiver_s):.0%} of the time)",
             f"{r.floor_s:.2f} s boto3, {r.workers} threads, from disk "
-            f"(server CPU {r.floor_s3_cpu_s:.2f} s)",
+            f"(server CPU {r.floor_s3_cpu_s:.2f} s; "
+            f"{r.floor_s * r.workers / r.count * 1000:.0f} ms an upload)",
             ratio(r.receiver_s, r.floor_s),
             "≤ 1.30x",
             verdict(r.receiver_s <= 1.3 * r.floor_s),

@@ -250,6 +250,11 @@ class _FileHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         """No per-request stderr line."""
 
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
+
     def do_GET(self) -> None:
         path = self.server.root / self.path.split("?", 1)[0].lstrip("/")
         try:
@@ -270,6 +275,8 @@ class _FileHandler(BaseHTTPRequestHandler):
 class _FileHttpServer(ThreadingHTTPServer):
     daemon_threads = True
     root: Path
+    lock: threading.Lock
+    connections: int  # accepted so far: shows whether clients reuse kept-alive connections
 
 
 @contextlib.contextmanager
@@ -280,12 +287,21 @@ def file_source(root: Path) -> Iterator[str]:
     files from disk, so the source must cost about as little as a disk read: the kernel copies
     the bytes (sendfile), Python only writes the headers.
     """
+    with file_server(root) as httpd:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+@contextlib.contextmanager
+def file_server(root: Path) -> Iterator[_FileHttpServer]:
+    """``file_source``'s server itself, for its ``connections`` count."""
     httpd = _FileHttpServer(("127.0.0.1", 0), _FileHandler)
     httpd.root = root
+    httpd.lock = threading.Lock()
+    httpd.connections = 0
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield httpd
     finally:
         httpd.shutdown()
         thread.join()

@@ -29,7 +29,7 @@ from bench._common import (
     CHILD,
     S3,
     MiB,
-    file_source,
+    file_server,
     free_port,
     run_child,
     s3_server,
@@ -55,6 +55,8 @@ class ManyResult:
     floor_s: float
     receiver_s3_cpu_s: float  # the S3 server's CPU time during each side's run
     floor_s3_cpu_s: float
+    source_connections: int  # connections receiver opened to the file source
+    copy_s: float  # sum of receiver_archive_copy_duration_seconds: lease to marked archived
 
 
 async def _post_all(port: int, base: str, secret: str) -> None:
@@ -97,7 +99,16 @@ def _wait_archived(db: Path, started: float) -> float:
             time.sleep(0.02)
 
 
-def _receiver(s3: S3, files: Path, tmp: Path) -> float:
+def _copy_seconds(port: int) -> float:
+    """Total time the workers spent in copies (fetch, store, mark archived), from /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False, timeout=30).text
+    for line in text.splitlines():
+        if line.startswith("receiver_archive_copy_duration_seconds_sum"):
+            return float(line.split()[-1])
+    raise RuntimeError("no receiver_archive_copy_duration_seconds_sum in /metrics")
+
+
+def _receiver(s3: S3, files: Path, tmp: Path) -> tuple[float, int, float]:
     bucket = s3.bucket()
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     db = tmp / "many.db"
@@ -116,13 +127,16 @@ def _receiver(s3: S3, files: Path, tmp: Path) -> float:
     }
     port = free_port()
     argv = [sys.executable, "-m", "receiver", "serve", "--port", str(port)]
-    with file_source(files) as base, server_process(argv, env, port):
+    with file_server(files) as source, server_process(argv, env, port):
+        base = f"http://127.0.0.1:{source.server_address[1]}"
         wait_http(f"http://127.0.0.1:{port}/readyz")
         started = time.perf_counter()
         asyncio.run(_post_all(port, base, secret))
         elapsed = _wait_archived(db, started)
+        connections = source.connections
+        copy_s = _copy_seconds(port)
     s3.empty(bucket)
-    return elapsed
+    return elapsed, connections, copy_s
 
 
 def run(server: str) -> ManyResult:
@@ -137,6 +151,8 @@ def run(server: str) -> ManyResult:
         floor_cpu = s3.cpu_seconds() - before
         s3.empty(bucket)
         before = s3.cpu_seconds()
-        ours = _receiver(s3, files, tmp)
+        ours, connections, copy_s = _receiver(s3, files, tmp)
         ours_cpu = s3.cpu_seconds() - before
-    return ManyResult(server, COUNT, WORKERS, ours, floor.out["seconds"], ours_cpu, floor_cpu)
+    return ManyResult(
+        server, COUNT, WORKERS, ours, floor.out["seconds"], ours_cpu, floor_cpu, connections, copy_s
+    )

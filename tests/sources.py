@@ -22,9 +22,13 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import re
 import socket
+import ssl
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -93,6 +97,11 @@ class SourceFile:
     etag_changes: bool = False  # a new ETag on every request (the object is being replaced)
     ignore_range: bool = False  # advertise ranges but answer 200 with the whole body
     data: bytes | None = None  # serve these bytes (a real image or video) instead of generated ones
+    # Connection reuse: close the connection, unannounced, after answering (an idle kept-alive
+    # connection the server dropped), or hang up without answering a request that arrives on a
+    # connection that already served one (the server closed it just as the request went out).
+    close_after: bool = False
+    hangup_on_reuse: bool = False
     requests: int = field(default=0, init=False)
 
 
@@ -101,6 +110,7 @@ class RecordedRequest:
     method: str
     path: str
     headers: dict[str, str]  # lower-case names
+    connection: int = 0  # which accepted connection carried it (1, 2, ...)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -113,6 +123,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         """Silence the per-request stderr line."""
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection_id = self.server.owner._accepted(self.request)
+        self.served = 0  # requests answered on this connection before the current one
+
     def do_HEAD(self) -> None:
         self._serve(body=False)
 
@@ -122,12 +137,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, *, body: bool) -> None:
         path = self.path.split("?", 1)[0]
         owner = self.server.owner
+        reused = self.served > 0
+        self.served += 1
         spec, attempt = owner._record(
             RecordedRequest(
-                self.command, self.path, {k.lower(): v for k, v in self.headers.items()}
+                self.command,
+                self.path,
+                {k.lower(): v for k, v in self.headers.items()},
+                self.connection_id,
             ),
             path,
         )
+        if spec is not None and spec.hangup_on_reuse and reused:
+            self._hang_up()
+            return
         if spec is None:
             self._simple(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
             return
@@ -144,6 +167,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._simple(spec.status, spec.error_body, spec.error_content_type)
             return
         self._send_file(spec, attempt, body=body)
+        if spec.close_after:
+            self.wfile.flush()
+            self._hang_up()
+
+    def _hang_up(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _simple(
         self, status: int, payload: bytes, content_type: str, extra: dict[str, str] | None = None
@@ -224,6 +255,14 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: SourceServer
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = super().get_request()
+        if self.tls is not None:
+            # The handshake runs in the handler's thread, on its first read.
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients hanging up mid-body is what half of these tests are about: not worth a trace.
@@ -235,13 +274,21 @@ class _Server(ThreadingHTTPServer):
 class SourceServer:
     """A local HTTP source; register files with ``add`` and point clients at ``url(path)``."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, tls: ssl.SSLContext | None = None
+    ) -> None:
         self._files: dict[str, SourceFile] = {}
         self._requests: dict[str, list[RecordedRequest]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._connections = 0
+        # The TLS server name each connection asked for (SNI), by connection number.
+        self.server_names: dict[int, str | None] = {}
+        self._httpd = _Server((host, port), _Handler)
         self._httpd.owner = self
+        self._httpd.tls = tls
+        self.scheme = "https" if tls is not None else "http"
+        self.host = host
         self.port: int = self._httpd.server_address[1]
         # A short poll interval keeps stop() (and so every test's teardown) fast.
         self._thread = threading.Thread(
@@ -259,7 +306,7 @@ class SourceServer:
         self._httpd.server_close()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://{self.host}:{self.port}{path}"
 
     def add(self, path: str, size: int = 0, *, seed: str | None = None, **behaviour: Any) -> str:
         """Register ``path`` (see SourceFile for behaviours); return its URL.
@@ -280,6 +327,23 @@ class SourceServer:
         with self._lock:
             return list(self._requests.get(path, []))
 
+    @property
+    def connections(self) -> int:
+        """How many connections the server has accepted so far."""
+        with self._lock:
+            return self._connections
+
+    def _accepted(self, sock: Any) -> int:
+        name: str | None = None
+        if isinstance(sock, ssl.SSLSocket):
+            with contextlib.suppress(OSError, ssl.SSLError):
+                sock.do_handshake()
+            name = getattr(sock, "sni", None)
+        with self._lock:
+            self._connections += 1
+            self.server_names[self._connections] = name
+            return self._connections
+
     def _record(self, request: RecordedRequest, path: str) -> tuple[SourceFile | None, int]:
         with self._lock:
             self._requests.setdefault(path, []).append(request)
@@ -288,6 +352,67 @@ class SourceServer:
                 return None, 0
             spec.requests += 1
             return spec, spec.requests
+
+
+def tls_contexts(*names: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) TLS contexts: a throwaway CA, and a certificate for ``names`` from it.
+
+    The server context records each connection's SNI name on the socket (``sock.sni``).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "receiver test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt_names: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
+    alt_names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert_pem = leaf.public_bytes(pem)
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    # load_cert_chain takes files only.
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_file, key_file = f"{tmp}/cert.pem", f"{tmp}/key.pem"
+        with open(cert_file, "wb") as out:
+            out.write(cert_pem)
+        with open(key_file, "wb") as out:
+            out.write(key_pem)
+        server.load_cert_chain(cert_file, key_file)
+
+    def remember_sni(sock: ssl.SSLSocket, name: str | None, _: ssl.SSLContext) -> None:
+        sock.sni = name  # type: ignore[attr-defined]
+
+    server.sni_callback = remember_sni
+    client = ssl.create_default_context(cadata=ca.public_bytes(pem).decode())
+    return server, client
 
 
 @pytest.fixture
@@ -313,4 +438,5 @@ __all__ = [
     "expected_sha256",
     "iter_content",
     "source_server",
+    "tls_contexts",
 ]
