@@ -6,16 +6,12 @@ import hashlib
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from receiver.app import build_parts
-from receiver.domain import EventKind, JobEvent, Output
 from tests.conftest import make_settings
+from tests.crashkit import child_env, count, record_jobs, start, unfinished, wait_for
 from tests.sources import SourceServer, expected_sha256
 
 pytestmark = pytest.mark.anyio
@@ -33,38 +29,7 @@ def states(db: Path) -> dict[str, int]:
 
 
 def leased(db: Path) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        return int(conn.execute("SELECT COUNT(*) FROM tasks WHERE state = 'leased'").fetchone()[0])
-    finally:
-        conn.close()
-
-
-def unfinished(db: Path) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        return int(conn.execute("SELECT COUNT(*) FROM tasks WHERE state != 'done'").fetchone()[0])
-    finally:
-        conn.close()
-
-
-def wait_for(condition: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
-def start_worker(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "receiver", "worker"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "worker.log", "ab"),
-    )
+    return count(db, "SELECT COUNT(*) FROM tasks WHERE state = 'leased'")
 
 
 async def test_sigkill_mid_copy_then_restart_archives_everything_once(
@@ -76,36 +41,11 @@ async def test_sigkill_mid_copy_then_restart_archives_everything_once(
         for i in range(JOBS)
     ]
     settings = make_settings(tmp_path)
-    parts = build_parts(settings)
-    parts.start(workers=0)
-    try:
-        for i, url in enumerate(urls):
-            event = JobEvent(
-                provider="apex",
-                job_id=f"crash-{i}",
-                kind=EventKind.COMPLETED,
-                job_type="video",
-                outputs=(Output(url, f"{i}.mp4", "video/mp4"),),
-            )
-            await parts.ingestor.ingest(
-                event, body=b"{}", source="webhook", auth="signature", delivery_id=f"d{i}"
-            )
-    finally:
-        await parts.stop()
+    await record_jobs(settings, urls)
 
     db = tmp_path / "receiver.db"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")},
-        "RECEIVER_LEDGER_URL": settings.ledger_url,
-        "RECEIVER_ARCHIVE_URL": settings.archive_url,
-        "RECEIVER_FETCH_ALLOW_HTTP": "true",
-        "RECEIVER_FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
-        "RECEIVER_APEX_DOWNLOAD_HOSTS": "127.0.0.1",
-        "RECEIVER_WORKERS": "2",
-        "RECEIVER_LEASE_SECONDS": "5",
-        "RECEIVER_LOG_FORMAT": "json",
-    }
-    first = start_worker(tmp_path, env)
+    env = child_env(settings, dict(os.environ), workers="2")
+    first = start(tmp_path, env, "worker")
     try:
         # Kill once something is archived and copies are in flight.
         wait_for(lambda: states(db).get("archived", 0) >= 1 and leased(db) >= 1, 120)
@@ -117,7 +57,7 @@ async def test_sigkill_mid_copy_then_restart_archives_everything_once(
     interrupted = leased(db)
     assert interrupted >= 1, "the kill did not land mid-copy"
 
-    second = start_worker(tmp_path, env)
+    second = start(tmp_path, env, "worker")
     try:
         # Done means every task acked too: a task whose copy was recorded just before the kill
         # comes back when its lease lapses, and the new worker finishes it (manifest, ack).
