@@ -47,10 +47,13 @@ _CLEARED = (
 )
 
 
-def point_boto3_at(mp: pytest.MonkeyPatch, endpoint: str) -> None:
+def point_boto3_at(
+    mp: pytest.MonkeyPatch, endpoint: str, *, variable: str = "AWS_ENDPOINT_URL"
+) -> None:
+    """Point boto3 at `endpoint` through `variable` (every service, or AWS_ENDPOINT_URL_S3)."""
     for name in _CLEARED:
         mp.delenv(name, raising=False)
-    mp.setenv("AWS_ENDPOINT_URL", endpoint)
+    mp.setenv(variable, endpoint)
     mp.setenv("AWS_ACCESS_KEY_ID", "testing")
     mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -89,16 +92,7 @@ def _client_for(endpoint: str) -> Any:
 
 def point_s3_at(mp: pytest.MonkeyPatch, endpoint: str) -> None:
     """Point boto3's S3 clients (only) at `endpoint`; other services keep AWS_ENDPOINT_URL."""
-    for name in _CLEARED:
-        mp.delenv(name, raising=False)
-    mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    mp.setenv("AWS_REGION", "us-east-1")
-    mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    point_boto3_at(mp, endpoint, variable="AWS_ENDPOINT_URL_S3")
 
 
 def new_bucket(endpoint: str) -> str:
