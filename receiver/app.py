@@ -458,12 +458,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
     async def rejected(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestRejected)
         note_rejection(parts.metrics, endpoints, request, exc)  # logged and counted once
-        response = await _rejected(request, exc)
-        if exc.status in (408, 413):
-            # The rest of the body is still on its way (or never comes): drop the connection
-            # instead of waiting for it, so its slot is free at once.
-            response.headers["connection"] = "close"
-        return response
+        return _closing_if_body(request, await _rejected(request, exc))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -499,10 +494,19 @@ async def _rejected(request: Request, exc: Exception) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+def _closing_if_body(request: Request, response: Response) -> Response:
+    """A refused request that came with a body may not have sent all of it (a 401 is answered
+    before the body is read; a 408 because it never came): close the connection rather than
+    wait for the rest of the body, so a slow or stuck client never keeps its slot."""
+    if "content-length" in request.headers or "transfer-encoding" in request.headers:
+        response.headers["connection"] = "close"
+    return response
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_payload(exc.status_code, code, str(exc.detail))
+    return _closing_if_body(request, error_payload(exc.status_code, code, str(exc.detail)))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
