@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 Clock = Callable[[], datetime]  # injected time (invariant 5): tests pass a fake one
 
@@ -223,6 +223,12 @@ def fit_name(name: str) -> str:
         stem, _, ext = name.rpartition(".")
         name = f"{stem}_{ext}"
     return fit_segment(name, keep_suffix=True)
+
+
+def source_name(url: str) -> str:
+    """The output's name as the provider gave it: the URL's last path segment ("" if none).
+    Kept in the object's metadata and the manifest, since the key may carry a fitted name."""
+    return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
 
 
 def output_name(url: str, index: int, content_type: str | None) -> str:

@@ -336,3 +336,21 @@ async def test_retry_leaves_a_running_copy_of_another_asset_alone(archive: Harne
     assert (tasks[first.n]["state"], tasks[first.n]["attempts"]) == ("ready", 0)
     assert (tasks[running.n]["state"], tasks[running.n]["lease_owner"]) == ("leased", "w2")
     assert await queue.heartbeat(running, now, timedelta(seconds=60))
+
+
+async def test_a_fitted_name_keeps_the_name_the_provider_gave_in_metadata_and_manifest(
+    archive: Harness, source_server: SourceServer, tmp_path: Path
+) -> None:
+    # "x.meta.json" would collide with the local store's sidecars: the key gets a fitted name,
+    # the object's metadata and the manifest keep the one the provider gave.
+    url = source_server.add("/outputs/j9/frame.meta.json", 1000, content_type="image/png")
+    await completed(archive, "j9", url)
+    assert await archive.parts.archiver.run_once()
+    asset = (await job(archive, "j9")).assets[0]
+    assert asset.state == "archived" and asset.key.endswith("/frame.meta_json")
+    head = await archive.parts.store.head(asset.key)
+    assert head is not None and head.metadata["source-name"] == "frame.meta.json"
+    folder = tmp_path / "archive" / asset.key.rsplit("/", 1)[0]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["assets"][0]["source_name"] == "frame.meta.json"
+    assert manifest["assets"][0]["name"] == "frame.meta_json"

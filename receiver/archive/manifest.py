@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from receiver.archive.fetch import redact_url
-from receiver.domain import scrub_secrets
+from receiver.domain import scrub_secrets, source_name
 from receiver.ledger import JobRecord
 
 SCHEMA = "receiver.manifest/1"
@@ -104,6 +104,7 @@ def build_manifest(job: JobRecord, previous: dict[str, Any] | None = None) -> di
                 "sha256": a.sha256,
                 "content_type": a.content_type,
                 "source": redact_url(a.source_url),
+                "source_name": source_name(a.source_url),  # as given; `name` may be fitted
                 "deadline": _iso(a.deadline),
                 "archived_at": _iso(a.archived_at),
                 "error": a.error,

@@ -42,7 +42,7 @@ from receiver.archive.steps import (
     TaskSteps,
     failed_job_manifest_key,
 )
-from receiver.domain import Clock, JobState
+from receiver.domain import Clock, JobState, source_name
 from receiver.ledger import MANIFEST_TASK, ArchivedAsset, AssetToCopy, Ledger
 from receiver.metrics import Metrics
 from receiver.store import ObjectExists, ObjectMissing, Store, StoreError
@@ -314,6 +314,7 @@ class Archiver(TaskSteps):
                 "job-type": _ascii(asset.job_type or ""),
                 "archived-at": self.clock().isoformat(),
                 "source-host": download.source_host,
+                "source-name": _ascii(source_name(asset.url)),  # the key may hold a fitted name
             }
             stored = await self.store.put_stream(
                 asset.key,
