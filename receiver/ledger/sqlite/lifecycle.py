@@ -10,31 +10,12 @@ import hashlib
 import sqlite3
 
 from receiver.domain import FINAL_STATES
-from receiver.ledger import AssetRecord, DueAsset, FixityStatus, Tombstone, from_ts
+from receiver.ledger import DueAsset, FixityStatus, Tombstone, from_ts
 from receiver.ledger import at_ts as _at
+from receiver.ledger.sqlite.reads import asset_record
 
 _FINAL = tuple(s.value for s in FINAL_STATES)
 _FINAL_MARKS = ", ".join("?" * len(_FINAL))
-
-
-def asset_record(a: sqlite3.Row) -> AssetRecord:
-    return AssetRecord(
-        n=a["n"],
-        name=a["name"],
-        key=a["key"],
-        source_url=a["source_url"],
-        content_type=a["content_type"],
-        deadline=_at(a["deadline"]),
-        state=a["state"],
-        uri=a["uri"],
-        size=a["size"],
-        sha256=a["sha256"],
-        archived_at=from_ts(a["archived_at"]),
-        error=a["error"],
-        verified_at=from_ts(a["verified_at"]),
-        verified_by=a["verified_by"],
-        fixity_error=a["fixity_error"],
-    )
 
 
 def prune_payloads(conn: sqlite3.Connection, before: float, now: float, limit: int) -> int:

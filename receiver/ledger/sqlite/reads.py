@@ -21,7 +21,26 @@ from receiver.ledger import (
     from_ts,
 )
 from receiver.ledger import at_ts as _at
-from receiver.ledger.sqlite.lifecycle import asset_record
+
+
+def asset_record(a: sqlite3.Row) -> AssetRecord:
+    return AssetRecord(
+        n=a["n"],
+        name=a["name"],
+        key=a["key"],
+        source_url=a["source_url"],
+        content_type=a["content_type"],
+        deadline=_at(a["deadline"]),
+        state=a["state"],
+        uri=a["uri"],
+        size=a["size"],
+        sha256=a["sha256"],
+        archived_at=from_ts(a["archived_at"]),
+        error=a["error"],
+        verified_at=from_ts(a["verified_at"]),
+        verified_by=a["verified_by"],
+        fixity_error=a["fixity_error"],
+    )
 
 
 def read_job(conn: sqlite3.Connection, provider: str, job_id: str) -> JobRecord | None:
