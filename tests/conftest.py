@@ -46,6 +46,16 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+# Settings that let the archive fetch from the tests' own HTTP source on loopback (Apex links).
+LOCAL_SOURCES: dict[str, Any] = {
+    "fetch_allow_http": True,
+    "fetch_allow_networks": "127.0.0.0/8",
+    "apex_download_hosts": "127.0.0.1",
+}
+# The operator token `make_settings` configures, as an Authorization header.
+AUTH = {"authorization": "Bearer operator-token"}
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "ledger_url": f"sqlite:///{tmp_path / 'receiver.db'}",

@@ -13,6 +13,7 @@ import pytest
 
 from receiver.domain import JobState
 from receiver.ledger import JobRecord
+from tests import conftest
 from tests.conftest import Harness, post_signed
 from tests.payloads import APEX_SECRET, FLIKI_SECRET, apex_completed, apex_failed, fliki_status
 from tests.sources import (
@@ -24,12 +25,7 @@ from tests.sources import (
 
 pytestmark = pytest.mark.anyio
 
-LOCAL_SOURCES = {
-    "fetch_allow_http": True,
-    "fetch_allow_networks": "127.0.0.0/8",
-    "apex_download_hosts": "127.0.0.1",
-    "fliki_download_hosts": "127.0.0.1",
-}
+LOCAL_SOURCES = {**conftest.LOCAL_SOURCES, "fliki_download_hosts": "127.0.0.1"}
 
 
 @pytest.fixture

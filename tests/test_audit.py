@@ -10,18 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Harness, post_signed
+from tests.conftest import AUTH, LOCAL_SOURCES, Harness, post_signed
 from tests.payloads import APEX_SECRET, apex_completed, apex_failed
 from tests.sources import SourceServer, expected_sha256
 
 pytestmark = pytest.mark.anyio
-
-AUTH = {"authorization": "Bearer operator-token"}
-LOCAL_SOURCES = {
-    "fetch_allow_http": True,
-    "fetch_allow_networks": "127.0.0.0/8",
-    "apex_download_hosts": "127.0.0.1",
-}
 
 
 @pytest.fixture

@@ -21,17 +21,12 @@ from receiver.audit.console.media import parse_range, preview_kind
 from receiver.audit.console.session import COOKIE, SALT
 from receiver.domain import JobState
 from receiver.polling.schedule import StopReason
-from tests.conftest import Harness, post_signed
+from tests.conftest import LOCAL_SOURCES, Harness, post_signed
 from tests.payloads import APEX_SECRET, apex_completed
 from tests.sources import SourceServer, content
 
 pytestmark = pytest.mark.anyio
 
-LOCAL_SOURCES = {
-    "fetch_allow_http": True,
-    "fetch_allow_networks": "127.0.0.0/8",
-    "apex_download_hosts": "127.0.0.1",
-}
 TOKEN = "operator-token"
 SAME_ORIGIN = {"sec-fetch-site": "same-origin"}
 

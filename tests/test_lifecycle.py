@@ -25,19 +25,12 @@ from receiver.app import build_parts, create_app, lifecycle_loops
 from receiver.audit.fixity import FixityLoop, verify_due
 from receiver.audit.lifecycle import RetentionLoop, RetentionPolicy, forget, prune
 from receiver.cli import app as cli
-from tests.conftest import FakeClock, Harness, make_settings, post_signed
+from tests.conftest import AUTH, LOCAL_SOURCES, FakeClock, Harness, make_settings, post_signed
 from tests.payloads import APEX_SECRET, apex_completed, signed
 from tests.sources import SourceServer
 from tests.test_console import sign_in
 
 pytestmark = pytest.mark.anyio
-
-AUTH = {"authorization": "Bearer operator-token"}
-LOCAL_SOURCES = {
-    "fetch_allow_http": True,
-    "fetch_allow_networks": "127.0.0.0/8",
-    "apex_download_hosts": "127.0.0.1",
-}
 
 
 @pytest.fixture
