@@ -89,7 +89,8 @@ def _wait_archived(db: Path, started: float) -> float:
     with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
         while True:
             (done,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'archived'").fetchone()
-            if done == COUNT:
+            (acked,) = conn.execute("SELECT COUNT(*) FROM tasks WHERE state = 'done'").fetchone()
+            if done == COUNT and acked == COUNT:  # archived, manifest written, task acked
                 return time.perf_counter() - started
             (ended,) = conn.execute(
                 "SELECT COUNT(*) FROM jobs WHERE state IN ('expired', 'dead')"

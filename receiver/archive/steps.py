@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,19 @@ from receiver.workqueue import Lease, WorkQueue
 log = structlog.get_logger("receiver.archive.worker")
 
 CONTENT_TYPE_FALLBACK = "application/octet-stream"
+
+#: Set by the copy loop that runs this task (worker.py `_loop`): the copy slot the task holds,
+#: given back once the copy is recorded, so the next copy starts while this manifest and ack run.
+COPY_SLOT: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar(
+    "archive_slot", default=None
+)
+
+
+def release_slot() -> None:
+    """This task needs no copy slot any more (its copy is recorded, or there was none)."""
+    slot = COPY_SLOT.get()
+    if slot is not None:
+        slot.set()
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,7 @@ class TaskSteps:
 
     async def _finish(self, lease: Lease, asset: AssetToCopy, *, archived: bool) -> None:
         """The steps after a recorded copy: the manifest (if archived), then the ack."""
+        release_slot()
         if archived:
             try:
                 await self._step("manifest", lambda: self._write_manifest(asset))

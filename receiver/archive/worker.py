@@ -17,6 +17,11 @@ asset) and **ack**. What each step does when it fails, twice, or runs late:
   (`receiver_archive_steps_given_up{step}`, the asset's error in the audit). A copy that
   succeeded is never undone: the asset stays archived when only its manifest could not be written.
 
+A copy slot is held from the lease until the copy is recorded (mark); the manifest and the ack
+(the task's tail) then run beside the slot's next copy, at most one tail per slot. On a burst of
+small outputs this keeps the slots copying instead of waiting on a second PUT and a commit
+(`BENCH_ONLY=many make bench`: slots busy 64% -> 75-80% of the time).
+
 This module runs the loop and the copy; steps.py holds what follows a copy's answer.
 """
 
@@ -38,6 +43,7 @@ from receiver.archive.fetch import Fetcher, FetchError
 from receiver.archive.guard import CopyCut, CopyGuard
 from receiver.archive.steps import (
     CONTENT_TYPE_FALLBACK,
+    COPY_SLOT,
     RetryPolicy,
     TaskSteps,
     failed_job_manifest_key,
@@ -115,19 +121,51 @@ class Archiver(TaskSteps):
                 group.create_task(self._loop(f"{self.owner_prefix}-{i}"))
 
     async def _loop(self, owner: str) -> None:
-        while True:
-            try:
-                worked = await self.run_once(owner)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The loop must survive anything: the lease will expire and the task come back.
-                log.exception("archive_loop_error", owner=owner)
-                worked = False
-            if not worked:
-                self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self.idle_poll)
+        """One copy slot: lease, copy, record; then the next lease while the last task's
+        manifest and ack (its tail, see `steps.release_slot`) finish beside the next copy.
+
+        At most one tail per slot is unfinished: the next copy's tail waits for it. A tail cut
+        short by a stop or a crash leaves its lease to lapse; the task comes back to exactly
+        the missing steps (the asset is recorded as archived, so nothing is copied again).
+        """
+        tail: asyncio.Task[bool] | None = None
+        try:
+            while True:
+                freed = asyncio.Event()
+                token = COPY_SLOT.set(freed)  # the task's context is copied at its creation
+                try:
+                    task = asyncio.create_task(self._run_logged(owner))
+                finally:
+                    COPY_SLOT.reset(token)
+                released = asyncio.create_task(freed.wait())
+                try:
+                    await asyncio.wait({task, released}, return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    released.cancel()
+                    await _cancel_all(task, tail)
+                    raise
+                released.cancel()
+                if tail is not None:
+                    await _finish_tail(tail, task)
+                tail = None if task.done() else task
+                worked = task.result() if task.done() else True
+                if not worked:
+                    self.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), self.idle_poll)
+        finally:
+            if tail is not None:
+                await _cancel_all(tail)
+
+    async def _run_logged(self, owner: str) -> bool:
+        try:
+            return await self.run_once(owner)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The loop must survive anything: the lease will expire and the task come back.
+            log.exception("archive_loop_error", owner=owner)
+            return False
 
     async def run_once(self, owner: str | None = None) -> bool:
         """Lease and process one task; False when nothing was due."""
@@ -329,6 +367,26 @@ class Archiver(TaskSteps):
             sha256=stored.sha256,
             content_type=stored.content_type,
         )
+
+
+async def _cancel_all(*tasks: asyncio.Task[bool] | None) -> None:
+    """Cancel `tasks` and wait for each to wind down (a copy gives its task back, see
+    `_stop_copy`), even if we are cancelled again meanwhile."""
+    running = [t for t in tasks if t is not None and not t.done()]
+    for task in running:
+        task.cancel()
+    if running:
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait(running)
+
+
+async def _finish_tail(tail: asyncio.Task[bool], current: asyncio.Task[bool]) -> None:
+    """Wait for the previous task's tail; if we are cancelled meanwhile, stop both."""
+    try:
+        await asyncio.wait({tail})
+    except asyncio.CancelledError:
+        await _cancel_all(current, tail)
+        raise
 
 
 def _is_outage(result: object) -> bool:

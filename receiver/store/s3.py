@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
@@ -62,6 +63,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from receiver.backends.aws import POOL_SIZE, run_blocking
 from receiver.store import (
     NO_METADATA,
     SHA256_KEY,
@@ -137,7 +139,7 @@ class S3Store:
         # to create clients from. The client itself is thread-safe. SigV4 explicitly: for S3 with
         # a custom endpoint botocore would otherwise presign links with SigV2.
         self._client: S3Client = boto3.session.Session().client(
-            "s3", config=Config(signature_version="s3v4")
+            "s3", config=Config(signature_version="s3v4", max_pool_connections=POOL_SIZE)
         )
 
     def uri_for(self, key: str) -> str:
@@ -597,7 +599,10 @@ class S3Store:
     async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """Run a blocking boto3 call in a worker thread, raising its errors as ``StoreError``."""
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            # The AWS pool, not asyncio's default one (a few threads on a small machine, which
+            # the ledger's reads and DNS lookups share): every copy slot holds a thread here
+            # for a whole part, and the manifests and tags of finished copies need theirs.
+            return await run_blocking(functools.partial(fn, *args, **kwargs))
         except ClientError as exc:
             if _error_code(exc) in _MISSING_CODES:
                 raise ObjectMissing(f"s3://{self.bucket}: {exc}") from exc
