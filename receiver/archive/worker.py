@@ -20,7 +20,7 @@ asset) and **ack**. What each step does when it fails, twice, or runs late:
 A copy slot is held from the lease until the copy is recorded (mark); the manifest and the ack
 (the task's tail) then run beside the slot's next copy, at most one tail per slot. On a burst of
 small outputs this keeps the slots copying instead of waiting on a second PUT and a commit
-(`BENCH_ONLY=many make bench`: slots busy 64% -> 75-80% of the time).
+(`BENCH_ONLY=many make bench`: slots busy 62-69% -> 69-81% of the time over 7 runs).
 
 This module runs the loop and the copy; steps.py holds what follows a copy's answer.
 """
