@@ -112,6 +112,15 @@ def large_server_rows(r: archive_large.LargeResult) -> None:
         "≤ 1.00x",
         verdict(growth <= bound),
     )
+    rclone_cpu = "" if r.rclone_cpu_s is None else f", rclone {r.rclone_cpu_s:.2f} s"
+    row(
+        f"{label}: the copying process's CPU",
+        f"{r.receiver_cpu_s:.2f} s",
+        f"boto3 {r.floor_cpu_s:.2f} s{rclone_cpu}",
+        ratio(r.receiver_cpu_s, r.floor_cpu_s),
+        "(where time goes)",
+        "—",
+    )
     rclone_cpu = "" if r.rclone_s3_cpu_s is None else f", rclone {r.rclone_s3_cpu_s:.2f} s"
     row(
         f"{label}: {r.server} server CPU during the copy",

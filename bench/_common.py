@@ -39,6 +39,7 @@ class ChildResult:
     out: dict[str, Any]  # the JSON object the child printed last
     wall_s: float  # the whole process, start-up included
     peak_rss_mib: float
+    cpu_s: float  # the child's own figure for its copy, else its whole life's (user + system)
 
 
 def vm_hwm_mib(pid: int | str = "self") -> float:
@@ -68,10 +69,12 @@ def run_child(argv: list[str], env: dict[str, str]) -> ChildResult:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     polled = [0.0]
+    cpu = [0.0]
 
     def poll() -> None:
         while proc.poll() is None:
             polled[0] = max(polled[0], vm_hwm_mib(proc.pid))
+            cpu[0] = max(cpu[0], cpu_seconds(proc.pid))
             time.sleep(0.005)
 
     watcher = threading.Thread(target=poll)
@@ -84,7 +87,19 @@ def run_child(argv: list[str], env: dict[str, str]) -> ChildResult:
         raise RuntimeError(f"benchmark child {argv[:4]} failed ({proc.returncode})")
     lines = output.strip().splitlines()
     out = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-    return ChildResult(out, wall, max(polled[0], out.get("peak_rss_mib", 0.0)))
+    return ChildResult(
+        out, wall, max(polled[0], out.get("peak_rss_mib", 0.0)), out.get("cpu_s", cpu[0])
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process so far (its last 5 ms may be missed), 0 if
+    it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 #: The command line prefix of ``bench._children``.
@@ -144,11 +159,7 @@ class S3:
 
     def cpu_seconds(self) -> float:
         """CPU time the server has used so far (Linux; 0 elsewhere): where its time goes."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
 
     def client(self) -> Any:
         return boto3.session.Session().client(

@@ -61,6 +61,9 @@ class LargeResult:
     receiver_s3_cpu_s: float  # moto's CPU time during receiver's copy
     floor_s3_cpu_s: float
     rclone_s3_cpu_s: float | None
+    receiver_cpu_s: float  # the copying process's own CPU time (every thread)
+    floor_cpu_s: float
+    rclone_cpu_s: float | None
 
 
 def _sha256(path: Path) -> str:
@@ -136,6 +139,9 @@ def run(size_mib: int, rounds: int, server: str) -> LargeResult:
         receiver_s3_cpu_s=statistics.median(cpu["receiver"]),
         floor_s3_cpu_s=statistics.median(cpu["floor"]),
         rclone_s3_cpu_s=statistics.median(cpu["rclone"]) if theirs else None,
+        receiver_cpu_s=statistics.median(r.cpu_s for r in ours),
+        floor_cpu_s=statistics.median(r.cpu_s for r in floor),
+        rclone_cpu_s=statistics.median(r.cpu_s for r in theirs) if theirs else None,
     )
 
 
