@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from receiver.archive.fetch import Fetcher, FetchPolicy, SourceUnavailable, UrlRefused
-from receiver.archive.pool import KeyedPoolTransport
+from receiver.archive.pool import READ_SIZE, KeyedPoolTransport
 from tests.sources import SourceServer, expected_sha256, tls_contexts
 from tests.test_fetch import FakeResolver, sha
 
@@ -73,6 +73,26 @@ async def test_same_name_reuses_one_connection(
     assert source_server.connections == 1
     # Every hop is still checked: the name was resolved (and its address checked) each time.
     assert resolver.calls == [NAMES[0], NAMES[0]]
+
+
+async def test_a_fast_source_is_read_in_chunks_bigger_than_httpcores_64_kib(
+    source_server: SourceServer, resolver: FakeResolver
+) -> None:
+    size = 8 * 2**20
+    source_server.add("/big", size)
+    fetcher = Fetcher(POLICY, resolver=resolver)
+    sizes: list[int] = []
+    try:
+        async with fetcher.open(url(source_server, NAMES[0], "/big")) as opened:
+            async for chunk in opened.iter_bytes():
+                sizes.append(len(chunk))
+                if len(sizes) == 1:
+                    await asyncio.sleep(0.2)  # the source fills the socket buffers meanwhile
+    finally:
+        await fetcher.aclose()
+    assert sum(sizes) == size
+    assert max(sizes) > 64 * 1024, sorted(sizes)[-5:]
+    assert max(sizes) <= READ_SIZE
 
 
 async def test_same_address_under_another_name_opens_its_own_connection(

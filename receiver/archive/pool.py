@@ -19,6 +19,15 @@ or, in the race where the server closes it just as the request goes out, the req
 before any response on a connection this request did not open: it is then sent again, on
 another connection (a GET, so repeating it is safe), at most ``keepalive_per_key + 1`` times.
 A failure on a connection the request opened itself is reported as before.
+
+Reads: httpcore asks the socket for at most 64 KiB at a time, and every chunk then passes
+through several layers of Python (anyio, httpcore, h11, httpx, the fetcher's deadline, the copy
+guard, the store's part buffer): 16,384 passes for 1 GiB. Asking for up to ``READ_SIZE`` lets
+a fast source hand over bigger chunks (the kernel returns what it has, so a slow one is read
+as before): fetching 1 GiB from a local source took 1.02 s of CPU instead of 1.63 s. httpcore
+has no per-pool setting for this, only the class attribute every HTTP/1.1 read consults; it is
+set here, where source connections are made. A chunk is at most ``READ_SIZE`` bytes, which the
+store's memory bound allows for (its 16 MiB of slack).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpcore
 import httpx
 
 # Errors that mean "the connection died before the server answered"; on a reused connection
@@ -36,6 +46,10 @@ import httpx
 _STALE_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 PoolKey = tuple[str, str, int, str]
+
+#: The most one read from a source connection asks for (see the module docstring).
+READ_SIZE = 1 << 20
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = READ_SIZE
 
 
 def pool_key(request: httpx.Request) -> PoolKey:
