@@ -38,9 +38,11 @@ from bench._common import (
     write_random_file,
 )
 from bench._common import file_source as serve_files
+from receiver import settings
+from receiver.settings import PART_SIZE
 
 #: receiver's defaults (settings.part_size, settings.parts_in_flight): the memory bound's terms.
-PART_MIB, PARTS_IN_FLIGHT = 8, 2
+PART_MIB, PARTS_IN_FLIGHT = PART_SIZE // MiB, settings.PARTS_IN_FLIGHT
 #: The issue's bound on a copy's peak RSS growth: (parts in flight + 1) x part size + 16 MiB.
 RSS_GROWTH_BOUND_MIB = (PARTS_IN_FLIGHT + 1) * PART_MIB + 16
 

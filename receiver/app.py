@@ -55,7 +55,7 @@ from receiver.polling.registration import Registrar, Registration, TrackingApi
 from receiver.polling.schedule import Tracker
 from receiver.polling.schedule.sqlite import TrackedStore
 from receiver.providers import REGISTRY
-from receiver.settings import Settings
+from receiver.settings import PART_SIZE, PARTS_IN_FLIGHT, Settings
 from receiver.store import Store
 from receiver.store.local import LocalStore
 from receiver.workqueue import WorkQueue
@@ -152,7 +152,9 @@ def lifecycle_loops(parts: Parts) -> list[Coroutine[Any, Any, None]]:
     return loops
 
 
-def open_store(url: str, *, part_size: int = 8 * 2**20, parts_in_flight: int = 2) -> Store:
+def open_store(
+    url: str, *, part_size: int = PART_SIZE, parts_in_flight: int = PARTS_IN_FLIGHT
+) -> Store:
     """Open the store named by ``url``.
 
     ``file:///abs/path`` or ``file://./relative/path`` (resolved against the current directory):

@@ -43,6 +43,14 @@ class ProviderConfig:
         return bool(self.webhook_secrets or self.webhook_token)
 
 
+#: An S3 upload's part size and how many parts upload at once: a copy's memory is about
+#: (PARTS_IN_FLIGHT + 1) x PART_SIZE. Four parts in flight, not two: with two, SeaweedFS had
+#: one core busy of two and receiver's copy of 1 GiB took 1.18-1.26x boto3's upload_file (ten
+#: in flight); with four, 1.03x (`BENCH_ONLY=large make bench`; with three, 1.19x).
+PART_SIZE = 8 * 1024 * 1024
+PARTS_IN_FLIGHT = 4
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RECEIVER_", env_file=".env", extra="ignore", frozen=True
@@ -87,8 +95,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     webhook_tolerance_seconds: int = Field(default=300, ge=1)
     deadline_margin_seconds: int = Field(default=600, ge=0)
-    part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
-    parts_in_flight: int = Field(default=2, ge=1, le=16)
+    part_size: int = Field(default=PART_SIZE, ge=5 * 1024 * 1024)
+    parts_in_flight: int = Field(default=PARTS_IN_FLIGHT, ge=1, le=16)
     lease_seconds: int = Field(default=60, ge=5)
     max_attempts: int = Field(default=8, ge=1)
     # A copy slower than this over a whole window is cut and retried later (it would hold a copy

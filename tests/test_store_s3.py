@@ -23,6 +23,7 @@ from botocore.exceptions import ClientError
 
 import receiver.store.s3 as s3_module
 from receiver.app import open_store
+from receiver.settings import PARTS_IN_FLIGHT
 from receiver.store import ObjectExists, StoreError
 from receiver.store.s3 import S3Store
 from tests.s3server import admin_client
@@ -359,7 +360,7 @@ async def test_s3_parts_in_flight_bound(s3_store: S3Store, monkeypatch: pytest.M
     data = payload(21 * MiB)  # five parts
     stored = await s3_store.put_stream(KEY, chunked(data), content_type="x/y", metadata={})
     assert stored.sha256 == sha(data)
-    assert most == s3_store.parts_in_flight == 2
+    assert most == s3_store.parts_in_flight == PARTS_IN_FLIGHT == 4
 
 
 @pytest.mark.anyio

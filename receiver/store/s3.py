@@ -64,6 +64,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from receiver.backends.aws import POOL_SIZE, run_blocking
+from receiver.settings import PART_SIZE, PARTS_IN_FLIGHT
 from receiver.store import (
     NO_METADATA,
     SHA256_KEY,
@@ -122,8 +123,8 @@ class S3Store:
         bucket: str,
         prefix: str = "",
         *,
-        part_size: int = 8 * 2**20,
-        parts_in_flight: int = 2,
+        part_size: int = PART_SIZE,
+        parts_in_flight: int = PARTS_IN_FLIGHT,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size {part_size} is below S3's minimum of {MIN_PART_SIZE}")
