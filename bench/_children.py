@@ -3,6 +3,7 @@
     python -m bench._children receiver URL BUCKET WORKDIR  # receiver's archiver: URL -> S3
     python -m bench._children parts BUCKET WORKDIR         # receiver's set-up only, no copy
     python -m bench._children boto3 FILE BUCKET            # floor: boto3 upload_file, disk -> S3
+    python -m bench._children boto3-full FILE BUCKET       # the same, with the file's CRC32
     python -m bench._children boto3-many DIR BUCKET WIDTH  # every file in DIR, WIDTH threads
 
 Each prints one JSON line: ``seconds``, the time the copy itself took (imports and set-up
@@ -120,6 +121,26 @@ def _boto3(path: str, bucket: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
 
 
+def _boto3_full(path: str, bucket: str) -> dict[str, Any]:
+    """``upload_file`` asked for what receiver asks for: the whole object's CRC32, which makes
+    s3transfer's multipart upload a FULL_OBJECT one the server checks on completion. The CRC32
+    is computed from the file first, and that pass is timed too."""
+    import base64
+    import zlib
+
+    import boto3
+
+    s3 = boto3.session.Session().client("s3")
+    started, cpu = time.perf_counter(), time.process_time()
+    crc = 0
+    with open(path, "rb") as source:
+        while block := source.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    checksum = base64.b64encode(crc.to_bytes(4, "big")).decode()
+    s3.upload_file(path, bucket, f"floor/{Path(path).name}", ExtraArgs={"ChecksumCRC32": checksum})
+    return {"seconds": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
+
+
 def _boto3_many(directory: str, bucket: str, width: int) -> dict[str, Any]:
     import boto3
 
@@ -146,6 +167,8 @@ def main() -> None:
         result = asyncio.run(_parts_only(args[0], Path(args[1])))
     elif kind == "boto3":
         result = _boto3(args[0], args[1])
+    elif kind == "boto3-full":
+        result = _boto3_full(args[0], args[1])
     elif kind == "boto3-many":
         result = _boto3_many(args[0], args[1], int(args[2]))
     else:

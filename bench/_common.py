@@ -132,12 +132,14 @@ def workdir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def server_process(argv: list[str], env: dict[str, str], port: int) -> Iterator[None]:
+def server_process(
+    argv: list[str], env: dict[str, str], port: int
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server process until the block ends; stop it as Ctrl-C would."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
-        yield
+        yield proc
     finally:
         proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown (the lifespan stops parts)
         try:

@@ -7,6 +7,9 @@ Sides, each in a child process of its own, alternating, ``BENCH_ROUNDS`` rounds 
   object's CRC32 checked by the server on completion, then the SHA-256 as an object tag). The
   completion's and the tagging's own durations are reported beside the total.
 - floor: boto3 ``upload_file`` of the same bytes from local disk to the same server.
+- floor, same integrity: the same ``upload_file`` given the file's CRC32, which makes its
+  multipart upload a ``FULL_OBJECT`` one, as receiver's is (on moto that completion is where the
+  time goes: moto assembles the object once more to check it).
 - rclone: ``rclone copyurl`` from the same source URL into the same server (on moto a versioned
   bucket: rclone's S3 backend needs versioning to work against moto), if rclone is installed.
 
@@ -55,6 +58,7 @@ class LargeResult:
     tag_s: float  # of receiver_s: PutObjectTagging (the SHA-256 tag)
     complete_s: float  # of receiver_s: CompleteMultipartUpload
     floor_s: float
+    full_s: float  # boto3 upload_file with the whole object's CRC32 (FULL_OBJECT)
     rclone_s: float | None
     receiver_rss_mib: float
     floor_rss_mib: float
@@ -63,6 +67,11 @@ class LargeResult:
     receiver_s3_cpu_s: float  # moto's CPU time during receiver's copy
     floor_s3_cpu_s: float
     rclone_s3_cpu_s: float | None
+    # Medians of each round's own ratio (the sides of a round run back to back, so a slower
+    # minute on a shared machine slows them alike): what the verdicts use.
+    ratio_floor: float
+    ratio_full: float
+    ratio_rclone: float | None
     receiver_cpu_s: float  # the copying process's own CPU time (every thread)
     floor_cpu_s: float
     rclone_cpu_s: float | None
@@ -100,8 +109,8 @@ def run(size_mib: int, rounds: int, server: str) -> LargeResult:
         expected = _sha256(source)
         bucket, rclone_bucket = s3.bucket(), s3.bucket(versioned=server == "moto")
         parts = run_child([*CHILD, "parts", bucket, str(tmp)], s3.env)
-        floor, ours, theirs = [], [], []
-        cpu: dict[str, list[float]] = {"floor": [], "receiver": [], "rclone": []}
+        floor, full, ours, theirs = [], [], [], []
+        cpu: dict[str, list[float]] = {"floor": [], "full": [], "receiver": [], "rclone": []}
 
         def measured(side: str, argv: list[str], env: dict[str, str]) -> ChildResult:
             before = s3.cpu_seconds()
@@ -113,6 +122,9 @@ def run(size_mib: int, rounds: int, server: str) -> LargeResult:
             url = f"{base}/{source.name}"
             for i in range(rounds):
                 floor.append(measured("floor", [*CHILD, "boto3", str(source), bucket], s3.env))
+                s3.empty(bucket)
+                argv = [*CHILD, "boto3-full", str(source), bucket]
+                full.append(measured("full", argv, s3.env))
                 s3.empty(bucket)
                 run_dir = tmp / f"round-{i}"
                 run_dir.mkdir()
@@ -133,6 +145,7 @@ def run(size_mib: int, rounds: int, server: str) -> LargeResult:
         tag_s=statistics.median(r.out["tag_s"] for r in ours),
         complete_s=statistics.median(r.out["complete_s"] for r in ours),
         floor_s=statistics.median(r.out["seconds"] for r in floor),
+        full_s=statistics.median(r.out["seconds"] for r in full),
         rclone_s=statistics.median(r.wall_s for r in theirs) if theirs else None,
         receiver_rss_mib=max(r.peak_rss_mib for r in ours),
         floor_rss_mib=max(r.peak_rss_mib for r in floor),
@@ -141,9 +154,27 @@ def run(size_mib: int, rounds: int, server: str) -> LargeResult:
         receiver_s3_cpu_s=statistics.median(cpu["receiver"]),
         floor_s3_cpu_s=statistics.median(cpu["floor"]),
         rclone_s3_cpu_s=statistics.median(cpu["rclone"]) if theirs else None,
+        ratio_floor=_paired(ours, floor),
+        ratio_full=_paired(ours, full),
+        ratio_rclone=(
+            statistics.median(
+                o.out["seconds"] / t.wall_s for o, t in zip(ours, theirs, strict=True)
+            )
+            if theirs
+            else None
+        ),
         receiver_cpu_s=statistics.median(r.cpu_s for r in ours),
         floor_cpu_s=statistics.median(r.cpu_s for r in floor),
         rclone_cpu_s=statistics.median(r.cpu_s for r in theirs) if theirs else None,
+    )
+
+
+def _paired(ours: list[ChildResult], theirs: list[ChildResult]) -> float:
+    """The median of the rounds' ratios of copy times."""
+    return float(
+        statistics.median(
+            o.out["seconds"] / t.out["seconds"] for o, t in zip(ours, theirs, strict=True)
+        )
     )
 
 

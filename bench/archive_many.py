@@ -3,10 +3,16 @@
 receiver: ``receiver serve`` with its default ``RECEIVER_WORKERS`` (4) archive workers in the
 same process, archiving to an S3 server (SeaweedFS or moto, ``BENCH_S3``). The clock starts
 before the first signed callback is posted (32 at a time) and stops when the ledger shows
-every job archived: each output fetched from the file source, stored with its SHA-256 (a
-single PUT at this size), recorded, and its manifest written. Baseline: boto3 ``upload_file``
-of the same files from disk, in a thread pool as wide as receiver's worker count, in a child
-process of its own.
+every job archived and every task acknowledged: each output fetched from the file source,
+stored with its SHA-256 (a single PUT at this size), recorded, and its manifest written.
+Baseline: boto3 ``upload_file`` of the same files from disk, in a thread pool as wide as
+receiver's worker count, in a child process of its own.
+
+``BENCH_MANY_ROUNDS`` (3) rounds, each the baseline then receiver on a fresh bucket and ledger;
+the ratio is the median of the rounds' own ratios (a slower minute on a shared machine slows
+both sides of a round). Reported beside the times, for where the time goes: the CPU time of
+receiver's process, of the S3 server, of the benchmark's own process (the file source and the
+callbacks) and of boto3's process.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import secrets
 import sqlite3
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +36,7 @@ from bench._common import (
     CHILD,
     S3,
     MiB,
+    cpu_seconds,
     file_server,
     free_port,
     run_child,
@@ -42,8 +50,22 @@ from receiver.ingest.auth import sign
 from tests.payloads import apex_completed
 
 COUNT = int(os.environ.get("BENCH_MANY_COUNT", "1000"))
+ROUNDS = int(os.environ.get("BENCH_MANY_ROUNDS", "3"))
 WORKERS = 4  # RECEIVER_WORKERS' default
 TIMEOUT = 900.0
+
+
+@dataclass
+class ManyRound:
+    receiver_s: float
+    floor_s: float
+    receiver_s3_cpu_s: float  # the S3 server's CPU time during each side's run
+    floor_s3_cpu_s: float
+    receiver_cpu_s: float  # receiver's process
+    bench_cpu_s: float  # this process meanwhile: the file source and the callbacks
+    floor_cpu_s: float  # boto3's process
+    source_connections: int  # connections receiver opened to the file source
+    copy_s: float  # sum of receiver_archive_copy_duration_seconds: lease to marked archived
 
 
 @dataclass
@@ -51,12 +73,15 @@ class ManyResult:
     server: str
     count: int
     workers: int
-    receiver_s: float
-    floor_s: float
-    receiver_s3_cpu_s: float  # the S3 server's CPU time during each side's run
-    floor_s3_cpu_s: float
-    source_connections: int  # connections receiver opened to the file source
-    copy_s: float  # sum of receiver_archive_copy_duration_seconds: lease to marked archived
+    rounds: list[ManyRound]
+
+    def median(self, field: str) -> float:
+        return float(statistics.median(getattr(r, field) for r in self.rounds))
+
+    @property
+    def ratio(self) -> float:
+        """The median of the rounds' own ratios."""
+        return statistics.median(r.receiver_s / r.floor_s for r in self.rounds)
 
 
 async def _post_all(port: int, base: str, secret: str) -> None:
@@ -109,10 +134,12 @@ def _copy_seconds(port: int) -> float:
     raise RuntimeError("no receiver_archive_copy_duration_seconds_sum in /metrics")
 
 
-def _receiver(s3: S3, files: Path, tmp: Path) -> tuple[float, int, float]:
+def _receiver(s3: S3, files: Path, tmp: Path) -> tuple[float, int, float, float, float]:
     bucket = s3.bucket()
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     db = tmp / "many.db"
+    for stale in tmp.glob("many.db*"):
+        stale.unlink()
     env = {
         **s3.env,
         "RECEIVER_LEDGER_URL": f"sqlite:///{db}",
@@ -128,32 +155,47 @@ def _receiver(s3: S3, files: Path, tmp: Path) -> tuple[float, int, float]:
     }
     port = free_port()
     argv = [sys.executable, "-m", "receiver", "serve", "--port", str(port)]
-    with file_server(files) as source, server_process(argv, env, port):
+    with file_server(files) as source, server_process(argv, env, port) as proc:
         base = f"http://127.0.0.1:{source.server_address[1]}"
         wait_http(f"http://127.0.0.1:{port}/readyz")
+        cpu_before, bench_before = cpu_seconds(proc.pid), time.process_time()
         started = time.perf_counter()
         asyncio.run(_post_all(port, base, secret))
         elapsed = _wait_archived(db, started)
+        cpu = cpu_seconds(proc.pid) - cpu_before
+        bench_cpu = time.process_time() - bench_before
         connections = source.connections
         copy_s = _copy_seconds(port)
     s3.empty(bucket)
-    return elapsed, connections, copy_s
+    return elapsed, connections, copy_s, cpu, bench_cpu
 
 
 def run(server: str) -> ManyResult:
+    rounds: list[ManyRound] = []
     with workdir() as tmp, s3_server(server) as s3:
         files = tmp / "files"
         files.mkdir()
         for i in range(COUNT):
             write_random_file(files / f"f{i:05d}.mp4", MiB)
-        bucket = s3.bucket()
-        before = s3.cpu_seconds()
-        floor = run_child([*CHILD, "boto3-many", str(files), bucket, str(WORKERS)], s3.env)
-        floor_cpu = s3.cpu_seconds() - before
-        s3.empty(bucket)
-        before = s3.cpu_seconds()
-        ours, connections, copy_s = _receiver(s3, files, tmp)
-        ours_cpu = s3.cpu_seconds() - before
-    return ManyResult(
-        server, COUNT, WORKERS, ours, floor.out["seconds"], ours_cpu, floor_cpu, connections, copy_s
-    )
+        for _ in range(ROUNDS):
+            bucket = s3.bucket()
+            before = s3.cpu_seconds()
+            floor = run_child([*CHILD, "boto3-many", str(files), bucket, str(WORKERS)], s3.env)
+            floor_s3_cpu = s3.cpu_seconds() - before
+            s3.empty(bucket)
+            before = s3.cpu_seconds()
+            ours, connections, copy_s, cpu, bench_cpu = _receiver(s3, files, tmp)
+            rounds.append(
+                ManyRound(
+                    receiver_s=ours,
+                    floor_s=floor.out["seconds"],
+                    receiver_s3_cpu_s=s3.cpu_seconds() - before,
+                    floor_s3_cpu_s=floor_s3_cpu,
+                    receiver_cpu_s=cpu,
+                    bench_cpu_s=bench_cpu,
+                    floor_cpu_s=floor.cpu_s,
+                    source_connections=connections,
+                    copy_s=copy_s,
+                )
+            )
+    return ManyResult(server, COUNT, WORKERS, rounds)
