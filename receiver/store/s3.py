@@ -33,8 +33,10 @@ s3transfer buffers about (10 + 5) parts, whereas here memory is bounded by
   (``BENCH_ONLY=threshold make bench``: ``put_stream`` with 8 MiB parts against one PUT of the
   whole object, the best case a larger threshold could give). On SeaweedFS, the server that
   verifies: 9 MiB 0.85x, 16 MiB 1.20x, 32 MiB 1.02x, 64 MiB 0.68x (multipart / one PUT, medians
-  of 5): no consistent gain, and from a few parts on the parallel parts win. On moto (one Python
-  process, not a production target) one PUT is 1.4-1.7x faster. A larger single PUT would also
+  of 5); with 4 parts in flight, two runs: 1.47x / 1.06x, 1.24x / 3.66x, 0.84x / 0.88x,
+  2.16x / 1.15x (SeaweedFS stalls for a second now and then, which medians of 5 do not hide):
+  no consistent gain either way. On moto (one Python process, not a production target) one PUT
+  is 1.4-2.2x faster at 9-16 MiB and even from 32 MiB on. A larger single PUT would also
   need the whole object in memory (or an aws-chunked PUT with a trailing checksum, which still
   needs the length up front, unknown for a download without Content-Length), breaking the memory
   bound. So there is one upload path beyond one part: multipart.
