@@ -122,21 +122,23 @@ def large_server_rows(r: archive_large.LargeResult) -> None:
         "≤ 1.00x",
         verdict(growth <= bound),
     )
-    rclone_cpu = "" if r.rclone_cpu_s is None else f", rclone {r.rclone_cpu_s:.2f} s"
-    row(
-        f"{label}: the copying process's CPU",
-        f"{r.receiver_cpu_s:.2f} s",
-        f"boto3 {r.floor_cpu_s:.2f} s{rclone_cpu}",
-        ratio(r.receiver_cpu_s, r.floor_cpu_s),
-        "(where time goes)",
-        "—",
-    )
-    rclone_cpu = "" if r.rclone_s3_cpu_s is None else f", rclone {r.rclone_s3_cpu_s:.2f} s"
-    row(
+    cpu_row(f"{label}: the copying process's CPU", r.receiver_cpu_s, r.floor_cpu_s, r.rclone_cpu_s)
+    cpu_row(
         f"{label}: {r.server} server CPU during the copy",
-        f"{r.receiver_s3_cpu_s:.2f} s",
-        f"boto3 {r.floor_s3_cpu_s:.2f} s{rclone_cpu}",
-        ratio(r.receiver_s3_cpu_s, r.floor_s3_cpu_s),
+        r.receiver_s3_cpu_s,
+        r.floor_s3_cpu_s,
+        r.rclone_s3_cpu_s,
+    )
+
+
+def cpu_row(name: str, ours: float, boto3: float, rclone: float | None) -> None:
+    """A "where the time goes" row: CPU seconds of receiver's side against boto3's and rclone's."""
+    theirs = "" if rclone is None else f", rclone {rclone:.2f} s"
+    row(
+        name,
+        f"{ours:.2f} s",
+        f"boto3 {boto3:.2f} s{theirs}",
+        ratio(ours, boto3),
         "(where time goes)",
         "—",
     )

@@ -19,21 +19,19 @@ from receiver.store import Store, StoredObject
 from tests.conftest import Harness
 from tests.sources import SourceServer
 from tests.test_archiver import LOCAL_SOURCES, completed, job
+from tests.test_worker_faults import ConditionalStore
 
 pytestmark = pytest.mark.anyio
 
 
-class HeldManifests:
-    """A real store whose manifest writes wait for `release`; it logs what happens in order."""
+class HeldManifests(ConditionalStore):
+    """The real store (a conditional create, as in test_worker_faults) whose manifest writes
+    wait for `release`; it logs what happens, in order."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.release = asyncio.Event()
         self.events: list[str] = []
-        self.copies = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     async def put_stream(
         self,
@@ -43,17 +41,14 @@ class HeldManifests:
         content_type: str,
         metadata: Mapping[str, str],
     ) -> StoredObject:
-        self.copies += 1
         self.events.append(f"copy {metadata['job-id']}")
-        return await self.inner.put_stream(
-            key, chunks, content_type=content_type, metadata=metadata
-        )
+        return await super().put_stream(key, chunks, content_type=content_type, metadata=metadata)
 
     async def put_bytes(self, key: str, data: bytes, **kw: Any) -> StoredObject:
         job_id = key.rsplit("/", 2)[-2]
         self.events.append(f"manifest {job_id} held")
         await self.release.wait()
-        stored = await self.inner.put_bytes(key, data, **kw)
+        stored = await super().put_bytes(key, data, **kw)
         self.events.append(f"manifest {job_id} written")
         return stored
 
@@ -108,7 +103,7 @@ async def test_the_next_copy_runs_while_the_last_manifest_is_written(
     for i in range(3):
         assert (await job(harness, f"p-{i}")).state == "archived"
         assert f"manifest p-{i} written" in store.events
-    assert store.copies == 3
+    assert store.puts == 3
 
 
 async def test_a_stop_during_a_tail_leaves_the_task_to_come_back_for_its_manifest(
@@ -131,7 +126,7 @@ async def test_a_stop_during_a_tail_leaves_the_task_to_come_back_for_its_manifes
     assert await harness.parts.archiver.run_once()
     assert "manifest cut written" in store.events
     assert harness.rows("tasks")[0]["state"] == "done"
-    assert store.copies == 1  # recorded as archived: nothing copied again
+    assert store.puts == 1  # recorded as archived: nothing copied again
 
 
 async def _true(value: bool) -> bool:
