@@ -117,8 +117,9 @@ def _walk(root: Any, where: str) -> None:
                 for key, item in value.items():
                     if not isinstance(key, str):
                         raise _Refused("key_type", "object keys must be strings", path)
-                    _check_string(key, MAX_KEY_CHARS, f"{path}.{key[:40]}", "key_length")
-                    stack.append((item, f"{path}.{key[:40]}", depth + 1))
+                    inner = f"{path}.{_shown_key(key)}"
+                    _check_string(key, MAX_KEY_CHARS, inner, "key_length")
+                    stack.append((item, inner, depth + 1))
             else:
                 for n, item in enumerate(value):
                     stack.append((item, f"{path}[{n}]", depth + 1))
@@ -134,6 +135,12 @@ def _walk(root: Any, where: str) -> None:
                 raise _Refused("number_finite", "numbers must be finite and below 2^63", path)
         else:
             raise _Refused("json_type", f"{type(value).__name__} is not a JSON value", path)
+
+
+def _shown_key(key: str) -> str:
+    """A key as the 422's field path names it: its first 40 characters, with anything that is
+    not valid Unicode text (a lone surrogate) escaped, so the answer itself can be encoded."""
+    return key[:40].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _check_string(text: str, limit: int, path: str, rule: str) -> None:
