@@ -147,8 +147,10 @@ class Archiver(TaskSteps):
                 released.cancel()
                 if tail is not None:
                     await _finish_tail(tail, task)
-                tail = None if task.done() else task
-                worked = task.result() if task.done() else True
+                if task.done():
+                    tail, worked = None, task.result()
+                else:  # its copy is recorded; its manifest and ack run beside the next copy
+                    tail, worked = task, True
                 if not worked:
                     self.wake.clear()
                     with contextlib.suppress(TimeoutError):
