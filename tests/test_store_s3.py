@@ -137,6 +137,42 @@ async def test_s3_server_refuses_bytes_that_do_not_match_their_checksum(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("event", "size", "checksum"),
+    [
+        ("PutObject", 1000, "x-amz-checksum-sha256"),
+        ("UploadPart", 11 * MiB, "x-amz-checksum-crc32"),
+    ],
+    ids=["single-put", "part"],
+)
+async def test_s3_body_is_bound_to_the_signature_by_its_signed_checksum(
+    s3_backend: Backend, s3_store: S3Store, event: str, size: int, checksum: str
+) -> None:
+    """No second SHA-256 of every byte just to sign it (UNSIGNED-PAYLOAD, over plain HTTP too):
+    the body's checksum header is signed and the server verifies the body against it, so bytes
+    altered after signing are refused all the same, and nothing is stored."""
+    seen: list[tuple[str, str]] = []
+
+    def alter_after_signing(request: Any, **_: Any) -> None:
+        body = request.body if isinstance(request.body, bytes | bytearray) else request.body.read()
+        altered = bytearray(body)
+        altered[len(altered) // 2] ^= 0xFF
+        request.body = bytes(altered)
+        headers = {k: v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        seen.append((headers["X-Amz-Content-SHA256"], headers["Authorization"]))
+
+    s3_store._client.meta.events.register(f"before-send.s3.{event}", alter_after_signing)
+    with pytest.raises(StoreError, match="BadDigest"):
+        await s3_store.put_stream(KEY, chunked(payload(size)), content_type="x/y", metadata={})
+    assert seen, f"no {event} was sent"
+    for content_sha256, authorization in seen:
+        assert content_sha256 == "UNSIGNED-PAYLOAD"
+        signed = authorization.split("SignedHeaders=")[1].split(",")[0].split(";")
+        assert checksum in signed
+    assert s3_backend.leftovers() == []
+
+
+@pytest.mark.anyio
 async def test_s3_store_without_full_object_crc32_gets_per_part_sha256(
     s3_backend: Backend, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,8 +2,8 @@
 
 The client is configured only the way boto3 always is (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``,
 ``AWS_REGION``, profiles, credentials chain), plus SigV4 for every request and presigned link;
-this module adds no endpoint settings of its own. boto3 is synchronous, so every call runs in a
-worker thread (``asyncio.to_thread``) and the event loop never blocks on the network.
+this module adds no endpoint settings of its own. boto3 is synchronous, so every call runs on the
+AWS thread pool (``backends.aws.run_blocking``) and the event loop never blocks on the network.
 
 Uploads are driven part by part rather than through ``upload_fileobj``: on a non-seekable stream
 s3transfer buffers about (10 + 5) parts, whereas here memory is bounded by
@@ -140,9 +140,17 @@ class S3Store:
         self._full_object = True
         # A session of our own: boto3's default session is shared module state and not thread-safe
         # to create clients from. The client itself is thread-safe. SigV4 explicitly: for S3 with
-        # a custom endpoint botocore would otherwise presign links with SigV2.
+        # a custom endpoint botocore would otherwise presign links with SigV2. No payload signing:
+        # every body we send carries its checksum in a signed header, which the server verifies
+        # against the body, so signing the payload too would only hash every byte a second time
+        # (botocore does it over plain HTTP, and for every non-streamed body over HTTPS).
         self._client: S3Client = boto3.session.Session().client(
-            "s3", config=Config(signature_version="s3v4", max_pool_connections=POOL_SIZE)
+            "s3",
+            config=Config(
+                signature_version="s3v4",
+                max_pool_connections=POOL_SIZE,
+                s3={"payload_signing_enabled": False},
+            ),
         )
 
     def uri_for(self, key: str) -> str:
