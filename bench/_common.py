@@ -218,6 +218,12 @@ def s3_servers() -> list[str]:
     return names
 
 
+#: SeaweedFS's volume size for the benchmarks. The tests' 32 MB (so that they can make hundreds
+#: of buckets) made a 1 GiB upload grow a new volume every 32 MB, stalls that hit either side of
+#: a round; a production server's volumes are 30 GB by default. 1 GiB holds the largest object.
+BENCH_VOLUME_MB = 1024
+
+
 @contextlib.contextmanager
 def s3_server(name: str) -> Iterator[S3]:
     """Start the named S3 server (``moto`` or ``seaweedfs``) for one benchmark."""
@@ -229,7 +235,10 @@ def s3_server(name: str) -> Iterator[S3]:
 
     with (
         tempfile.TemporaryDirectory(prefix="receiver-bench-weed-", dir=WORKDIR) as data,
-        seaweedfs_server(Path(data), ("bench", "bench")) as (endpoint, child),
+        seaweedfs_server(Path(data), ("bench", "bench"), volume_size_mb=BENCH_VOLUME_MB) as (
+            endpoint,
+            child,
+        ),
     ):
         yield S3(endpoint, _aws_env(endpoint), child.pid, "seaweedfs")
 

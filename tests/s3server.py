@@ -158,13 +158,19 @@ def _free_port_pair() -> tuple[int, int]:
 
 @contextlib.contextmanager
 def seaweedfs_server(
-    data_dir: Path, credentials: tuple[str, str] = ("testing", "testing")
+    data_dir: Path,
+    credentials: tuple[str, str] = ("testing", "testing"),
+    *,
+    volume_size_mb: int = 32,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run `weed mini` on 127.0.0.1 only, in `data_dir`; yield its S3 endpoint URL and process.
 
     Every component gets free ports (HTTP and gRPC), telemetry is off (it is on by default and
     these machines reach no network), and the volume limits are raised: every bucket is a
     collection with volumes of its own, and the default limit runs out after a few dozen buckets.
+    Small volumes (``volume_size_mb``) let the tests make hundreds of buckets; the benchmarks ask
+    for large ones, as a production server has, so that writing a large object does not keep
+    growing new volumes.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
@@ -177,7 +183,7 @@ def seaweedfs_server(
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",
         "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=32",
+        f"-master.volumeSizeLimitMB={volume_size_mb}",
         "-volume.max=2000",
         "-webdav=false",
         "-admin.ui=false",
