@@ -106,35 +106,49 @@ def check_value(value: Any, where: str = "(body)") -> None:
         raise _rejection(exc) from None
 
 
+# Where a value sits in the body: the root's name, or (its container's place, key or index).
+# Built as the walk goes and spelt out only when a refusal names it: a body that passes (nearly
+# every one) costs no path strings.
+_Place = str | tuple["_Place", str | int]
+
+
 def _walk(root: Any, where: str) -> None:
-    stack: list[tuple[Any, str, int]] = [(root, where, 0)]
+    stack: list[tuple[Any, _Place, int]] = [(root, where, 0)]
     while stack:
-        value, path, depth = stack.pop()
+        value, place, depth = stack.pop()
         if isinstance(value, dict | list):
             if depth >= MAX_DEPTH:
-                raise _Refused("max_depth", f"nested deeper than {MAX_DEPTH} levels", path)
+                raise _Refused("max_depth", f"nested deeper than {MAX_DEPTH} levels", _at(place))
             if isinstance(value, dict):
                 for key, item in value.items():
                     if not isinstance(key, str):
-                        raise _Refused("key_type", "object keys must be strings", path)
-                    inner = f"{path}.{_shown_key(key)}"
-                    _check_string(key, MAX_KEY_CHARS, inner, "key_length")
-                    stack.append((item, inner, depth + 1))
+                        raise _Refused("key_type", "object keys must be strings", _at(place))
+                    _check_string(key, MAX_KEY_CHARS, (place, key), "key_length")
+                    stack.append((item, (place, key), depth + 1))
             else:
                 for n, item in enumerate(value):
-                    stack.append((item, f"{path}[{n}]", depth + 1))
+                    stack.append((item, (place, n), depth + 1))
         elif isinstance(value, str):
-            _check_string(value, MAX_STRING_CHARS, path, "string_length")
+            _check_string(value, MAX_STRING_CHARS, place, "string_length")
         elif isinstance(value, bool) or value is None:
             continue
         elif isinstance(value, int):
             if abs(value) > MAX_INT:
-                raise _Refused("number_magnitude", "an integer beyond 64 bits", path)
+                raise _Refused("number_magnitude", "an integer beyond 64 bits", _at(place))
         elif isinstance(value, float):
             if not abs(value) <= MAX_INT:
-                raise _Refused("number_finite", "numbers must be finite and below 2^63", path)
+                raise _Refused("number_finite", "numbers must be finite and below 2^63", _at(place))
         else:
-            raise _Refused("json_type", f"{type(value).__name__} is not a JSON value", path)
+            raise _Refused("json_type", f"{type(value).__name__} is not a JSON value", _at(place))
+
+
+def _at(place: _Place) -> str:
+    """A place as the 422's field path: `(body).outputs[0].url`."""
+    steps: list[str] = []
+    while isinstance(place, tuple):
+        place, step = place
+        steps.append(f"[{step}]" if isinstance(step, int) else f".{_shown_key(step)}")
+    return place + "".join(reversed(steps))
 
 
 def _shown_key(key: str) -> str:
@@ -143,13 +157,15 @@ def _shown_key(key: str) -> str:
     return key[:40].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _check_string(text: str, limit: int, path: str, rule: str) -> None:
+def _check_string(text: str, limit: int, place: _Place, rule: str) -> None:
     if len(text) > limit:
-        raise _Refused(rule, f"{len(text)} characters (limit {limit})", path)
+        raise _Refused(rule, f"{len(text)} characters (limit {limit})", _at(place))
+    if text.isascii():  # no surrogate, and no copy of the text to find that out
+        return
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise _Refused("unicode", "a lone surrogate (not valid Unicode text)", path) from None
+        raise _Refused("unicode", "a lone surrogate (not valid Unicode text)", _at(place)) from None
 
 
 def _rejection(exc: _Refused) -> InvalidPayload:
