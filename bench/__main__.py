@@ -172,7 +172,7 @@ def threshold_rows() -> None:
                 f"put {r.size_mib} MiB → {r.server} S3: 8 MiB parts vs one PUT (single-PUT "
                 "threshold)",
                 f"{r.multipart_s * 1000:.0f} ms multipart",
-                f"{r.single_put_s * 1000:.0f} ms one PUT, whole object in memory",
+                f"{r.single_put_s * 1000:.0f} ms one PUT of the same parts",
                 ratio(r.multipart_s, r.single_put_s),
                 "(decision)",
                 "—",

@@ -1,11 +1,12 @@
-"""Single-PUT threshold: is a bigger single PUT worth a second upload path?
+"""Single-PUT threshold: up to which size is one PUT better than a multipart upload?
 
-receiver sends an object as one PutObject only while it fits in one part (8 MiB); beyond that it
-is a multipart upload (create, parts, complete with the whole object's CRC32, then the SHA-256
-tag): two or three requests more than a single PUT. For objects of a few parts this compares,
-against the same server in one process, the time of ``S3Store.put_stream`` with the default
-8 MiB parts (multipart) and with a part size above the object's size (one PUT of the whole object
-held in memory, the best case a larger threshold could give). Medians of ``BENCH_ROUNDS`` (5).
+receiver sends an object as one PutObject while it fits in the parts a multipart upload holds
+in memory anyway (parts in flight x part size: 32 MiB at the defaults, its parts sent back to
+back); beyond that it is a multipart upload (create, parts, complete with the whole object's
+CRC32, then the SHA-256 tag): three or four requests more than a single PUT. For objects of a
+few parts this compares, against the same server in one process, the time of
+``S3Store.put_stream`` as a multipart upload with the default 8 MiB parts, 4 in flight, and as
+one PUT of the same parts. Medians of ``BENCH_ROUNDS`` (5).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class ThresholdResult:
     single_put_s: float
 
 
-async def _measure(bucket: str, size: int, part_size: int, rounds: int) -> float:
+async def _measure(bucket: str, size: int, single_put: bool, rounds: int) -> float:
+    from receiver.settings import PART_SIZE, PARTS_IN_FLIGHT
     from receiver.store.s3 import S3Store
 
     block = os.urandom(MiB)
@@ -40,7 +42,11 @@ async def _measure(bucket: str, size: int, part_size: int, rounds: int) -> float
         for _ in range(size // MiB):
             yield block
 
-    store = S3Store(bucket, "threshold", part_size=part_size)
+    parts = -(-size // PART_SIZE)
+    if single_put:  # as many parts as the object has may go as one PUT
+        store = S3Store(bucket, "threshold", parts_in_flight=parts, single_put_parts=parts)
+    else:  # multipart from the second part on, the default parts in flight
+        store = S3Store(bucket, "threshold", parts_in_flight=PARTS_IN_FLIGHT, single_put_parts=1)
     times = []
     try:
         await store.put_stream(uuid.uuid4().hex, source(), content_type="x/y", metadata={})
@@ -63,8 +69,8 @@ def run(server: str) -> list[ThresholdResult]:
             bucket = s3.bucket()
             for size_mib in SIZES_MIB:
                 size = size_mib * MiB
-                multipart = asyncio.run(_measure(bucket, size, 8 * MiB, rounds))
-                single = asyncio.run(_measure(bucket, size, size + 1, rounds))
+                multipart = asyncio.run(_measure(bucket, size, False, rounds))
+                single = asyncio.run(_measure(bucket, size, True, rounds))
                 results.append(ThresholdResult(server, size_mib, multipart, single))
                 s3.empty(bucket)
         finally:

@@ -44,7 +44,8 @@ class ProviderConfig:
 
 
 #: An S3 upload's part size and how many parts upload at once: a copy's memory is about
-#: (PARTS_IN_FLIGHT + 1) x PART_SIZE. Four parts in flight, not two: with two, SeaweedFS had
+#: (PARTS_IN_FLIGHT + 1) x PART_SIZE, and an object of up to PARTS_IN_FLIGHT parts goes as one
+#: PUT (see receiver/store/s3.py). Four parts in flight, not two: with two, SeaweedFS had
 #: one core busy of two, and receiver's copy of 1 GiB took 1.18-1.26x boto3's upload_file (ten
 #: in flight) and 0.96-0.99x rclone's time; with four, 1.03x and 1.20x, and 0.90x and 0.93x, in
 #: two runs (`BENCH_ONLY=large make bench`; single runs here move by tens of percent).

@@ -77,9 +77,12 @@ async def test_copy_to_s3_on_seaweedfs_with_metadata_and_checksum(
     harness_factory: Any, source_server: SourceServer, s3_bucket: str
 ) -> None:
     harness: Harness = await harness_factory(
-        archive_url=f"s3://{s3_bucket}/archive", part_size=5 * 2**20, **LOCAL_SOURCES
+        archive_url=f"s3://{s3_bucket}/archive",
+        part_size=5 * 2**20,
+        parts_in_flight=2,  # one PUT up to two parts
+        **LOCAL_SOURCES,
     )
-    size = 12 * 2**20 + 123  # three parts
+    size = 12 * 2**20 + 123  # three parts: multipart
     url = source_server.add("/outputs/v/video.mp4", size, content_type="video/mp4")
     await completed(harness, "vid-1", url, job_type="video", output_type="video/mp4")
 

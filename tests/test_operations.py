@@ -315,7 +315,12 @@ def s3_archive(
     Returns the bucket and the settings overrides that point the CLI at it. Before archiving, an
     incomplete upload is left under the prefix, as a worker killed mid-copy would leave it.
     """
-    overrides = {"archive_url": f"s3://{s3_bucket}/archive", "part_size": 5 * MiB}
+    # One part in flight: one PUT only up to one part, so 6 MiB is a multipart object.
+    overrides = {
+        "archive_url": f"s3://{s3_bucket}/archive",
+        "part_size": 5 * MiB,
+        "parts_in_flight": 1,
+    }
     admin_client().create_multipart_upload(Bucket=s3_bucket, Key="archive/apex/killed/v.mp4")
     jobs = {}
     for i, size in enumerate([4000, 5000, 6 * MiB]):

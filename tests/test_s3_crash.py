@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 JOBS = 4
 SIZE = 16 * 2**20 + 4321  # four parts of 5 MiB, the last one short
 PART = 5 * 2**20
+IN_FLIGHT = 2  # one PUT up to two parts: SIZE is a multipart upload
 
 
 def archived(db: Path) -> int:
@@ -40,7 +41,12 @@ async def test_sigkill_mid_multipart_then_restart_leaves_no_upload(
         source_server.add(f"/o/{i}.mp4", SIZE, trickle=0.01, content_type="video/mp4")
         for i in range(JOBS)
     ]
-    settings = make_settings(tmp_path, archive_url=f"s3://{s3_bucket}/archive", part_size=PART)
+    settings = make_settings(
+        tmp_path,
+        archive_url=f"s3://{s3_bucket}/archive",
+        part_size=PART,
+        parts_in_flight=IN_FLIGHT,
+    )
     await record_jobs(settings, urls)
 
     db = tmp_path / "receiver.db"
@@ -48,6 +54,7 @@ async def test_sigkill_mid_multipart_then_restart_leaves_no_upload(
         settings,
         dict(os.environ),
         part_size=str(PART),
+        parts_in_flight=str(IN_FLIGHT),
         apex_webhook_secrets=settings.apex_webhook_secrets.get_secret_value(),
         api_token="operator-token",
         webhook_providers="apex",

@@ -42,6 +42,10 @@ from tests.s3server import admin_client, point_s3_at
 
 MiB = 2**20
 PART = 5 * MiB  # S3's minimum part size
+# The S3 stores here keep two parts in flight, so an object of up to two parts is one PUT and the
+# 11 MiB objects of the multipart tests are three parts (at the defaults, one PUT takes up to
+# four parts: test_store_s3 tests that boundary).
+IN_FLIGHT = 2
 KEY = "apex/2026/03/16/job-1/output.png"
 
 
@@ -116,7 +120,7 @@ def open_backend(
     mode = kind.removeprefix("s3-")
     # Set before the client is created: botocore reads it once, at client creation.
     monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", mode)
-    store = open_store(f"s3://{bucket}/archive", part_size=PART)
+    store = open_store(f"s3://{bucket}/archive", part_size=PART, parts_in_flight=IN_FLIGHT)
     assert isinstance(store, S3Store)
     config = store._client.meta.config
     assert config.request_checksum_calculation == mode  # type: ignore[attr-defined]  # stubs lag

@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
+from botocore.awsrequest import AWSResponse, HTTPHeaders
 from botocore.exceptions import ClientError
 
 import receiver.store.s3 as s3_module
@@ -28,6 +29,7 @@ from receiver.store import ObjectExists, StoreError
 from receiver.store.s3 import S3Store
 from tests.s3server import admin_client
 from tests.test_store import (
+    IN_FLIGHT,
     KEY,
     PART,
     S3_KINDS,
@@ -375,7 +377,9 @@ async def test_s3_failure_while_committing(
 
 
 @pytest.mark.anyio
-async def test_s3_parts_in_flight_bound(s3_store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_s3_parts_in_flight_bound(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3_store = open_store(f"s3://{s3_bucket}", part_size=PART)  # the default parts in flight
+    assert isinstance(s3_store, S3Store)
     real_upload_part = s3_store._client.upload_part
     lock = threading.Lock()
     running, most = 0, 0
@@ -393,10 +397,106 @@ async def test_s3_parts_in_flight_bound(s3_store: S3Store, monkeypatch: pytest.M
                 running -= 1
 
     monkeypatch.setattr(s3_store._client, "upload_part", slow_upload_part)
-    data = payload(21 * MiB)  # five parts
+    data = payload(21 * MiB)  # five parts: one more than a single PUT takes
     stored = await s3_store.put_stream(KEY, chunked(data), content_type="x/y", metadata={})
+    await s3_store.aclose()
     assert stored.sha256 == sha(data)
     assert most == s3_store.parts_in_flight == PARTS_IN_FLIGHT == 4
+
+
+def count_requests(store: S3Store) -> dict[str, int]:
+    """How many requests of each operation ``store`` sends from now on."""
+    sent: dict[str, int] = {}
+
+    def count(model: Any, **_: Any) -> None:
+        sent[model.name] = sent.get(model.name, 0) + 1
+
+    store._client.meta.events.register("before-call.s3", count)
+    return sent
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("size", "requests"),
+    [
+        (PART + 1, {"PutObject": 1}),
+        (PARTS_IN_FLIGHT * PART, {"PutObject": 1}),
+        (
+            PARTS_IN_FLIGHT * PART + 1,
+            {
+                "ListMultipartUploads": 1,
+                "CreateMultipartUpload": 1,
+                "UploadPart": PARTS_IN_FLIGHT + 1,
+                "CompleteMultipartUpload": 1,
+                "PutObjectTagging": 1,
+            },
+        ),
+    ],
+    ids=["two-parts", "four-parts", "four-parts-and-a-byte"],
+)
+async def test_s3_object_of_up_to_parts_in_flight_parts_is_one_verified_put(
+    s3_bucket: str, size: int, requests: dict[str, int]
+) -> None:
+    """Up to the parts a multipart upload would hold in memory anyway (parts in flight x part
+    size), an object goes as one PUT: one request instead of five or more, and a full-object
+    SHA-256 the server verifies, instead of a CRC32 plus a tag."""
+    store = open_store(f"s3://{s3_bucket}/archive", part_size=PART)  # the defaults otherwise
+    assert isinstance(store, S3Store)
+    sent = count_requests(store)
+    data = payload(size)
+    stored = await store.put_stream(KEY, chunked(data), content_type="x/y", metadata={})
+    await store.aclose()
+    assert (stored.size, stored.sha256) == (size, sha(data))
+    assert sent == requests
+    head = admin_client().head_object(
+        Bucket=s3_bucket, Key=f"archive/{KEY}", ChecksumMode="ENABLED"
+    )
+    if "PutObject" in requests:
+        assert head["ChecksumSHA256"] == b64sha(data)
+        assert head["Metadata"] == {"sha256": sha(data)}
+    else:
+        assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", b64crc32(data))
+    assert (await read_all(store, KEY)) == data
+
+
+@pytest.mark.anyio
+async def test_s3_single_put_of_several_parts_is_resent_whole_after_a_retry(
+    s3_store: S3Store,
+) -> None:
+    """botocore retries a 500; the second try must send the body from its first byte again
+    (the parts are read back to back, not joined): the server's SHA-256 check would refuse a
+    body that resumed where the failed try stopped."""
+    tries: list[int] = []
+
+    def fail_the_first_try(request: Any, **_: Any) -> Any:  # an AWSResponse ends the try
+        tries.append(1)
+        if len(tries) > 1:
+            return None
+        request.body.read(3 * MiB)  # the failed try got this far
+        return AWSResponse(
+            request.url, 500, HTTPHeaders(), _Raw(b"<Error><Code>InternalError</Code></Error>")
+        )
+
+    s3_store._client.meta.events.register("before-send.s3.PutObject", fail_the_first_try)
+    data = payload(2 * PART)  # two parts: one PUT with the fixture's two parts in flight
+    stored = await s3_store.put_stream(KEY, chunked(data), content_type="x/y", metadata={})
+    assert len(tries) == 2
+    assert stored.sha256 == sha(data)
+    assert (await read_all(s3_store, KEY)) == data
+
+
+class _Raw:
+    """A canned HTTP body for AWSResponse."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **_: Any) -> Any:
+        yield self._body
+
+    def read(self, *_: Any) -> bytes:
+        body, self._body = self._body, b""
+        return body
 
 
 @pytest.mark.anyio
@@ -415,23 +515,29 @@ def test_s3_part_size_minimum() -> None:
 
 
 @pytest.mark.anyio
-async def test_s3_upload_memory_is_bounded(s3_bucket: str) -> None:
-    """64 MiB through put_stream: Python allocations stay within (parts_in_flight + 1) parts.
+@pytest.mark.parametrize(
+    "total", [64 * MiB, IN_FLIGHT * PART], ids=["multipart", "one-put-of-several-parts"]
+)
+async def test_s3_upload_memory_is_bounded(s3_bucket: str, total: int) -> None:
+    """64 MiB through put_stream, and the largest single PUT (its parts sent back to back, never
+    joined): Python allocations stay within (parts_in_flight + 1) parts.
 
     SeaweedFS is a child process, so what it keeps is not counted. tracemalloc
     sees only Python-level allocations, which is where any buffering of ours would show. Half a
     part of slack covers botocore's per-request objects and the first part's over-allocation; one
     part more than the bound (let alone the whole object) fails the test.
     """
-    total, block, in_flight = 64 * MiB, payload(MiB), 2
+    block, in_flight = payload(MiB), IN_FLIGHT
 
     async def source() -> AsyncIterator[bytes]:
         for _ in range(total // len(block)):
             yield block
 
     store = open_store(f"s3://{s3_bucket}", part_size=PART, parts_in_flight=in_flight)
-    # Warm-up: botocore loads models and builds caches on first use of each operation.
-    await store.put_stream("warm", chunked(payload(PART + 1)), content_type="x/y", metadata={})
+    # Warm-up: botocore loads models and builds caches on first use of each operation (both
+    # upload paths: a single PUT, then a multipart upload).
+    for n, size in enumerate([PART + 1, in_flight * PART + 1]):
+        await store.put_stream(f"warm{n}", chunked(payload(size)), content_type="x/y", metadata={})
     gc.collect()
     tracemalloc.start()
     try:
@@ -441,7 +547,7 @@ async def test_s3_upload_memory_is_bounded(s3_bucket: str) -> None:
         tracemalloc.stop()
     await store.aclose()
     assert (stored.size, stored.sha256) == (total, sha(block * (total // len(block))))
-    print(f"peak Python allocations streaming 64 MiB in 5 MiB parts: {peak / MiB:.1f} MiB")
+    print(f"peak Python allocations streaming {total // MiB} MiB: {peak / MiB:.1f} MiB")
     assert peak < (in_flight + 1.5) * PART
 
 

@@ -133,13 +133,16 @@ def takeover(moto_s3: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     try:
         # Slow enough that the copy spans a few heartbeats (lease 5 s).
         url = source.add("/o/video.mp4", SIZE, trickle=0.01, content_type="video/mp4")
-        settings = make_settings(tmp, archive_url=f"s3://{bucket}/archive", part_size=5 * 2**20)
+        settings = make_settings(
+            tmp, archive_url=f"s3://{bucket}/archive", part_size=5 * 2**20, parts_in_flight=2
+        )
         _ingest(settings, url)
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")},
             "RECEIVER_LEDGER_URL": settings.ledger_url,
             "RECEIVER_ARCHIVE_URL": settings.archive_url,
             "RECEIVER_PART_SIZE": str(5 * 2**20),
+            "RECEIVER_PARTS_IN_FLIGHT": "2",  # one PUT up to two parts: SIZE is multipart
             "RECEIVER_FETCH_ALLOW_HTTP": "true",
             "RECEIVER_FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
             "RECEIVER_APEX_DOWNLOAD_HOSTS": "127.0.0.1",

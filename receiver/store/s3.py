@@ -7,13 +7,14 @@ AWS thread pool (``backends.aws.run_blocking``) and the event loop never blocks 
 
 Uploads are driven part by part rather than through ``upload_fileobj``: on a non-seekable stream
 s3transfer buffers about (10 + 5) parts, whereas here memory is bounded by
-``(parts_in_flight + 1) * part_size``: the parts being uploaded plus the one being read.
+``(parts_in_flight + 1) * part_size``: the parts being uploaded plus the one being read (or, for a
+single PUT, the parts read ahead to find out that the object is small enough for one).
 
 **Integrity, without rewriting anything** (no CopyObject):
 
-* A stream shorter than one part is a single PutObject carrying its full-object SHA-256
-  (``x-amz-checksum-sha256``), which the server verifies and keeps; the hex digest is also user
-  metadata ``sha256``.
+* A stream of up to ``parts_in_flight`` parts (32 MiB at the defaults) is a single PutObject
+  carrying its full-object SHA-256 (``x-amz-checksum-sha256``), which the server verifies and
+  keeps; the hex digest is also user metadata ``sha256``.
 * Longer streams are multipart uploads of type ``FULL_OBJECT`` with CRC32: every part carries its
   own CRC32, and CompleteMultipartUpload carries the CRC32 of the whole object, so the server
   checks each part as it arrives and the assembled object as a whole. S3 has no full-object SHA-256
@@ -29,17 +30,21 @@ s3transfer buffers about (10 + 5) parts, whereas here memory is bounded by
   ``BadDigest``), honours ``If-None-Match: *`` on both PutObject and CompleteMultipartUpload
   (``PreconditionFailed``) and keeps tags. moto 5 records and echoes checksums without verifying
   any, and honours ``If-None-Match`` on PutObject.
-* **Single-PUT threshold**: one part (``part_size``, 8 MiB by default), decided by measuring
-  (``BENCH_ONLY=threshold make bench``: ``put_stream`` with 8 MiB parts against one PUT of the
-  whole object, the best case a larger threshold could give). On SeaweedFS, the server that
-  verifies: 9 MiB 0.85x, 16 MiB 1.20x, 32 MiB 1.02x, 64 MiB 0.68x (multipart / one PUT, medians
-  of 5); with 4 parts in flight, two runs: 1.47x / 1.06x, 1.24x / 3.66x, 0.84x / 0.88x,
-  2.16x / 1.15x (SeaweedFS stalls for a second now and then, which medians of 5 do not hide):
-  no consistent gain either way. On moto (one Python process, not a production target) one PUT
-  is 1.4-2.2x faster at 9-16 MiB and even from 32 MiB on. A larger single PUT would also
-  need the whole object in memory (or an aws-chunked PUT with a trailing checksum, which still
-  needs the length up front, unknown for a download without Content-Length), breaking the memory
-  bound. So there is one upload path beyond one part: multipart.
+* **Single-PUT threshold**: ``parts_in_flight`` parts (``single_put_parts``), the memory a
+  multipart upload holds anyway: the put reads up to that many parts ahead (and one more, to know
+  the stream goes on) before it picks the path, and sends a small object's parts back to back as
+  one body (``PartsBody``), never joined into a copy. Decided by measuring
+  (``BENCH_ONLY=threshold make bench``: ``put_stream`` as a multipart upload with 8 MiB parts, 4
+  in flight, against one PUT of the same parts; medians of 5). On SeaweedFS, the server that
+  verifies, with 1 GiB volumes: multipart / one PUT 1.12x at 9 MiB, 1.03x at 16 MiB, 1.07x at
+  32 MiB, 0.93x at 64 MiB (one PUT of a single bytearray: 1.35x, 1.28x, 1.15x, 0.93x; the parts
+  read back to back cost about 6 ms more at 9 MiB); moto: 2.37x, 1.86x, 1.19x, 0.99x. Beyond
+  the gain in time, one PUT is one request instead of the five to eight of a multipart upload
+  (list, create, parts, complete, tag), and a full-object SHA-256 that the server verifies,
+  where a multipart object has a CRC32 and the SHA-256 only as a tag. Earlier measurements with
+  the tests' 32 MB volumes were noise (SeaweedFS grew a volume every 32 MB and stalled). An
+  aws-chunked PUT with a trailing checksum would need the length up front, unknown for a
+  download without Content-Length, so beyond the threshold there is one path: multipart.
 
 **Never replace, never delete another attempt's copy**: PutObject and CompleteMultipartUpload are
 sent with ``If-None-Match: *``; a taken key raises ``ObjectExists``. Cleanup after a failure or a
@@ -82,7 +87,7 @@ from receiver.store import (
     run_to_end,
     single_chunk,
 )
-from receiver.store.s3parts import Digests, b64, crc32_b64, split_parts
+from receiver.store.s3parts import Digests, PartsBody, b64, crc32_b64, hold_parts, split_parts
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -127,15 +132,21 @@ class S3Store:
         *,
         part_size: int = PART_SIZE,
         parts_in_flight: int = PARTS_IN_FLIGHT,
+        single_put_parts: int | None = None,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size {part_size} is below S3's minimum of {MIN_PART_SIZE}")
         if parts_in_flight < 1:
             raise ValueError("parts_in_flight must be at least 1")
+        single_put_parts = parts_in_flight if single_put_parts is None else single_put_parts
+        if not 1 <= single_put_parts <= parts_in_flight:
+            raise ValueError("single_put_parts must be between 1 and parts_in_flight")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.part_size = part_size
         self.parts_in_flight = parts_in_flight
+        # Objects of up to this many parts go as one PUT (see the module docstring).
+        self.single_put_parts = single_put_parts
         # FULL_OBJECT CRC32 multipart uploads until the store refuses one (_create_upload).
         self._full_object = True
         # A session of our own: boto3's default session is shared module state and not thread-safe
@@ -180,18 +191,22 @@ class S3Store:
         digests = Digests()
         condition: dict[str, str] = {"IfNoneMatch": "*"} if create_only else {}
         async with contextlib.aclosing(split_parts(chunks, self.part_size, digests)) as parts:
-            first = await anext(parts, None)
-            if first is None or len(first) < self.part_size:
-                # The stream ended before one part filled up: a single PUT, whose SHA-256 checksum
-                # S3 verifies and keeps as the object's full-object checksum.
-                body = first or b""
+            held, ended = await hold_parts(parts, self.single_put_parts, self.part_size)
+            if ended:
+                # The stream fits in the parts a multipart upload would hold anyway: a single
+                # PUT, whose SHA-256 checksum S3 verifies and keeps as the object's full-object
+                # checksum. Several parts are sent back to back, not joined into a copy.
+                size = sum(len(part) for part in held)
+                body = held[0] if len(held) == 1 else PartsBody(held) if held else b""
+                del held
                 digest = digests.sha256.digest()
                 try:
                     await self._call_through(
                         self._client.put_object,
                         Bucket=self.bucket,
                         Key=full_key,
-                        Body=body,
+                        Body=body,  # type: ignore[arg-type]  # a bytearray saves a copy
+                        ContentLength=size,
                         ContentType=content_type,
                         Metadata={**metadata, SHA256_KEY: digest.hex()},
                         ChecksumAlgorithm="SHA256",
@@ -202,12 +217,10 @@ class S3Store:
                     if _error_code(exc.__cause__) in _TAKEN_CODES:
                         raise ObjectExists(key, digest.hex(), await self._existing(key)) from exc
                     raise
-                size = len(body)
             else:
-                # Handed over in a list the callee empties: a local name here would keep the first
-                # part alive for the whole upload, one part over the memory bound.
-                handover = [first]
-                del first
+                # Handed over in a list the callee empties: a local name here would keep the
+                # first parts alive for the whole upload, over the memory bound.
+                handover, held = held, []
                 await self._abort_earlier_uploads(full_key)
                 upload_id, completed, size, full_object = await self._upload_parts(
                     full_key, handover, parts, content_type, metadata
@@ -327,7 +340,8 @@ class S3Store:
         content_type: str,
         metadata: Mapping[str, str],
     ) -> tuple[str, list[CompletedPartTypeDef], int, bool]:
-        """Start a multipart upload and upload the part in ``handover`` and the rest of ``parts``.
+        """Start a multipart upload and upload the parts in ``handover`` (read ahead, taken out
+        as they go) and the rest of ``parts``.
 
         Returns the upload id, the completed parts, the total size and whether the upload is of
         type FULL_OBJECT (CRC32). At most ``parts_in_flight`` parts upload concurrently while
@@ -341,7 +355,7 @@ class S3Store:
         try:
             in_flight: set[asyncio.Task[CompletedPartTypeDef]] = set()
             size = 0
-            part: bytearray | None = handover.pop()
+            part: bytearray | None = handover.pop(0)
             while part is not None:
                 number = len(tasks) + 1
                 if number > MAX_PARTS:
@@ -364,7 +378,7 @@ class S3Store:
                 # Drop our reference before reading the next part, so a part whose upload
                 # finishes meanwhile is freed at once.
                 part = None
-                part = await anext(parts, None)
+                part = handover.pop(0) if handover else await anext(parts, None)
             # asyncio.wait, unlike gather, does not cancel the parts if we are cancelled here.
             await asyncio.wait(in_flight)
             completed = [task.result() for task in tasks]

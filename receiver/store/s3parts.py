@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 
 
 class Digests:
@@ -53,6 +54,72 @@ async def split_parts(
     if filled:
         del buffer[filled:]
         yield buffer
+
+
+async def hold_parts(
+    parts: AsyncIterator[bytearray], count: int, part_size: int
+) -> tuple[list[bytearray], bool]:
+    """Read up to ``count`` parts ahead, to learn whether the stream fits in one PUT.
+
+    Returns the parts read and whether the stream ended within ``count`` parts (at most
+    ``count * part_size`` bytes: one PUT will do). If it did not, one part more was read
+    (``count + 1`` parts, the most a multipart upload holds: ``count`` in flight and the next),
+    and they all go into a multipart upload. A short part is the last (see ``split_parts``).
+    """
+    held: list[bytearray] = []
+    while len(held) < count:
+        part = await anext(parts, None)
+        if part is None:
+            return held, True
+        held.append(part)
+        if len(part) < part_size:
+            return held, True
+    after = await anext(parts, None)
+    if after is None:
+        return held, True
+    held.append(after)
+    return held, False
+
+
+class PartsBody(io.RawIOBase):
+    """Parts read back to back as one request body, without joining them (joining would hold
+    the object twice). Seekable, so that botocore can size it and rewind it for a retry."""
+
+    def __init__(self, parts: list[bytearray]) -> None:
+        super().__init__()
+        self._parts = parts
+        self._size = sum(len(p) for p in parts)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = min(max(base + offset, 0), self._size)
+        return self._pos
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        out = memoryview(buffer).cast("B")
+        written, at = 0, 0
+        for part in self._parts:
+            if written == len(out):
+                break
+            end = at + len(part)
+            if self._pos < end:
+                start = self._pos - at
+                take = min(len(part) - start, len(out) - written)
+                out[written : written + take] = memoryview(part)[start : start + take]
+                written += take
+                self._pos += take
+            at = end
+        return written
 
 
 def b64(digest: bytes) -> str:
