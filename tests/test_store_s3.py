@@ -22,7 +22,7 @@ import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from botocore.exceptions import ClientError
 
-import receiver.store.s3 as s3_module
+import receiver.store.s3multipart as s3multipart
 from receiver.app import open_store
 from receiver.settings import PARTS_IN_FLIGHT
 from receiver.store import ObjectExists, StoreError
@@ -299,7 +299,7 @@ async def test_s3_versioned_bucket_keeps_one_version(
 async def test_s3_too_many_parts_aborts(
     s3_backend: Backend, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(s3_module, "MAX_PARTS", 2)
+    monkeypatch.setattr(s3multipart, "MAX_PARTS", 2)
     with pytest.raises(StoreError, match="exceeds 2 parts"):
         await s3_store.put_stream(KEY, chunked(payload(11 * MiB)), content_type="x/y", metadata={})
     assert s3_backend.leftovers() == []
