@@ -36,10 +36,11 @@ single PUT, the parts read ahead to find out that the object is small enough for
   one body (``PartsBody``), never joined into a copy. Decided by measuring
   (``BENCH_ONLY=threshold make bench``: ``put_stream`` as a multipart upload with 8 MiB parts, 4
   in flight, against one PUT of the same parts; medians of 5). On SeaweedFS, the server that
-  verifies, with 1 GiB volumes: multipart / one PUT 1.12x at 9 MiB, 1.03x at 16 MiB, 1.07x at
-  32 MiB, 0.93x at 64 MiB (one PUT of a single bytearray: 1.35x, 1.28x, 1.15x, 0.93x; the parts
-  read back to back cost about 6 ms more at 9 MiB); moto: 2.37x, 1.86x, 1.19x, 0.99x. Beyond
-  the gain in time, one PUT is one request instead of the five to eight of a multipart upload
+  verifies, with 1 GiB volumes, two runs: multipart / one PUT 1.12x and 1.10x at 9 MiB, 1.03x and
+  1.36x at 16 MiB, 1.07x and 1.07x at 32 MiB, 0.93x and 1.08x at 64 MiB (one PUT of a single
+  bytearray: 1.35x, 1.28x, 1.15x, 0.93x; the parts read back to back cost about 6 ms more at
+  9 MiB); moto: 2.37x/2.25x, 1.86x/1.96x, 1.19x/1.03x, 0.99x/1.10x. Beyond
+  the gain in time, one PUT is one request instead of the six to eight of a multipart upload
   (list, create, parts, complete, tag), and a full-object SHA-256 that the server verifies,
   where a multipart object has a CRC32 and the SHA-256 only as a tag. Earlier measurements with
   the tests' 32 MB volumes were noise (SeaweedFS grew a volume every 32 MB and stalled). An
