@@ -592,6 +592,31 @@ async def test_activity_counts_states_bytes_per_day_slack_and_misses_since_a_tim
     assert (later.jobs_by_state, later.archived, later.slack_min, later.misses) == ({}, 0, None, [])
 
 
+async def test_a_delivery_after_the_job_ended_hands_its_manifest_back_to_the_archiver(
+    b: Backend,
+) -> None:
+    """Every delivery belongs in the job's manifest, the record that outlives the ledger: one
+    that arrives after the job was archived (or failed) queues the job's task again, whose
+    worker copies nothing and rewrites the manifest (see Archiver._process)."""
+    await record(b, completed("done"), delivery_id="msg_1")
+    [lease] = await drain(b)
+    await b.ledger.mark_archived("apex", "done", 0, stored(0), b.now())
+    await record(b, failed("broke"))
+    assert [lease.n for lease in await drain(b)] == [MANIFEST_TASK]
+    assert await b.lease() is None
+
+    again = await record(b, completed("done"), delivery_id="msg_1")  # a redelivery
+    late = await record(b, failed("broke"))
+
+    assert (again.outcome, again.job_state, again.tasks_queued) == ("duplicate", "archived", 0)
+    assert (late.outcome, late.job_state, late.tasks_queued) == ("duplicate", "failed", 0)
+    leased = sorted((lease.job_id, lease.n) for lease in await drain(b))
+    assert leased == [("broke", MANIFEST_TASK), ("done", 0)]
+    job = await b.ledger.job("apex", "done")
+    assert job is not None and (job.state, job.assets[0].state) == ("archived", "archived")
+    assert [d.outcome for d in job.deliveries] == ["accepted", "duplicate"]
+
+
 async def test_ping(b: Backend) -> None:
     await b.ledger.ping()
 

@@ -55,6 +55,32 @@ def make_pair(max_receives: int = 20) -> tuple[DynamoLedger, SqsQueue, Backend]:
     return ledger, queue, Backend("aws", ledger, queue, now, asyncio.sleep)
 
 
+async def test_a_late_delivery_reopens_the_task_without_taking_a_workers_claim(
+    moto_s3: str,
+) -> None:
+    """A delivery while a worker still holds the archived job's task (writing its manifest)
+    queues the task again for the manifest rewrite; the holder's claim stays, so the new
+    message waits for it instead of running beside it (whose older manifest could land last)."""
+    ledger, queue, b = make_pair()
+    await record(b, completed("tail"))
+    holder = await b.lease("w1", seconds=3)
+    assert holder is not None
+    await ledger.mark_archived("apex", "tail", 0, stored(), now())
+
+    late = await record(b, completed("tail"))  # a redelivery, while w1 writes the manifest
+    assert (late.outcome, late.job_state) == ("duplicate", "archived")
+    assert await b.lease("w2", seconds=3) is None  # received, claim held by w1: left for later
+    assert await queue.heartbeat(holder, now(), timedelta(seconds=3))  # w1 still holds it
+    await queue.ack(holder)
+    await asyncio.sleep(4.2)  # the new message becomes visible again
+    rewrite = await b.lease("w2", seconds=3)
+    assert rewrite is not None and (rewrite.job_id, rewrite.n) == ("tail", 0)
+    asset = await ledger.asset_to_copy("apex", "tail", 0)
+    assert asset is not None and asset.state == "archived"  # the manifest only: no copy
+    await queue.ack(rewrite)
+    assert await b.lease("w3", seconds=3) is None
+
+
 async def test_a_duplicate_message_waits_while_another_worker_holds_the_task(
     moto_s3: str,
 ) -> None:

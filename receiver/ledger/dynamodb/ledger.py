@@ -224,6 +224,21 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
             put["ExpressionAttributeValues"] = encode(values)
         return {"Put": put}
 
+    def _reopen(self, task: Item) -> Item:
+        """Queue `task` again through the outbox, in place: a worker's claim on the item (it
+        may still be writing the manifest) stays, so the new message waits for it to end."""
+        key = {"pk": task["pk"], "sk": task["sk"]}
+        fields = {k: v for k, v in task.items() if k not in key}
+        return {
+            "Update": {
+                "TableName": self.table,
+                "Key": encode(key),
+                "UpdateExpression": "SET " + ", ".join(f"#{k} = :{k}" for k in fields),
+                "ExpressionAttributeNames": {f"#{k}": k for k in fields},
+                "ExpressionAttributeValues": encode({f":{k}": v for k, v in fields.items()}),
+            }
+        }
+
     def _put_job(self, new: Item, seen: Item | None) -> Item:
         """The job item, written only if nobody changed it since we read it."""
         _index(new)
@@ -278,12 +293,28 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
                         items.append(self._put(old))
             if decision.queue_outputs or decision.refresh_outputs:
                 new["deadline"] = _earliest_pending(assets)
+            until = datetime.fromtimestamp(now + MANIFEST_TASK_WINDOW_SECONDS, tz=UTC)
+            reopened: list[TaskMessage] = []  # manifest rewrites: not new copies
             if decision.outcome is DeliveryOutcome.ACCEPTED and decision.state is JobState.FAILED:
                 # Nothing to copy, but the job's manifest is still written (reindex restores it).
-                until = datetime.fromtimestamp(now + MANIFEST_TASK_WINDOW_SECONDS, tz=UTC)
                 task = _task_item(pk, event.provider, event.job_id, MANIFEST_TASK, until, now)
                 items.append(self._put(task))
                 tasks.append(_task_message(task))
+            elif current is JobState.FAILED and not decision.queue_outputs:
+                # A later delivery belongs in the failed job's manifest too (as for archived jobs;
+                # outputs queued now write the manifest when they are copied). Unlike SQLite,
+                # the item does not say whether its last message was handled, so a delivery
+                # before that can cost one spare manifest rewrite, never a missing one.
+                task = _task_item(pk, event.provider, event.job_id, MANIFEST_TASK, until, now)
+                items.append(self._reopen(task))
+                reopened.append(_task_message(task))
+            if current is JobState.ARCHIVED and not decision.queue_outputs:
+                # The manifest beside the assets must list this delivery too: hand the job's
+                # first task back to the archiver, which rewrites the manifest of an archived
+                # asset and copies nothing (see Archiver._process).
+                task = _task_item(pk, event.provider, event.job_id, 0, until, now)
+                items.append(self._reopen(task))
+                reopened.append(_task_message(task))
             # Duplicates and ignored news change nothing a decision depends on: they keep the
             # version, so concurrent duplicates do not conflict with each other.
             changed = job is None or decision.outcome in (
@@ -326,7 +357,7 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
                 tasks_queued=sum(1 for t in tasks if t.n != MANIFEST_TASK),
                 body_mismatch=body_mismatch,
             )
-            return items, (result, tasks)
+            return items, (result, tasks + reopened)
 
         return self._transact(build)
 
