@@ -200,7 +200,11 @@ async def test_put_bytes_and_empty_object(backend: Backend) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("first_size", [100, 11 * MiB], ids=["first-small", "first-multipart"])
-@pytest.mark.parametrize("second_size", [200, 6 * MiB], ids=["then-small", "then-multipart"])
+@pytest.mark.parametrize(
+    "second_size",
+    [200, 6 * MiB, 11 * MiB],
+    ids=["then-small", "then-one-put-of-two-parts", "then-multipart"],
+)
 async def test_put_stream_never_replaces(
     backend: Backend, first_size: int, second_size: int
 ) -> None:
@@ -244,14 +248,18 @@ async def failing_source(data: bytes, fail_at: int, error: Exception) -> AsyncIt
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    "fail_at", [300_000, 7 * MiB, 11 * MiB], ids=["in-first-part", "second-part", "third-part"]
+    "fail_at",
+    [300_000, 7 * MiB, 17 * MiB],
+    # S3: the first two fail while the parts are read ahead (before any request), the third
+    # once the multipart upload is under way (IN_FLIGHT + 1 parts read, the first ones sent).
+    ids=["in-first-part", "while-reading-ahead", "mid-multipart"],
 )
 async def test_failing_iterator_leaves_nothing(backend: Backend, fail_at: int) -> None:
     error = Boom("source broke")
     with pytest.raises(Boom) as raised:
         await backend.store.put_stream(
             KEY,
-            failing_source(payload(12 * MiB), fail_at, error),
+            failing_source(payload(22 * MiB), fail_at, error),
             content_type="image/png",
             metadata={},
         )
