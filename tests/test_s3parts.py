@@ -63,3 +63,17 @@ async def test_hold_parts_reads_ahead_at_most_one_part_past_count(
     assert (len(got), done) == (held, ended)
     rest = [bytes(p) async for p in parts]
     assert b"".join([*map(bytes, got), *rest]) == data[:size]
+
+
+def test_digests_crc32_counts_only_the_parts_added_in_order() -> None:
+    """A single PUT (SHA-256 only) costs no CRC32 pass; a multipart upload adds its parts."""
+    import hashlib
+    import zlib
+
+    digests = Digests()
+    for i in range(0, len(DATA), 300):
+        digests.update(DATA[i : i + 300])
+    assert (digests.sha256.hexdigest(), digests.crc32) == (hashlib.sha256(DATA).hexdigest(), 0)
+    for i in range(0, len(DATA), PART):
+        digests.add_part(bytearray(DATA[i : i + PART]))
+    assert digests.crc32 == zlib.crc32(DATA)

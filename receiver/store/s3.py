@@ -210,7 +210,7 @@ class S3Store(S3Requests):
                 handover, held = held, []
                 await self._abort_earlier_uploads(full_key)
                 upload_id, completed, size, full_object = await self._upload_parts(
-                    full_key, handover, parts, content_type, metadata
+                    full_key, handover, parts, content_type, metadata, digests
                 )
                 digest = digests.sha256.digest()
                 extra = dict(condition)

@@ -116,9 +116,10 @@ class S3Requests:
         parts: AsyncIterator[bytearray],
         content_type: str,
         metadata: Mapping[str, str],
+        digests: Digests,
     ) -> tuple[str, list[CompletedPartTypeDef], int, bool]:
         """Start a multipart upload and upload the parts in ``handover`` (read ahead, taken out
-        as they go) and the rest of ``parts``.
+        as they go) and the rest of ``parts``, adding each to the whole object's CRC32.
 
         Returns the upload id, the completed parts, the total size and whether the upload is of
         type FULL_OBJECT (CRC32). At most ``parts_in_flight`` parts upload concurrently while
@@ -147,6 +148,8 @@ class S3Requests:
                     for task in done:
                         task.result()  # raise the first part failure, if any
                 size += len(part)
+                if full_object:
+                    digests.add_part(part)  # in order: parts are started one after another
                 task = asyncio.create_task(
                     self._upload_part(full_key, upload_id, number, part, full_object)
                 )

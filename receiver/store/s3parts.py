@@ -13,7 +13,12 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 
 
 class Digests:
-    """The SHA-256 and CRC32 of a stream, updated chunk by chunk."""
+    """A stream's SHA-256, updated chunk by chunk, and its CRC32, updated part by part.
+
+    The CRC32 is only for a multipart upload's completion (``FULL_OBJECT``), so only the parts
+    of one go into it, in order (``add_part``): a single PUT, which carries the SHA-256, costs no
+    CRC32 pass.
+    """
 
     def __init__(self) -> None:
         self.sha256 = hashlib.sha256()
@@ -21,7 +26,9 @@ class Digests:
 
     def update(self, chunk: bytes) -> None:
         self.sha256.update(chunk)
-        self.crc32 = zlib.crc32(chunk, self.crc32)
+
+    def add_part(self, part: bytes | bytearray) -> None:
+        self.crc32 = zlib.crc32(part, self.crc32)
 
 
 async def split_parts(
