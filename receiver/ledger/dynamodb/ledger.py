@@ -65,6 +65,11 @@ class LedgerBusy(RuntimeError):
 # --- the adapter --------------------------------------------------------------------------------
 
 
+# The task whose lease rewrites an ended job's manifest: an archived job's first asset task, a
+# failed job's manifest-only task.
+_MANIFEST_REWRITE = {JobState.ARCHIVED: 0, JobState.FAILED: MANIFEST_TASK}
+
+
 class DynamoLedger(Reads, lifecycle.DataOverYears):
     def __init__(
         self,
@@ -300,19 +305,14 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
                 task = _task_item(pk, event.provider, event.job_id, MANIFEST_TASK, until, now)
                 items.append(self._put(task))
                 tasks.append(_task_message(task))
-            elif current is JobState.FAILED and not decision.queue_outputs:
-                # A later delivery belongs in the failed job's manifest too (as for archived jobs;
-                # outputs queued now write the manifest when they are copied). Unlike SQLite,
-                # the item does not say whether its last message was handled, so a delivery
-                # before that can cost one spare manifest rewrite, never a missing one.
-                task = _task_item(pk, event.provider, event.job_id, MANIFEST_TASK, until, now)
-                items.append(self._reopen(task))
-                reopened.append(_task_message(task))
-            if current is JobState.ARCHIVED and not decision.queue_outputs:
-                # The manifest beside the assets must list this delivery too: hand the job's
-                # first task back to the archiver, which rewrites the manifest of an archived
-                # asset and copies nothing (see Archiver._process).
-                task = _task_item(pk, event.provider, event.job_id, 0, until, now)
+            elif current in _MANIFEST_REWRITE and not decision.queue_outputs:
+                # The manifest of an ended job must list this delivery too: hand its task back
+                # to the archiver, which rewrites the manifest and copies nothing (see
+                # Archiver._process). Outputs queued now write the manifest when copied. Unlike
+                # SQLite, the item does not say whether its last message was handled, so a
+                # delivery before that can cost one spare manifest rewrite, never a missing one.
+                n = _MANIFEST_REWRITE[current]
+                task = _task_item(pk, event.provider, event.job_id, n, until, now)
                 items.append(self._reopen(task))
                 reopened.append(_task_message(task))
             # Duplicates and ignored news change nothing a decision depends on: they keep the
