@@ -123,8 +123,9 @@ def _walk(root: Any, where: str) -> None:
                 for key, item in value.items():
                     if not isinstance(key, str):
                         raise _Refused("key_type", "object keys must be strings", _at(place))
-                    _check_string(key, MAX_KEY_CHARS, (place, key), "key_length")
-                    stack.append((item, (place, key), depth + 1))
+                    inner = (place, key)
+                    _check_string(key, MAX_KEY_CHARS, inner, "key_length")
+                    stack.append((item, inner, depth + 1))
             else:
                 for n, item in enumerate(value):
                     stack.append((item, (place, n), depth + 1))
