@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import random
+import zlib
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from receiver.store.s3parts import Digests, PartsBody, hold_parts, split_parts
+from receiver.store.s3parts import Digests, PartsBody, crc32_combine, hold_parts, split_parts
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes
 PART = 1024
@@ -65,15 +70,53 @@ async def test_hold_parts_reads_ahead_at_most_one_part_past_count(
     assert b"".join([*map(bytes, got), *rest]) == data[:size]
 
 
-def test_digests_crc32_counts_only_the_parts_added_in_order() -> None:
-    """A single PUT (SHA-256 only) costs no CRC32 pass; a multipart upload adds its parts."""
-    import hashlib
-    import zlib
-
+def test_digests_take_the_sha256_of_the_stream_as_it_is_split() -> None:
     digests = Digests()
     for i in range(0, len(DATA), 300):
         digests.update(DATA[i : i + 300])
-    assert (digests.sha256.hexdigest(), digests.crc32) == (hashlib.sha256(DATA).hexdigest(), 0)
-    for i in range(0, len(DATA), PART):
-        digests.add_part(bytearray(DATA[i : i + PART]))
-    assert digests.crc32 == zlib.crc32(DATA)
+    assert digests.sha256.hexdigest() == hashlib.sha256(DATA).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(0, 0), (0, 1), (1, 0), (1, 1), (5, 3), (1024, 8 * 2**20), (8 * 2**20 + 7, 2**20 - 1)],
+)
+def test_crc32_combine_matches_zlib_over_the_concatenation(first: int, second: int) -> None:
+    a, b = random.Random(first).randbytes(first), random.Random(second).randbytes(second)
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=600), max_size=12))
+def test_crc32_folded_over_any_split_is_the_whole_streams(pieces: list[bytes]) -> None:
+    """What a multipart completion sends: the parts' CRC32s folded in order, never re-read."""
+    crc = 0
+    for piece in pieces:
+        crc = crc32_combine(crc, zlib.crc32(piece), len(piece))
+    assert crc == zlib.crc32(b"".join(pieces))
+
+
+def test_crc32_combine_is_right_for_a_part_much_larger_than_the_table_steps() -> None:
+    zeros = bytes(2**27 + 3)  # 128 MiB: the length's bits up to 2^27 all take part
+    assert crc32_combine(zlib.crc32(b"head"), zlib.crc32(zeros), len(zeros)) == zlib.crc32(
+        b"head" + zeros
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**38),
+    st.integers(0, 2**38),
+)
+def test_crc32_combine_is_associative_for_lengths_past_4_gib(
+    a: int, b: int, c: int, len_b: int, len_c: int
+) -> None:
+    """An archived object may be up to 20 GiB, past 2^32 bytes, where the powers of x wrap
+    around (x^(2^32) = x); combining (a, b) then c must equal a then (b, c) whatever the
+    lengths, which fails for a wrongly indexed or truncated power."""
+    left = crc32_combine(crc32_combine(a, b, len_b), c, len_c)
+    right = crc32_combine(a, crc32_combine(b, c, len_c), len_b + len_c)
+    assert left == right

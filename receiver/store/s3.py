@@ -17,7 +17,9 @@ single PUT, the parts read ahead to find out that the object is small enough for
   keeps; the hex digest is also user metadata ``sha256``.
 * Longer streams are multipart uploads of type ``FULL_OBJECT`` with CRC32: every part carries its
   own CRC32, and CompleteMultipartUpload carries the CRC32 of the whole object, so the server
-  checks each part as it arrives and the assembled object as a whole. S3 has no full-object SHA-256
+  checks each part as it arrives and the assembled object as a whole. The whole-object CRC32 is
+  combined from the parts' own (``s3parts.crc32_combine``), so each byte is CRC32-hashed once.
+  S3 has no full-object SHA-256
   for multipart uploads (SHA-256 there is only ``COMPOSITE``, a hash of the parts' hashes), and
   CRC64NVME/CRC32C need ``botocore[crt]``; CRC32 comes with the standard library. A store that
   refuses FULL_OBJECT CRC32 (R2 offers FULL_OBJECT only for CRC64NVME) gets per-part SHA-256
@@ -209,15 +211,15 @@ class S3Store(S3Requests):
                 # first parts alive for the whole upload, over the memory bound.
                 handover, held = held, []
                 await self._abort_earlier_uploads(full_key)
-                upload_id, completed, size, full_object = await self._upload_parts(
-                    full_key, handover, parts, content_type, metadata, digests
+                upload_id, completed, size, whole_crc32 = await self._upload_parts(
+                    full_key, handover, parts, content_type, metadata
                 )
                 digest = digests.sha256.digest()
                 extra = dict(condition)
-                if full_object:  # the server checks the whole object's CRC32 on completion
-                    extra["ChecksumCRC32"] = b64(digests.crc32.to_bytes(4, "big"))
+                if whole_crc32 is not None:  # the server checks it on completion
+                    extra["ChecksumCRC32"] = whole_crc32
                     extra["ChecksumType"] = "FULL_OBJECT"
-                await self._complete(key, full_key, upload_id, completed, digests, extra)
+                await self._complete(key, full_key, upload_id, completed, digest.hex(), extra)
         return StoredObject(key, self.uri_for(key), size, digest.hex(), content_type)
 
     async def _complete(
@@ -226,7 +228,7 @@ class S3Store(S3Requests):
         full_key: str,
         upload_id: str,
         completed: list[CompletedPartTypeDef],
-        digests: Digests,
+        sha256: str,
         condition: dict[str, str],
     ) -> None:
         """Complete the upload (the server checks the whole object's CRC32), then tag it.
@@ -235,10 +237,9 @@ class S3Store(S3Requests):
         without its tag would look foreign. A refused or interrupted completion aborts this
         upload, and only it: whatever is at the key stays.
         """
-        sha256 = digests.sha256.hexdigest()
         try:
             await run_to_end(
-                self._complete_and_tag(full_key, upload_id, completed, digests, condition)
+                self._complete_and_tag(full_key, upload_id, completed, sha256, condition)
             )
         except BaseException as exc:
             with anyio.CancelScope(shield=True):

@@ -10,6 +10,7 @@ means; its docstring has the design.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import hashlib
 import logging
@@ -21,7 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from receiver.backends.aws import run_blocking
 from receiver.store import SHA256_KEY, ObjectMissing, StoreError, run_to_end
-from receiver.store.s3parts import Digests, b64, crc32_b64
+from receiver.store.s3parts import b64, crc32_b64, crc32_combine
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -55,6 +56,14 @@ UNSUPPORTED_CODES = frozenset(
 )
 
 
+def _whole_crc32(completed: list[CompletedPartTypeDef], lengths: list[int]) -> str:
+    """The object's CRC32 from its parts' CRC32s, in part order (S3's base64)."""
+    crc = 0
+    for part, length in zip(completed, lengths, strict=True):
+        crc = crc32_combine(crc, int.from_bytes(base64.b64decode(part["ChecksumCRC32"])), length)
+    return b64(crc.to_bytes(4, "big"))
+
+
 class S3Requests:
     """Requests to one bucket; ``S3Store`` sets these attributes."""
 
@@ -70,7 +79,7 @@ class S3Requests:
         full_key: str,
         upload_id: str,
         completed: list[CompletedPartTypeDef],
-        digests: Digests,
+        sha256: str,
         condition: dict[str, str],
     ) -> None:
         await self._call(
@@ -81,7 +90,7 @@ class S3Requests:
             MultipartUpload={"Parts": completed},
             **condition,  # type: ignore[arg-type]
         )
-        await self._tag_sha256(full_key, digests.sha256.hexdigest())
+        await self._tag_sha256(full_key, sha256)
 
     async def _tag_sha256(self, full_key: str, sha256: str) -> None:
         """Record the full-object SHA-256 of a just-completed multipart object as a tag."""
@@ -116,14 +125,14 @@ class S3Requests:
         parts: AsyncIterator[bytearray],
         content_type: str,
         metadata: Mapping[str, str],
-        digests: Digests,
-    ) -> tuple[str, list[CompletedPartTypeDef], int, bool]:
+    ) -> tuple[str, list[CompletedPartTypeDef], int, str | None]:
         """Start a multipart upload and upload the parts in ``handover`` (read ahead, taken out
-        as they go) and the rest of ``parts``, adding each to the whole object's CRC32.
+        as they go) and the rest of ``parts``.
 
-        Returns the upload id, the completed parts, the total size and whether the upload is of
-        type FULL_OBJECT (CRC32). At most ``parts_in_flight`` parts upload concurrently while
-        the next one is read. On any failure the upload is aborted once every started part has
+        Returns the upload id, the completed parts, the total size and, for an upload of type
+        FULL_OBJECT, the whole object's CRC32 (S3's base64), combined from the parts' own. At
+        most ``parts_in_flight`` parts upload concurrently while the next one is read. On any
+        failure the upload is aborted once every started part has
         finished, since a part still in flight during the abort could otherwise survive it and
         keep costing storage.
         """
@@ -132,7 +141,7 @@ class S3Requests:
         tasks: list[asyncio.Task[CompletedPartTypeDef]] = []
         try:
             in_flight: set[asyncio.Task[CompletedPartTypeDef]] = set()
-            size = 0
+            lengths: list[int] = []
             part: bytearray | None = handover.pop(0)
             while part is not None:
                 number = len(tasks) + 1
@@ -147,9 +156,7 @@ class S3Requests:
                     )
                     for task in done:
                         task.result()  # raise the first part failure, if any
-                size += len(part)
-                if full_object:
-                    digests.add_part(part)  # in order: parts are started one after another
+                lengths.append(len(part))
                 task = asyncio.create_task(
                     self._upload_part(full_key, upload_id, number, part, full_object)
                 )
@@ -168,7 +175,8 @@ class S3Requests:
             with anyio.CancelScope(shield=True):
                 await self._abort(full_key, upload_id, tasks)
             raise
-        return upload_id, completed, size, full_object
+        whole = _whole_crc32(completed, lengths) if full_object else None
+        return upload_id, completed, sum(lengths), whole
 
     async def _create_upload(
         self, full_key: str, content_type: str, metadata: Mapping[str, str]

@@ -13,22 +13,18 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 
 
 class Digests:
-    """A stream's SHA-256, updated chunk by chunk, and its CRC32, updated part by part.
+    """A stream's SHA-256, updated chunk by chunk.
 
-    The CRC32 is only for a multipart upload's completion (``FULL_OBJECT``), so only the parts
-    of one go into it, in order (``add_part``): a single PUT, which carries the SHA-256, costs no
-    CRC32 pass.
+    A multipart upload's whole-object CRC32 (for its ``FULL_OBJECT`` completion) is not taken
+    here: it is combined from the parts' own CRC32s (``crc32_combine``), so no byte is hashed
+    with CRC32 twice, and a single PUT, which carries the SHA-256, costs no CRC32 pass at all.
     """
 
     def __init__(self) -> None:
         self.sha256 = hashlib.sha256()
-        self.crc32 = 0
 
     def update(self, chunk: bytes) -> None:
         self.sha256.update(chunk)
-
-    def add_part(self, part: bytes | bytearray) -> None:
-        self.crc32 = zlib.crc32(part, self.crc32)
 
 
 async def split_parts(
@@ -137,3 +133,55 @@ def b64(digest: bytes) -> str:
 def crc32_b64(data: bytes | bytearray) -> str:
     """S3's ``x-amz-checksum-crc32`` value for ``data``."""
     return b64(zlib.crc32(data).to_bytes(4, "big"))
+
+
+# CRC32 combination: the CRC32 of A + B from crc32(A), crc32(B) and len(B), as zlib's C
+# crc32_combine computes it (zlib 1.2.12+), which Python's zlib module does not expose. CRC32 is
+# linear over GF(2): appending len(B) zero bytes to A multiplies its CRC by x^(8 * len(B)) modulo
+# the CRC polynomial, and B's own CRC is then XORed in. Polynomials are 32-bit ints in CRC32's
+# reflected bit order (the x^0 coefficient is the top bit).
+_POLY = 0xEDB88320
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC32 polynomial."""
+    m = 1 << 31
+    product = 0
+    while m:
+        if a & m:
+            product ^= b
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+        m >>= 1
+    return product
+
+
+def _powers() -> tuple[int, ...]:
+    """x^(2^k) modulo the polynomial, for k in 0..31 (the powers repeat after 32)."""
+    power, powers = 1 << 30, []  # x^1
+    for _ in range(32):
+        powers.append(power)
+        power = _multmodp(power, power)
+    return tuple(powers)
+
+
+_X_2K = _powers()
+
+
+def _x_8n(n: int) -> int:
+    """x^(8n) modulo the polynomial: the factor that appending n zero bytes applies."""
+    power, k = 1 << 31, 3  # x^0; 8n = n * 2^3
+    while n:
+        if n & 1:
+            power = _multmodp(_X_2K[k & 31], power)
+        n >>= 1
+        k += 1
+    return power
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)``, ``len(b)``.
+
+    About 40 µs in Python, however long the parts: a multipart upload's whole-object CRC32 comes
+    from its parts' CRC32s instead of a second pass over every byte (0.25 s of CPU per GiB).
+    """
+    return _multmodp(_x_8n(len2), crc1) ^ crc2
