@@ -87,6 +87,7 @@ class Parts:
     ingestor: Ingestor
     archiver: Archiver
     metrics: Metrics
+    tracked: Tracker  # the poll schedule (the poller's, the registrar's and the audit's)
     clock: Clock = utc_now
     wall_clock: Callable[[], float] = time.time
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -296,7 +297,7 @@ def build_parts(
         metrics=metrics,
     )
     parts = Parts(
-        settings, db, ledger, queue, store, ingestor, archiver, metrics, clock, wall_clock
+        settings, db, ledger, queue, store, ingestor, archiver, metrics, tracked, clock, wall_clock
     )
     parts.poller = Poller(
         tracked, ingestor, settings, REGISTRY, clock=clock, rng=rng, metrics=metrics
@@ -388,14 +389,12 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         body_timeout=settings.body_timeout_seconds,
     )
     api_token = settings.api_token.get_secret_value() if settings.api_token else None
-    audit = AuditApi(
-        parts.ledger, parts.store, api_token, parts.poller.tracked if parts.poller else None
-    )
+    audit = AuditApi(parts.ledger, parts.store, api_token, parts.tracked)
     audit.payload_retention_days = settings.payload_retention_days
     poller = parts.poller
     registrar = Registrar(
         parts.ledger,
-        poller.tracked if poller else TrackedStore(parts.db),  # the schedule the poller reads
+        parts.tracked,
         settings,
         clock=parts.clock,
         provider_problem=poller.problem if poller else lambda provider: None,
@@ -412,7 +411,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
             parts.metrics,
             parts.clock,
             api_token,
-            tracker=poller.tracked if poller else None,
+            tracker=parts.tracked,
             poll_problem=poller.problem if poller else lambda provider: None,
             on_requeued=parts.archiver.wake.set,
             payload_retention_days=settings.payload_retention_days,

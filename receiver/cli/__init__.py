@@ -191,10 +191,9 @@ def jobs_show(
         record = await parts.ledger.job(provider, job_id)
         if record is None:
             return None
-        tracker = parts.poller.tracked if parts.poller else None
         return job_json(
             record,
-            await tracker.get(provider, job_id) if tracker else None,
+            await parts.tracked.get(provider, job_id),
             payload_retention_days=settings.payload_retention_days,
         )
 
