@@ -54,6 +54,13 @@ class Conflict(RequestRejected):
     status, code = 409, "conflict"
 
 
+class Gone(RequestRejected):
+    """The job was erased on request (`receiver forget`): only its tombstone is left, and it is
+    not recorded or followed again."""
+
+    status, code = 410, "gone"
+
+
 class RequestTimeout(RequestRejected):
     """The request's body did not arrive within the configured bound."""
 

@@ -187,15 +187,24 @@ async def test_forget_is_a_dry_run_then_erases_and_a_redelivery_is_not_archived(
     body = await archive_job(h, source_server, "erase-me")
     await archive_job(h, source_server, "keep-me")
     files = archive_files(h)
-    ledger, store = h.parts.ledger, h.parts.store
+    ledger, store, tracked = h.parts.ledger, h.parts.store, h.parts.tracked
 
-    dry = await forget(ledger, store, "apex", "erase-me", reason="x", now=h.clock(), act=False)
+    dry = await forget(
+        ledger, store, tracked, "apex", "erase-me", reason="x", now=h.clock(), act=False
+    )
     assert dry.in_ledger and not dry.acted
     assert [k.rsplit("/", 1)[1] for k in dry.keys] == ["out.png", "manifest.json"]
     assert archive_files(h) == files and await ledger.job("apex", "erase-me") is not None
 
     done = await forget(
-        ledger, store, "apex", "erase-me", reason="DSR-7 from the customer", now=h.clock(), act=True
+        ledger,
+        store,
+        tracked,
+        "apex",
+        "erase-me",
+        reason="DSR-7 from the customer",
+        now=h.clock(),
+        act=True,
     )
     assert done.acted and done.not_removed == []
     assert [e.removed for e in done.erased] == [1, 1]
@@ -224,7 +233,14 @@ async def test_forget_finds_the_objects_of_a_job_the_ledger_no_longer_has(
     h.clock.advance(400 * 86400)
     await prune(h.parts.ledger, RetentionPolicy.from_days(30, 365), h.clock())
     report = await forget(
-        h.parts.ledger, h.parts.store, "apex", "a:b", reason="r", now=h.clock(), act=True
+        h.parts.ledger,
+        h.parts.store,
+        h.parts.tracked,
+        "apex",
+        "a:b",
+        reason="r",
+        now=h.clock(),
+        act=True,
     )
     assert not report.in_ledger
     assert sorted(k.rsplit("/", 1)[1] for k in report.keys) == ["manifest.json", "out.png"]
@@ -503,7 +519,14 @@ async def test_sqlite_gives_pruned_space_back_in_the_background(tmp_path: Path) 
 async def test_forgetting_a_job_still_being_copied_says_a_copy_may_land(h: Harness) -> None:
     await post_signed(h, "apex", apex_completed("busy"), APEX_SECRET)  # queued, not copied
     report = await forget(
-        h.parts.ledger, h.parts.store, "apex", "busy", reason="r", now=h.clock(), act=True
+        h.parts.ledger,
+        h.parts.store,
+        h.parts.tracked,
+        "apex",
+        "busy",
+        reason="r",
+        now=h.clock(),
+        act=True,
     )
     assert report.in_flight and report.in_ledger
     # The task went with the record: nothing is leased or copied afterwards.
@@ -576,7 +599,7 @@ async def test_a_failing_store_is_reported_not_recorded_as_rot(
     assert (await h.parts.ledger.fixity_status()).failing == 0
 
     erased = await forget(
-        h.parts.ledger, broken, "apex", "sick", reason="r", now=h.clock(), act=True
+        h.parts.ledger, broken, h.parts.tracked, "apex", "sick", reason="r", now=h.clock(), act=True
     )
     assert erased.acted and len(erased.not_removed) == 2
     assert all("StoreError: s3://bucket: AccessDenied" in p for p in erased.not_removed)

@@ -606,6 +606,65 @@ async def test_jobs_that_never_finish_are_given_up_visibly(
     assert job.error is not None and job.error.startswith("polling stopped: gave up")
 
 
+@pytest.mark.parametrize("tracker_backend", ["sqlite", "dynamodb"], indirect=True)
+async def test_a_forgotten_job_is_never_polled_or_tracked_again(polling: Polling) -> None:
+    """`receiver forget` on a job followed by polling: its schedule entry (job id, technique,
+    last errors) goes with the record, the provider is not asked about it again, and
+    registering it again is refused with 410, writing nothing."""
+    from receiver.audit.lifecycle import forget
+
+    polling.apis.script("flora", "erase", flora_run("erase", "running", progress=10))
+    await polling.register("flora", "erase", technique="mugshot")
+    await polling.poller.tick()
+    assert len(polling.apis.calls_for("flora", "erase")) == 1
+    parts = polling.harness.parts
+
+    async def erase(act: bool) -> bool:
+        report = await forget(
+            parts.ledger,
+            parts.store,
+            polling.tracked,
+            "flora",
+            "erase",
+            reason="DSR-9",
+            now=polling.harness.clock(),
+            act=act,
+        )
+        return report.tracked
+
+    assert await erase(act=False) is True  # the dry run says so, and changes nothing
+    assert await polling.tracked.get("flora", "erase") is not None
+    assert await erase(act=True) is True
+    assert await polling.tracked.get("flora", "erase") is None
+    await polling.run_for(600)
+    assert len(polling.apis.calls_for("flora", "erase")) == 1
+
+    body = {"provider": "flora", "job_id": "erase", "technique": "mugshot"}
+    again = await polling.harness.client.post("/jobs", json=body, headers=OPERATOR)
+    assert again.status_code == 410, again.text
+    assert again.json()["error"]["code"] == "gone"
+    assert "erased on request" in again.json()["error"]["message"]
+    assert await polling.tracked.get("flora", "erase") is None
+    assert await parts.ledger.job("flora", "erase") is None
+
+
+@pytest.mark.parametrize("tracker_backend", ["sqlite", "dynamodb"], indirect=True)
+async def test_an_entry_written_after_the_erasure_is_dropped_unpolled(polling: Polling) -> None:
+    """A registration racing `receiver forget` can leave a schedule entry for a job with a
+    tombstone; the poller drops it without asking the provider."""
+    polling.apis.script("flora", "late", flora_run("late", "running"))
+    now = polling.harness.clock()
+    await polling.harness.parts.ledger.forget("flora", "late", "DSR-10", now)
+    await polling.tracked.add("flora", "late", "mugshot", now, now)
+    with capture_logs() as logs:
+        await polling.poller.tick()
+    assert polling.apis.calls_for("flora", "late") == []
+    assert await polling.tracked.get("flora", "late") is None
+    assert [e["event"] for e in logs if e["event"].startswith("poll_")] == [
+        "poll_dropped_forgotten"
+    ]
+
+
 async def test_the_running_loop_wakes_on_registration(polling: Polling) -> None:
     polling.apis.script("vividflow", "w", ok({"status": "PROCESSING"}))
     task = asyncio.create_task(polling.poller.run())

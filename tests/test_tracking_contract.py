@@ -283,6 +283,31 @@ async def test_finished_jobs_stay_finished(open_tracker: Opener) -> None:
     assert await tracker.resume_stopped((StopReason.GAVE_UP,), at(3)) == 0
 
 
+async def test_forget_removes_the_entry_and_no_later_write_brings_it_back(
+    open_tracker: Opener,
+) -> None:
+    """`receiver forget` erases the schedule entry too (its job id, technique and last errors).
+    A poll claimed before the erasure ends with a reschedule, finish or stop: none of them may
+    write the entry again (in DynamoDB an unconditional update would create it)."""
+    tracker = open_tracker()
+    await tracker.add("flora", "erase", "mugshot", at(0), at(0))
+    await tracker.add("flora", "keep", "mugshot", at(0), at(0))
+    claimed = await tracker.due(at(1), 10, provider="flora")
+    assert await tracker.claim(claimed, at(40), at(1)) == {("flora", "erase"), ("flora", "keep")}
+
+    assert await tracker.forget("flora", "erase") is True
+    assert await tracker.get("flora", "erase") is None
+    await tracker.reschedule("flora", "erase", at(50), at(2), counted=True, status="queued")
+    await tracker.finish("flora", "erase", at(3), status="completed", polled=True)
+    assert await tracker.stop("flora", "erase", StopReason.GAVE_UP, "x", at(4)) == 0
+    assert await tracker.stop("flora", None, StopReason.AUTH, "bad key", at(5)) == 1  # "keep"
+    assert await tracker.resume_stopped((StopReason.AUTH,), at(6)) == 1
+    assert await tracker.get("flora", "erase") is None
+    assert await due_ids(tracker, at(1000), "flora") == ["keep"]
+    assert [j.job_id for j in await tracker.stopped(10)] == []
+    assert await tracker.forget("flora", "erase") is False  # nothing left to remove
+
+
 async def test_dynamodb_claims_only_from_a_current_snapshot(aws_names: tuple[str, str]) -> None:
     """The index may lag: a claim from a copy older than the job's last reschedule fails."""
     table, _ = aws_names

@@ -17,6 +17,7 @@ import structlog
 from receiver.archive.manifest import manifest_key
 from receiver.domain import Clock, job_folder
 from receiver.ledger import Ledger
+from receiver.polling.schedule import Tracker
 from receiver.store import Erasure, Store, StoreError
 
 log = structlog.get_logger(__name__)
@@ -128,6 +129,7 @@ class ForgetReport:
     in_ledger: bool  # the ledger had a record of the job
     keys: list[str]  # archived objects and manifests of the job (found or expected)
     in_flight: bool = False  # assets were still pending: a copy running now may still land
+    tracked: bool = False  # the poll schedule had an entry for the job
     acted: bool = False  # False: a dry run, nothing changed
     erased: list[Erasure] = field(default_factory=list)
     tombstone_at: datetime | None = None
@@ -164,6 +166,7 @@ async def _job_keys(
 async def forget(
     ledger: Ledger,
     store: Store,
+    tracker: Tracker,
     provider: str,
     job_id: str,
     *,
@@ -171,18 +174,22 @@ async def forget(
     now: datetime,
     act: bool,
 ) -> ForgetReport:
-    """Erase one job: its objects (every version), its manifest and its ledger record, leaving a
-    tombstone. With `act` False (the default of the CLI) only says what it would remove."""
+    """Erase one job: its objects (every version), its manifest, its ledger record and its poll
+    schedule entry, leaving a tombstone. With `act` False (the default of the CLI) only says what
+    it would remove."""
     in_ledger, pending, keys = await _job_keys(ledger, store, provider, job_id)
     # Erasing the record ends the tasks (a running copy loses its lease at its next heartbeat),
     # but a copy finishing in between still writes its object: say so, forget again later.
-    report = ForgetReport(provider, job_id, in_ledger, keys, in_flight=pending)
+    tracked = await tracker.get(provider, job_id) is not None
+    report = ForgetReport(provider, job_id, in_ledger, keys, in_flight=pending, tracked=tracked)
     if not act:
         return report
-    # The tombstone and the ledger first: from here on nothing archives the job again.
+    # The tombstone and the ledger first: from here on nothing archives the job again, and the
+    # poller drops an entry it still finds for the job (one registered meanwhile).
     await ledger.forget(provider, job_id, reason, now)
     report.tombstone_at = now
     report.acted = True
+    report.tracked = await tracker.forget(provider, job_id) or tracked
     for key in keys:
         try:
             report.erased.append(await store.delete_all_versions(key))

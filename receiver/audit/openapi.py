@@ -208,6 +208,7 @@ def document(tracking_schema: dict[str, Any] | None = None) -> dict[str, Any]:
                 "400": _error("Malformed JSON"),
                 "401": _error("Missing or invalid operator token"),
                 "408": _error("The body did not arrive in time"),
+                "410": _error("The job was erased on request (receiver forget)"),
                 "413": _error("Metadata too large"),
                 "415": _error("Not application/json"),
                 "422": _error("Invalid request"),

@@ -156,11 +156,20 @@ def run_forget(job: str, reason: str, yes: bool, env_file: list[Path] | None) ->
 
     async def work(parts: Parts) -> ForgetReport:
         return await forget(
-            parts.ledger, parts.store, provider, job_id, reason=reason, now=parts.clock(), act=yes
+            parts.ledger,
+            parts.store,
+            parts.tracked,
+            provider,
+            job_id,
+            reason=reason,
+            now=parts.clock(),
+            act=yes,
         )
 
     report: ForgetReport = run_parts(settings, work)
     record = "its ledger record" if report.in_ledger else "no ledger record"
+    if report.tracked:
+        record += " and its poll schedule entry"
     if not report.acted:
         typer.echo(f"dry run: would erase {job}: {record}, {len(report.keys)} object key(s):")
         for key in report.keys:

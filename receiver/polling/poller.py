@@ -227,6 +227,8 @@ class Poller:
             for due in await self.tracked.due(now, room, provider=provider):
                 # Ask the ledger (whichever adapter) whether a webhook already settled it.
                 record = await self.ingestor.ledger.job(provider, due.job_id)
+                if record is None and await self._forgotten(provider, due.job_id):
+                    continue
                 job = replace(due, job_state=record.state.value if record else None)
                 if await self._settled_or_stopped(job, now, problem):
                     continue
@@ -238,6 +240,15 @@ class Poller:
                 *(self._poll(job) for job in chosen if (job.provider, job.job_id) in claimed)
             )
         return await self._next_delay()
+
+    async def _forgotten(self, provider: str, job_id: str) -> bool:
+        """A job erased on request (`receiver forget`) whose entry is still here (a registration
+        racing the erasure) is dropped, unpolled. Only a job without a record can have one."""
+        if await self.ingestor.ledger.tombstone(provider, job_id) is None:
+            return False
+        await self.tracked.forget(provider, job_id)
+        log.info("poll_dropped_forgotten", provider=provider, job_id=job_id)
+        return True
 
     async def _end(self, job: TrackedJob, reason: str, now: datetime) -> None:
         """A job polling gave up on ends in the ledger too (dead, with the reason), so the audit

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from receiver.domain import Clock
 from receiver.errors import (
+    Gone,
     InvalidPayload,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -163,7 +164,16 @@ class Registrar:
             "registered_at": now.isoformat(),
             "registered_by": source,
         }
-        await self.ledger.track(request.provider, request.job_id, tracking, now)
+        if not await self.ledger.track(request.provider, request.job_id, tracking, now):
+            # Known already, or erased on request: a forgotten job is never followed again (its
+            # answer would be refused anyway), and nothing is written for it.
+            stone = await self.ledger.tombstone(request.provider, request.job_id)
+            if stone is not None:
+                raise Gone(
+                    f"{request.provider}/{request.job_id} was erased on request at "
+                    f"{stone.forgotten_at.isoformat()}; it is not tracked again",
+                    details={"forgotten_at": stone.forgotten_at.isoformat()},
+                )
         # Webhook providers: give the webhook its grace period before spending a status call.
         grace = (
             timedelta(seconds=self.settings.poll_grace_seconds)
@@ -177,7 +187,7 @@ class Registrar:
             self.on_registered()
         job = await self.ledger.job(request.provider, request.job_id)
         row = await self.tracked.get(request.provider, request.job_id)
-        assert row is not None  # written above; rows are never deleted
+        assert row is not None  # written above (`receiver forget` comes after the tombstone)
         return Registration(
             outcome=outcome,
             provider=request.provider,

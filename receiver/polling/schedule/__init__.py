@@ -112,3 +112,8 @@ class Tracker(Protocol):
     async def resume_stopped(self, reasons: tuple[str, ...], now: datetime) -> int:
         """Jobs stopped for one of `reasons` become active and due now. Returns how many."""
         ...
+
+    async def forget(self, provider: str, job_id: str) -> bool:
+        """Remove the job's entry (`receiver forget`); False if there was none. No later write
+        (a reschedule, finish or stop of a poll claimed before) creates it again."""
+        ...

@@ -144,6 +144,18 @@ class DynamoTrackedStore:
 
         return await run_blocking(read)
 
+    async def forget(self, provider: str, job_id: str) -> bool:
+        # Every other write is conditional on the item (its state, or attribute_exists): none
+        # of them creates it again; only `add` does.
+        response = await run_blocking(
+            lambda: self.ddb.delete_item(
+                TableName=self.table,
+                Key=encode({"pk": track_pk(provider, job_id), "sk": SK}),
+                ReturnValues="ALL_OLD",
+            )
+        )
+        return "Attributes" in response
+
     async def due(self, now: datetime, limit: int, *, provider: str) -> list[TrackedJob]:
         def read() -> list[TrackedJob]:
             found = self._query(

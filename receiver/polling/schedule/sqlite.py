@@ -73,6 +73,17 @@ class TrackedStore:
 
         return await self.db.read(read)
 
+    async def forget(self, provider: str, job_id: str) -> bool:
+        # Every other write is an UPDATE of the row, or an INSERT only by `add`: gone stays gone.
+        removed = await self.db.write(
+            lambda conn: (
+                conn.execute(
+                    "DELETE FROM tracked WHERE provider = ? AND job_id = ?", (provider, job_id)
+                ).rowcount
+            )
+        )
+        return bool(removed)
+
     async def due(self, now: datetime, limit: int, *, provider: str) -> list[TrackedJob]:
         """A provider's active jobs whose time has come, most overdue first."""
 
