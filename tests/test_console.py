@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -436,12 +437,25 @@ async def test_retry_requeues_a_dead_asset_which_the_worker_then_archives(
 
 
 async def test_assets_stream_with_byte_ranges(
-    console: Harness, source_server: SourceServer
+    console: Harness, source_server: SourceServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await archived_job(console, source_server, "job-1", size=300_000, kind="video/webm")
     expected = content("/o/job-1/out.bin", 300_000)
     await sign_in(console)
     url = "/console/jobs/apex/job-1/assets/0"
+    # What the store hands over: a seek in a long video reads only the range asked for, not
+    # the object from its first byte.
+    store_class = type(console.parts.store)
+    original = store_class.read
+    read_from_store: list[int] = []
+
+    async def counted(self: Any, key: str, *args: Any) -> AsyncIterator[bytes]:
+        read_from_store.append(0)
+        async for chunk in original(self, key, *args):
+            read_from_store[-1] += len(chunk)
+            yield chunk
+
+    monkeypatch.setattr(store_class, "read", counted)
 
     whole = await console.client.get(url)
     assert whole.status_code == 200
@@ -463,6 +477,7 @@ async def test_assets_stream_with_byte_ranges(
         assert part.headers["content-range"] == f"bytes {first}-{last}/300000"
         assert part.headers["content-length"] == str(last - first + 1)
         assert part.content == expected[first : last + 1], header
+        assert read_from_store[-1] == last - first + 1, header
 
     outside = await console.client.get(url, headers={"range": "bytes=300000-"})
     assert outside.status_code == 416

@@ -372,6 +372,26 @@ async def test_list_keys(backend: Backend) -> None:
 
 
 @pytest.mark.anyio
+async def test_read_a_byte_range_fetches_only_that_range(backend: Backend) -> None:
+    """How the console seeks in a video: bytes first..last (inclusive, as HTTP ranges)."""
+    data = payload(300_000)
+    await backend.store.put_stream(KEY, chunked(data), content_type="video/mp4", metadata={})
+    fetched: list[int] = []
+    if backend.kind == "s3":
+        assert isinstance(backend.store, S3Store)
+        backend.store._client.meta.events.register(
+            "after-call.s3.GetObject",
+            lambda parsed, **_: fetched.append(parsed["ContentLength"]),
+        )
+    cases = [(0, 0), (5, 9), (299_990, None), (1_000, 299_999), (0, None), (123_456, 123_456)]
+    for first, last in cases:
+        got = b"".join([c async for c in backend.store.read(KEY, first, last)])
+        assert got == data[first : None if last is None else last + 1], (first, last)
+    if backend.kind == "s3":  # the server sent the range, not the object from its start
+        assert fetched == [1, 5, 10, 299_000, 300_000, 1]
+
+
+@pytest.mark.anyio
 async def test_missing_key(backend: Backend) -> None:
     assert await backend.store.head("nope/missing.png") is None
     with pytest.raises(ObjectMissing):

@@ -197,8 +197,9 @@ class Store(Protocol):
         """What is recorded about ``key``, or None if it does not exist."""
         ...
 
-    def read(self, key: str) -> AsyncIterator[bytes]:
-        """Stream the object's bytes; raises ``ObjectMissing`` (on first iteration) if absent."""
+    def read(self, key: str, first: int = 0, last: int | None = None) -> AsyncIterator[bytes]:
+        """Stream the object's bytes from ``first`` to ``last`` (inclusive, as HTTP ranges; None:
+        to the end), reading only those; raises ``ObjectMissing`` (on first iteration) if absent."""
         ...
 
     async def presign_get(self, key: str, expires_in: int) -> str | None:

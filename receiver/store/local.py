@@ -161,7 +161,7 @@ class LocalStore:
             sha256_source="sidecar" if sidecar.get(SHA256_KEY) else None,
         )
 
-    async def read(self, key: str) -> AsyncIterator[bytes]:
+    async def read(self, key: str, first: int = 0, last: int | None = None) -> AsyncIterator[bytes]:
         path = self._path(key)
         try:
             handle = await asyncio.to_thread(path.open, "rb")
@@ -170,7 +170,17 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"local store: {exc}") from exc
         try:
-            while chunk := await _io(handle.read, _READ_SIZE):
+            if first:
+                await _io(handle.seek, first)
+            left = None if last is None else last + 1 - first
+            while left is None or left > 0:
+                chunk = await _io(
+                    handle.read, _READ_SIZE if left is None else min(left, _READ_SIZE)
+                )
+                if not chunk:
+                    return
+                if left is not None:
+                    left -= len(chunk)
                 yield chunk
         finally:
             handle.close()

@@ -318,9 +318,14 @@ class S3Store(S3Requests):
             sha256_source=source,
         )
 
-    async def read(self, key: str) -> AsyncIterator[bytes]:
+    async def read(self, key: str, first: int = 0, last: int | None = None) -> AsyncIterator[bytes]:
         full_key = self._full_key(key)
-        response = await self._call(self._client.get_object, Bucket=self.bucket, Key=full_key)
+        ranged: dict[str, str] = {}
+        if first or last is not None:
+            ranged["Range"] = f"bytes={first}-{'' if last is None else last}"
+        response = await self._call(
+            self._client.get_object, Bucket=self.bucket, Key=full_key, **ranged
+        )
         body = response["Body"]
         try:
             while chunk := await self._call(body.read, _READ_SIZE):
