@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from receiver.app import build_parts, create_app, lifecycle_loops
 from receiver.audit.fixity import FixityLoop, verify_due
-from receiver.audit.lifecycle import RetentionLoop, RetentionPolicy, forget, prune
+from receiver.audit.lifecycle import ForgetReport, RetentionLoop, RetentionPolicy, forget, prune
 from receiver.cli import app as cli
 from tests.conftest import AUTH, LOCAL_SOURCES, FakeClock, Harness, make_settings, post_signed
 from tests.payloads import APEX_SECRET, apex_completed, signed
@@ -37,6 +37,21 @@ pytestmark = pytest.mark.anyio
 async def h(harness_factory: Any) -> Harness:
     harness: Harness = await harness_factory(**LOCAL_SOURCES)
     return harness
+
+
+async def erase(h: Harness, job_id: str, store: Any = None) -> ForgetReport:
+    """`receiver forget apex/JOB_ID --yes` on the harness's parts (or another store)."""
+    parts = h.parts
+    return await forget(
+        parts.ledger,
+        parts.store if store is None else store,
+        parts.tracked,
+        "apex",
+        job_id,
+        reason="r",
+        now=h.clock(),
+        act=True,
+    )
 
 
 async def archive_job(h: Harness, source: SourceServer, job_id: str, size: int = 5000) -> bytes:
@@ -232,16 +247,7 @@ async def test_forget_finds_the_objects_of_a_job_the_ledger_no_longer_has(
     await archive_job(h, source_server, "a:b")  # a job id that needs quoting in keys
     h.clock.advance(400 * 86400)
     await prune(h.parts.ledger, RetentionPolicy.from_days(30, 365), h.clock())
-    report = await forget(
-        h.parts.ledger,
-        h.parts.store,
-        h.parts.tracked,
-        "apex",
-        "a:b",
-        reason="r",
-        now=h.clock(),
-        act=True,
-    )
+    report = await erase(h, "a:b")
     assert not report.in_ledger
     assert sorted(k.rsplit("/", 1)[1] for k in report.keys) == ["manifest.json", "out.png"]
     assert archive_files(h) == []
@@ -518,16 +524,7 @@ async def test_sqlite_gives_pruned_space_back_in_the_background(tmp_path: Path) 
 
 async def test_forgetting_a_job_still_being_copied_says_a_copy_may_land(h: Harness) -> None:
     await post_signed(h, "apex", apex_completed("busy"), APEX_SECRET)  # queued, not copied
-    report = await forget(
-        h.parts.ledger,
-        h.parts.store,
-        h.parts.tracked,
-        "apex",
-        "busy",
-        reason="r",
-        now=h.clock(),
-        act=True,
-    )
+    report = await erase(h, "busy")
     assert report.in_flight and report.in_ledger
     # The task went with the record: nothing is leased or copied afterwards.
     assert not await h.parts.archiver.run_once()
@@ -598,9 +595,7 @@ async def test_a_failing_store_is_reported_not_recorded_as_rot(
     assert job is not None and job.assets[0].verified_at is None  # still due, not "failed"
     assert (await h.parts.ledger.fixity_status()).failing == 0
 
-    erased = await forget(
-        h.parts.ledger, broken, h.parts.tracked, "apex", "sick", reason="r", now=h.clock(), act=True
-    )
+    erased = await erase(h, "sick", broken)
     assert erased.acted and len(erased.not_removed) == 2
     assert all("StoreError: s3://bucket: AccessDenied" in p for p in erased.not_removed)
     # Nothing was removed, and the report says so.
