@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.store.s3parts import Digests, PartsBody, crc32_combine, hold_parts, split_parts
+from receiver.store.s3parts import PartsBody, crc32_combine, hold_parts, split_parts
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes
 PART = 1024
@@ -23,7 +23,7 @@ async def _parts(data: bytes, size: int = PART) -> AsyncIterator[bytearray]:
         for i in range(0, len(data), 300):
             yield data[i : i + 300]
 
-    async for part in split_parts(chunks(), size, Digests()):
+    async for part in split_parts(chunks(), size, hashlib.sha256()):
         yield part
 
 
@@ -70,11 +70,17 @@ async def test_hold_parts_reads_ahead_at_most_one_part_past_count(
     assert b"".join([*map(bytes, got), *rest]) == data[:size]
 
 
-def test_digests_take_the_sha256_of_the_stream_as_it_is_split() -> None:
-    digests = Digests()
-    for i in range(0, len(DATA), 300):
-        digests.update(DATA[i : i + 300])
-    assert digests.sha256.hexdigest() == hashlib.sha256(DATA).hexdigest()
+@pytest.mark.anyio
+async def test_split_parts_hashes_the_stream_as_it_splits_it() -> None:
+    sha256 = hashlib.sha256()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(DATA), 300):
+            yield DATA[i : i + 300]
+
+    parts = [bytes(p) async for p in split_parts(chunks(), PART, sha256)]
+    assert b"".join(parts) == DATA
+    assert sha256.hexdigest() == hashlib.sha256(DATA).hexdigest()
 
 
 @pytest.mark.parametrize(

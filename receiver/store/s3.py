@@ -19,9 +19,9 @@ single PUT, the parts read ahead to find out that the object is small enough for
   own CRC32, and CompleteMultipartUpload carries the CRC32 of the whole object, so the server
   checks each part as it arrives and the assembled object as a whole. The whole-object CRC32 is
   combined from the parts' own (``s3parts.crc32_combine``), so each byte is CRC32-hashed once.
-  S3 has no full-object SHA-256
-  for multipart uploads (SHA-256 there is only ``COMPOSITE``, a hash of the parts' hashes), and
-  CRC64NVME/CRC32C need ``botocore[crt]``; CRC32 comes with the standard library. A store that
+  S3 has no full-object SHA-256 for multipart uploads (SHA-256 there is only ``COMPOSITE``, a
+  hash of the parts' hashes), and CRC64NVME/CRC32C need ``botocore[crt]``; CRC32 comes with the
+  standard library. A store that
   refuses FULL_OBJECT CRC32 (R2 offers FULL_OBJECT only for CRC64NVME) gets per-part SHA-256
   instead, with a warning: each part is still verified, the assembly is not. The object's
   full SHA-256 is known only after the last part, when its metadata is already fixed, so it goes
@@ -98,7 +98,7 @@ from receiver.store.s3multipart import (
     error_code,
     tags_refused,
 )
-from receiver.store.s3parts import Digests, PartsBody, b64, hold_parts, split_parts
+from receiver.store.s3parts import PartsBody, b64, hold_parts, split_parts
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -177,9 +177,9 @@ class S3Store(S3Requests):
     ) -> StoredObject:
         full_key = self._full_key(key)
         check_metadata(metadata)
-        digests = Digests()
+        sha256 = hashlib.sha256()
         condition: dict[str, str] = {"IfNoneMatch": "*"} if create_only else {}
-        async with contextlib.aclosing(split_parts(chunks, self.part_size, digests)) as parts:
+        async with contextlib.aclosing(split_parts(chunks, self.part_size, sha256)) as parts:
             held, ended = await hold_parts(parts, self.single_put_parts, self.part_size)
             if ended:
                 # The stream fits in the parts a multipart upload would hold anyway: a single
@@ -188,7 +188,7 @@ class S3Store(S3Requests):
                 size = sum(len(part) for part in held)
                 body = held[0] if len(held) == 1 else PartsBody(held) if held else b""
                 del held
-                digest = digests.sha256.digest()
+                digest = sha256.digest()
                 try:
                     await self._call_through(
                         self._client.put_object,
@@ -214,7 +214,7 @@ class S3Store(S3Requests):
                 upload_id, completed, size, whole_crc32 = await self._upload_parts(
                     full_key, handover, parts, content_type, metadata
                 )
-                digest = digests.sha256.digest()
+                digest = sha256.digest()
                 extra = dict(condition)
                 if whole_crc32 is not None:  # the server checks it on completion
                     extra["ChecksumCRC32"] = whole_crc32

@@ -132,9 +132,8 @@ class S3Requests:
         Returns the upload id, the completed parts, the total size and, for an upload of type
         FULL_OBJECT, the whole object's CRC32 (S3's base64), combined from the parts' own. At
         most ``parts_in_flight`` parts upload concurrently while the next one is read. On any
-        failure the upload is aborted once every started part has
-        finished, since a part still in flight during the abort could otherwise survive it and
-        keep costing storage.
+        failure the upload is aborted once every started part has finished, since a part still
+        in flight during the abort could otherwise survive it and keep costing storage.
         """
         created, full_object = await self._create_upload(full_key, content_type, metadata)
         upload_id = created["UploadId"]

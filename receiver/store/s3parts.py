@@ -12,29 +12,16 @@ import zlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 
 
-class Digests:
-    """A stream's SHA-256, updated chunk by chunk.
-
-    A multipart upload's whole-object CRC32 (for its ``FULL_OBJECT`` completion) is not taken
-    here: it is combined from the parts' own CRC32s (``crc32_combine``), so no byte is hashed
-    with CRC32 twice, and a single PUT, which carries the SHA-256, costs no CRC32 pass at all.
-    """
-
-    def __init__(self) -> None:
-        self.sha256 = hashlib.sha256()
-
-    def update(self, chunk: bytes) -> None:
-        self.sha256.update(chunk)
-
-
 async def split_parts(
-    chunks: AsyncIterable[bytes], part_size: int, digests: Digests
+    chunks: AsyncIterable[bytes], part_size: int, sha256: hashlib._Hash
 ) -> AsyncGenerator[bytearray, None]:
     """Regroup ``chunks`` into parts of exactly ``part_size`` bytes (the last may be shorter).
 
-    Every chunk goes into ``digests`` as it arrives. A short part is only ever yielded at the end
-    of the stream, which is how the caller knows a single PUT will do. Nothing is yielded for an
-    empty stream.
+    Every chunk goes into ``sha256`` as it arrives: the object's full-object checksum (a
+    multipart upload's whole-object CRC32 is combined from its parts', see ``crc32_combine``,
+    so no byte is CRC32-hashed twice and a single PUT costs no CRC32 pass at all). A short part
+    is only ever yielded at the end of the stream, which is how the caller knows a single PUT
+    will do. Nothing is yielded for an empty stream.
     """
     # The first buffer grows with the data, so a small object costs only its size. Once a part
     # has filled up the stream is known to be big, and later buffers are allocated at exactly
@@ -43,7 +30,7 @@ async def split_parts(
     buffer = bytearray()
     filled = 0
     async for chunk in chunks:
-        digests.update(chunk)
+        sha256.update(chunk)
         view = memoryview(chunk)
         while view:
             take = min(part_size - filled, len(view))
