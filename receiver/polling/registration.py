@@ -171,8 +171,7 @@ class Registrar:
             if stone is not None:
                 raise Gone(
                     f"{request.provider}/{request.job_id} was erased on request at "
-                    f"{stone.forgotten_at.isoformat()}; it is not tracked again",
-                    details={"forgotten_at": stone.forgotten_at.isoformat()},
+                    f"{stone.forgotten_at.isoformat()}; it is not tracked again"
                 )
         # Webhook providers: give the webhook its grace period before spending a status call.
         grace = (
