@@ -219,13 +219,12 @@ class S3Store(S3Requests):
                 if whole_crc32 is not None:  # the server checks it on completion
                     extra["ChecksumCRC32"] = whole_crc32
                     extra["ChecksumType"] = "FULL_OBJECT"
-                await self._complete(key, full_key, upload_id, completed, digest.hex(), extra)
+                await self._complete(key, upload_id, completed, digest.hex(), extra)
         return StoredObject(key, self.uri_for(key), size, digest.hex(), content_type)
 
     async def _complete(
         self,
         key: str,
-        full_key: str,
         upload_id: str,
         completed: list[CompletedPartTypeDef],
         sha256: str,
@@ -237,6 +236,7 @@ class S3Store(S3Requests):
         without its tag would look foreign. A refused or interrupted completion aborts this
         upload, and only it: whatever is at the key stays.
         """
+        full_key = self._full_key(key)
         try:
             await run_to_end(
                 self._complete_and_tag(full_key, upload_id, completed, sha256, condition)
