@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -126,6 +126,65 @@ def decide(
         return Decision(DeliveryOutcome.REFRESHED, current, refresh_outputs=True)
     # Archived, expired or dead: never re-archive; the delivery stays in the history.
     return Decision(DeliveryOutcome.IGNORED, current)
+
+
+# --- what a state change implies: settling, manifests, completion time ------------------------
+
+#: The task number of a job's manifest-only task: a job the provider failed has no outputs to
+#: copy, but its manifest is still written (so `receiver reindex` restores it). The archiver
+#: reads such a task as "write this job's manifest", not as an output.
+MANIFEST_TASK = -1
+#: How long a manifest-only task may wait (it has no provider deadline of its own).
+MANIFEST_TASK_WINDOW = timedelta(hours=24)
+#: The task whose lease rewrites an ended job's manifest: an archived job's first asset task,
+#: a failed job's manifest-only task (the archiver rewrites the manifest, copies nothing).
+_MANIFEST_REWRITE = {JobState.ARCHIVED: 0, JobState.FAILED: MANIFEST_TASK}
+
+
+@dataclass(frozen=True)
+class ManifestWork:
+    """The manifest task a recorded delivery needs: a new manifest-only task for a job that just
+    failed (`new`), or task `n` handed back so the archiver rewrites an ended job's manifest."""
+
+    n: int
+    new: bool
+
+
+def manifest_work(current: JobState | None, decision: Decision) -> ManifestWork | None:
+    """What a delivery does to the job's manifest (both ledgers apply it in the same write)."""
+    if decision.outcome is DeliveryOutcome.ACCEPTED and decision.state is JobState.FAILED:
+        # Nothing to copy, but the job's manifest is still written (reindex restores it).
+        return ManifestWork(MANIFEST_TASK, new=True)
+    if current in _MANIFEST_REWRITE and not decision.queue_outputs:
+        # The manifest of an ended job must list this delivery too. Outputs queued now (a
+        # completion after a failure) write their manifest when copied.
+        return ManifestWork(_MANIFEST_REWRITE[current], new=False)
+    return None
+
+
+def completion_time(event: JobEvent, received_at: datetime) -> datetime:
+    """When the provider finished: its own time, or (Fliki gives none) our receipt of it."""
+    return event.completed_at or received_at
+
+
+#: The states an asset can end in; "pending" is the only other.
+ASSET_FINAL_STATES = frozenset({"archived", "expired", "dead"})
+
+
+def settle(current: JobState, asset_states: Iterable[str]) -> JobState | None:
+    """After an asset ends, the job ends too once no asset is pending: archived if all were,
+    else expired if any link expired, else dead. None: the job's state does not change."""
+    states = list(asset_states)
+    if current in FINAL_STATES or "pending" in states:
+        return None
+    if all(s == "archived" for s in states):
+        return JobState.ARCHIVED
+    return JobState.EXPIRED if "expired" in states else JobState.DEAD
+
+
+def settled_error(errors: Iterable[str | None], previous: str | None) -> str | None:
+    """The error an ended job shows: its assets' errors in order, else the one it had."""
+    return "; ".join(e for e in errors if e) or previous
 
 
 # --- deadlines -------------------------------------------------------------------------------

@@ -9,15 +9,22 @@ from typing import Any
 import pytest
 
 from receiver.domain import (
+    MANIFEST_TASK,
+    Decision,
     DeliveryOutcome,
     EventKind,
     JobEvent,
     JobState,
+    ManifestWork,
     Output,
     archive_key,
+    completion_time,
     compute_deadline,
     decide,
+    manifest_work,
     output_name,
+    settle,
+    settled_error,
     signed_url_expiry,
 )
 
@@ -197,3 +204,57 @@ async def test_long_and_odd_keys_are_accepted_by_the_local_store(tmp_path: Any) 
         )
         stored = await store.put_bytes(key, b"data", content_type="text/plain")
         assert stored.size == 4
+
+
+# --- the job-state rules both ledgers apply ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "assets", "expected"),
+    [
+        (JobState.QUEUED, ["archived", "archived"], JobState.ARCHIVED),
+        (JobState.QUEUED, ["archived", "pending"], None),
+        (JobState.QUEUED, ["archived", "expired", "dead"], JobState.EXPIRED),
+        (JobState.QUEUED, ["archived", "dead"], JobState.DEAD),
+        (JobState.ARCHIVED, ["archived"], None),  # already ended: never moved again
+        (JobState.DEAD, ["archived"], None),
+    ],
+)
+def test_settle(current: JobState, assets: list[str], expected: JobState | None) -> None:
+    assert settle(current, assets) is expected
+
+
+def test_settled_error_keeps_the_previous_one_when_no_asset_has_one() -> None:
+    assert settled_error(["a", None, "b"], "old") == "a; b"
+    assert settled_error([None], "old") == "old"
+    assert settled_error([], None) is None
+
+
+def _decision(current: JobState | None, kind: EventKind, urls: tuple[str, ...] = ()) -> Decision:
+    outputs = (Output("https://x/y.mp4", "y.mp4"),) if kind is EventKind.COMPLETED else ()
+    return decide(current, urls, JobEvent("apex", "j", kind, outputs=outputs), seen_id=False)
+
+
+def test_manifest_work_per_state() -> None:
+    # A job that just failed gets a new manifest-only task.
+    failed = _decision(JobState.PROCESSING, EventKind.FAILED)
+    assert manifest_work(JobState.PROCESSING, failed) == ManifestWork(MANIFEST_TASK, new=True)
+    # Later news for an ended job hands its manifest task back.
+    late = _decision(JobState.ARCHIVED, EventKind.FAILED)
+    assert manifest_work(JobState.ARCHIVED, late) == ManifestWork(0, new=False)
+    dup = _decision(JobState.FAILED, EventKind.FAILED)
+    assert manifest_work(JobState.FAILED, dup) == ManifestWork(MANIFEST_TASK, new=False)
+    # A completion after a failure queues outputs, which write their manifest when copied.
+    revived = _decision(JobState.FAILED, EventKind.COMPLETED)
+    assert revived.queue_outputs and manifest_work(JobState.FAILED, revived) is None
+    # Nothing for a job still in flight.
+    assert manifest_work(None, _decision(None, EventKind.COMPLETED)) is None
+
+
+def test_completion_time_falls_back_to_the_receipt() -> None:
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    done = datetime(2026, 2, 28, tzinfo=UTC)
+    assert completion_time(JobEvent("fliki", "j", EventKind.COMPLETED), at) == at
+    assert (
+        completion_time(JobEvent("apex", "j", EventKind.COMPLETED, completed_at=done), at) == done
+    )

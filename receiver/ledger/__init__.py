@@ -20,14 +20,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from receiver.domain import DeliveryOutcome, JobEvent, JobState
+from receiver.domain import MANIFEST_TASK, MANIFEST_TASK_WINDOW, DeliveryOutcome, JobEvent, JobState
 
-#: The task number of a job's manifest-only task: a job the provider failed has no outputs to
-#: copy, but its manifest is still written (so `receiver reindex` restores it). The archiver
-#: reads such a task as "write this job's manifest", not as an output.
-MANIFEST_TASK = -1
-#: How long a manifest-only task may wait (it has no provider deadline of its own).
-MANIFEST_TASK_WINDOW_SECONDS = 24 * 3600
+__all__ = ["MANIFEST_TASK", "MANIFEST_TASK_WINDOW_SECONDS"]  # and the port's types below
+
+#: How long a manifest-only task may wait, in the adapters' epoch seconds.
+MANIFEST_TASK_WINDOW_SECONDS = MANIFEST_TASK_WINDOW.total_seconds()
 
 
 def to_ts(value: datetime | None) -> float | None:

@@ -18,7 +18,14 @@ from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from receiver.backends.aws import error_code
-from receiver.domain import FINAL_STATES, EventKind, JobEvent, JobState
+from receiver.domain import (
+    EventKind,
+    JobEvent,
+    JobState,
+    completion_time,
+    settle,
+    settled_error,
+)
 from receiver.ledger import (
     Activity,
     ArchivedSample,
@@ -166,8 +173,7 @@ def _apply_event(job: Item, event: JobEvent, now: float) -> None:
             credits_refunded=event.credits_refunded,
         )
     elif event.kind is EventKind.COMPLETED:
-        # When the provider gives no completion time (Fliki), the receipt stands in for it.
-        job["completed_at"] = _ts(event.completed_at) if event.completed_at else now
+        job["completed_at"] = completion_time(event, _at(now)).timestamp()
 
 
 def _asset_item(pk: str, out: PlannedOutput) -> Item:
@@ -215,26 +221,17 @@ def _earliest_pending(assets: dict[int, Item]) -> float | None:
 
 
 def _settle(job: Item, assets: dict[int, Item], now: float) -> JobState:
-    """After an asset ends, the job ends too once no asset is pending: archived if all were.
-
-    The same rule as the SQLite adapter's `_settle_job`, on items instead of rows.
-    """
-    states = [a["state"] for a in assets.values()]
+    """After an asset ends, the job ends too once no asset is pending (`domain.settle`)."""
     current = JobState(job["state"])
-    if current in FINAL_STATES or "pending" in states:
+    new = settle(current, (a["state"] for a in assets.values()))
+    if new is None:
         return current
-    if all(s == "archived" for s in states):
-        new, archived_at = JobState.ARCHIVED, now
-    else:
-        new = JobState.EXPIRED if "expired" in states else JobState.DEAD
-        archived_at = None
-    errors = "; ".join(a["error"] for _, a in sorted(assets.items()) if a.get("error"))
     job.update(
         state=new.value,
-        archived_at=archived_at,
+        archived_at=now if new is JobState.ARCHIVED else None,
         updated_at=now,
         deadline=None,
-        error=errors or job.get("error"),
+        error=settled_error((a.get("error") for _, a in sorted(assets.items())), job.get("error")),
     )
     return new
 

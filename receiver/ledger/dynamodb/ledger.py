@@ -16,7 +16,7 @@ import structlog
 from botocore.exceptions import ClientError
 
 from receiver.backends.aws import client, error_code, resource_name, run_blocking
-from receiver.domain import DeliveryOutcome, EventKind, JobEvent, JobState, decide
+from receiver.domain import DeliveryOutcome, EventKind, JobEvent, JobState, decide, manifest_work
 from receiver.ledger import (
     MANIFEST_TASK,
     MANIFEST_TASK_WINDOW_SECONDS,
@@ -63,11 +63,6 @@ class LedgerBusy(RuntimeError):
 
 
 # --- the adapter --------------------------------------------------------------------------------
-
-
-# The task whose lease rewrites an ended job's manifest: an archived job's first asset task, a
-# failed job's manifest-only task.
-_MANIFEST_REWRITE = {JobState.ARCHIVED: 0, JobState.FAILED: MANIFEST_TASK}
 
 
 class DynamoLedger(Reads, lifecycle.DataOverYears):
@@ -300,21 +295,19 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
                 new["deadline"] = _earliest_pending(assets)
             until = datetime.fromtimestamp(now + MANIFEST_TASK_WINDOW_SECONDS, tz=UTC)
             reopened: list[TaskMessage] = []  # manifest rewrites: not new copies
-            if decision.outcome is DeliveryOutcome.ACCEPTED and decision.state is JobState.FAILED:
-                # Nothing to copy, but the job's manifest is still written (reindex restores it).
-                task = _task_item(pk, event.provider, event.job_id, MANIFEST_TASK, until, now)
-                items.append(self._put(task))
-                tasks.append(_task_message(task))
-            elif current in _MANIFEST_REWRITE and not decision.queue_outputs:
-                # The manifest of an ended job must list this delivery too: hand its task back
-                # to the archiver, which rewrites the manifest and copies nothing (see
-                # Archiver._process). Outputs queued now write the manifest when copied. Unlike
-                # SQLite, the item does not say whether its last message was handled, so a
-                # delivery before that can cost one spare manifest rewrite, never a missing one.
-                n = _MANIFEST_REWRITE[current]
-                task = _task_item(pk, event.provider, event.job_id, n, until, now)
-                items.append(self._reopen(task))
-                reopened.append(_task_message(task))
+            work = manifest_work(current, decision)
+            if work is not None:
+                task = _task_item(pk, event.provider, event.job_id, work.n, until, now)
+                if work.new:
+                    items.append(self._put(task))
+                    tasks.append(_task_message(task))
+                else:
+                    # The task is handed back to the archiver, which rewrites the manifest and
+                    # copies nothing (see Archiver._process). Unlike SQLite, the item does not
+                    # say whether its last message was handled, so a delivery before that can
+                    # cost one spare manifest rewrite, never a missing one.
+                    items.append(self._reopen(task))
+                    reopened.append(_task_message(task))
             # Duplicates and ignored news change nothing a decision depends on: they keep the
             # version, so concurrent duplicates do not conflict with each other.
             changed = job is None or decision.outcome in (

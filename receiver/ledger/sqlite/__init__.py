@@ -9,10 +9,19 @@ from datetime import datetime
 from typing import Any
 
 from receiver.backends.sqlite import Database
-from receiver.domain import FINAL_STATES, DeliveryOutcome, EventKind, JobEvent, JobState, decide
+from receiver.domain import (
+    DeliveryOutcome,
+    EventKind,
+    JobEvent,
+    JobState,
+    completion_time,
+    decide,
+    manifest_work,
+    settle,
+    settled_error,
+)
 from receiver.errors import LedgerUnavailable
 from receiver.ledger import (
-    MANIFEST_TASK,
     MANIFEST_TASK_WINDOW_SECONDS,
     Activity,
     ArchivedAsset,
@@ -315,8 +324,7 @@ def _record(
                 "credits_refunded": event.credits_refunded,
             }
         elif event.kind is EventKind.COMPLETED:
-            # When the provider gives no completion time (Fliki), the receipt stands in for it.
-            fields["completed_at"] = to_ts(event.completed_at) if event.completed_at else now
+            fields["completed_at"] = to_ts(completion_time(event, delivery.received_at))
         if decision.queue_outputs:
             fields["deadline"] = deadline
         if row is None:
@@ -371,28 +379,20 @@ def _record(
             (*key, *key),
         )
 
-    if decision.outcome is DeliveryOutcome.ACCEPTED and decision.state is JobState.FAILED:
-        # Nothing to copy, but the job's manifest is still written (reindex restores it).
+    work = manifest_work(current, decision)
+    if work is not None and work.new:
         conn.execute(
             "INSERT OR REPLACE INTO tasks (provider, job_id, n, deadline, not_before, "
             "state, created_at) VALUES (?, ?, ?, ?, ?, 'ready', ?)",
-            (*key, MANIFEST_TASK, now + MANIFEST_TASK_WINDOW_SECONDS, now, now),
+            (*key, work.n, now + MANIFEST_TASK_WINDOW_SECONDS, now, now),
         )
-    elif current is JobState.FAILED:
-        # A later delivery belongs in the failed job's manifest too (as for archived jobs).
-        conn.execute(
-            "UPDATE tasks SET state = 'ready', not_before = ?, attempts = 0 "
-            "WHERE provider = ? AND job_id = ? AND n = ? AND state = 'done'",
-            (now, *key, MANIFEST_TASK),
-        )
-    if current is JobState.ARCHIVED:
-        # The manifest beside the assets must list this delivery too: hand the job's finished
-        # task back to the archiver, which rewrites the manifest of an archived asset and
+    elif work is not None:
+        # Hand the job's finished task back to the archiver, which rewrites the manifest and
         # copies nothing (see Archiver._process).
         conn.execute(
             "UPDATE tasks SET state = 'ready', not_before = ?, attempts = 0 "
-            "WHERE provider = ? AND job_id = ? AND n = 0 AND state = 'done'",
-            (now, *key),
+            "WHERE provider = ? AND job_id = ? AND n = ? AND state = 'done'",
+            (now, *key, work.n),
         )
     cursor = conn.execute(
         "INSERT INTO deliveries (provider, job_id, delivery_id, received_at, source, auth, "
@@ -421,38 +421,31 @@ def _record(
 
 
 def _settle_job(conn: sqlite3.Connection, provider: str, job_id: str, now: datetime) -> JobState:
-    """After an asset ends, the job ends too once no asset is pending: archived if all were."""
-    states = [
-        r["state"]
-        for r in conn.execute(
-            "SELECT state FROM assets WHERE provider = ? AND job_id = ?", (provider, job_id)
-        )
-    ]
+    """After an asset ends, the job ends too once no asset is pending (`domain.settle`)."""
+    assets = conn.execute(
+        "SELECT state, error FROM assets WHERE provider = ? AND job_id = ? ORDER BY n",
+        (provider, job_id),
+    ).fetchall()
     row = conn.execute(
-        "SELECT state FROM jobs WHERE provider = ? AND job_id = ?", (provider, job_id)
+        "SELECT state, error FROM jobs WHERE provider = ? AND job_id = ?", (provider, job_id)
     ).fetchone()
     if row is None:  # erased meanwhile (`receiver forget`), as the DynamoDB adapter says too
         raise LookupError(f"no job {provider}/{job_id} in the ledger")
     current = JobState(row["state"])
-    if current in FINAL_STATES or "pending" in states:
+    new = settle(current, (a["state"] for a in assets))
+    if new is None:
         return current
-    if all(s == "archived" for s in states):
-        new, archived_at = JobState.ARCHIVED, now.timestamp()
-    else:
-        new = JobState.EXPIRED if "expired" in states else JobState.DEAD
-        archived_at = None
-    errors = "; ".join(
-        r["error"]
-        for r in conn.execute(
-            "SELECT error FROM assets WHERE provider = ? AND job_id = ? AND error IS NOT NULL "
-            "ORDER BY n",
-            (provider, job_id),
-        )
-    )
     conn.execute(
         "UPDATE jobs SET state = ?, archived_at = ?, updated_at = ?, deadline = NULL, "
-        "error = COALESCE(NULLIF(?, ''), error) WHERE provider = ? AND job_id = ?",
-        (new.value, archived_at, now.timestamp(), errors, provider, job_id),
+        "error = ? WHERE provider = ? AND job_id = ?",
+        (
+            new.value,
+            now.timestamp() if new is JobState.ARCHIVED else None,
+            now.timestamp(),
+            settled_error((a["error"] for a in assets), row["error"]),
+            provider,
+            job_id,
+        ),
     )
     return new
 
