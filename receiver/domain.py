@@ -187,6 +187,33 @@ def settled_error(errors: Iterable[str | None], previous: str | None) -> str | N
     return "; ".join(e for e in errors if e) or previous
 
 
+# --- onward events: what receiver tells the team's application ------------------------------
+
+
+class EventType(enum.StrEnum):
+    """The events receiver delivers onward (receiver/onward); each written with its state change."""
+
+    ASSET_ARCHIVED = "asset.archived"  # one output copied, verified and recorded
+    ASSET_INVALID = "asset.invalid"  # one output ended as not the media it claimed to be
+    JOB_ARCHIVED = "job.archived"  # every output archived
+    JOB_FAILED = "job.failed"  # the provider failed the job
+    JOB_EXPIRED = "job.expired"  # a link died before we copied it
+    JOB_DEAD = "job.dead"  # we gave up copying for another reason
+
+
+_ENDED_EVENT = {
+    JobState.ARCHIVED: EventType.JOB_ARCHIVED,
+    JobState.FAILED: EventType.JOB_FAILED,
+    JobState.EXPIRED: EventType.JOB_EXPIRED,
+    JobState.DEAD: EventType.JOB_DEAD,
+}
+
+
+def ended_event(new_state: JobState | None) -> EventType | None:
+    """The event a job's move into `new_state` emits (None: the move emits none)."""
+    return _ENDED_EVENT.get(new_state) if new_state is not None else None
+
+
 # --- deadlines -------------------------------------------------------------------------------
 
 
@@ -249,7 +276,14 @@ _DIGEST_CHARS = 16
 # Names the stores keep for themselves beside each object (the local store's metadata sidecar)
 # or that the archive writes beside each job's outputs.
 RESERVED_SUFFIXES = (".meta.json",)
-RESERVED_NAMES = frozenset({"manifest.json"})
+#: The job's manifest, beside its assets (receiver/archive/manifest.py writes it).
+MANIFEST_NAME = "manifest.json"
+RESERVED_NAMES = frozenset({MANIFEST_NAME})
+
+
+def manifest_key(asset_key: str) -> str:
+    """The key of the manifest beside an asset's key."""
+    return f"{asset_key.rsplit('/', 1)[0]}/{MANIFEST_NAME}"
 
 
 def fit_segment(text: str, *, keep_suffix: bool = False) -> str:

@@ -12,7 +12,9 @@ from datetime import datetime
 from typing import Any
 
 from receiver.archive.fetch import redact_url
-from receiver.domain import scrub_secrets, source_name
+from receiver.domain import MANIFEST_NAME, manifest_key, scrub_secrets, source_name
+
+__all__ = ["MANIFEST_NAME", "build_manifest", "encode", "manifest_key", "redact"]
 from receiver.ledger import JobRecord
 
 SCHEMA = "receiver.manifest/1"
@@ -112,13 +114,6 @@ def build_manifest(job: JobRecord, previous: dict[str, Any] | None = None) -> di
             for a in job.assets
         ],
     }
-
-
-MANIFEST_NAME = "manifest.json"  # beside the assets; never an asset's name (`domain.fit_name`)
-
-
-def manifest_key(asset_key: str) -> str:
-    return f"{asset_key.rsplit('/', 1)[0]}/{MANIFEST_NAME}"
 
 
 def encode(manifest: dict[str, Any]) -> bytes:

@@ -127,6 +127,55 @@ CREATE TABLE IF NOT EXISTS tombstones (
     reason TEXT NOT NULL,
     PRIMARY KEY (provider, job_id)
 );
+-- Onward events (receiver/ledger/events.py), each written in the transaction of the state
+-- change it reports; a send per subscribed endpoint, every attempt, each endpoint's health.
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (provider, job_id, seq);
+CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
+CREATE TABLE IF NOT EXISTS event_sends (
+    event_seq INTEGER NOT NULL,
+    endpoint TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_expires REAL,
+    delivered_at REAL,
+    last_error TEXT,
+    PRIMARY KEY (event_seq, endpoint)
+);
+CREATE INDEX IF NOT EXISTS event_sends_due ON event_sends (endpoint, state, next_at);
+CREATE INDEX IF NOT EXISTS event_sends_job
+    ON event_sends (endpoint, provider, job_id, state, event_seq);
+CREATE TABLE IF NOT EXISTS event_attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_seq INTEGER NOT NULL,
+    endpoint TEXT NOT NULL,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    status INTEGER,
+    duration_ms REAL NOT NULL,
+    response TEXT NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS event_attempts_send ON event_attempts (event_seq, endpoint, id);
+CREATE TABLE IF NOT EXISTS endpoints (
+    name TEXT PRIMARY KEY,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    last_attempt_at REAL,
+    last_success_at REAL,
+    last_error TEXT
+);
 """
 
 # Columns added after the first release: (table, column, declaration). `Database` adds the ones an

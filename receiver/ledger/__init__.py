@@ -11,6 +11,9 @@ Data over years (issue 15): `prune_payloads` drops old raw bodies while their au
 `prune_jobs` removes long-ended jobs' records, `forget` erases one job and leaves a `Tombstone`
 that `record` honours, and `due_for_fixity` / `mark_verified` keep each archived asset's last
 integrity check.
+
+Onward events (issue 21, `events.py`): the writes that change a job's state also write the
+events that report it, and the port's `EventOutbox` half is what the sender claims and records.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from receiver.domain import MANIFEST_TASK, MANIFEST_TASK_WINDOW, DeliveryOutcome, JobEvent, JobState
+from receiver.ledger.events import EventOutbox
 
 __all__ = ["MANIFEST_TASK", "MANIFEST_TASK_WINDOW_SECONDS"]  # and the port's types below
 
@@ -277,7 +281,7 @@ class Activity:
         )
 
 
-class Ledger(Protocol):
+class Ledger(EventOutbox, Protocol):
     async def record(
         self, event: JobEvent, delivery: IncomingDelivery, plan: list[PlannedOutput]
     ) -> RecordResult: ...

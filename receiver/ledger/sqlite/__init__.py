@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from datetime import datetime
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from receiver.backends.sqlite import Database
 from receiver.domain import (
     DeliveryOutcome,
     EventKind,
+    EventType,
     JobEvent,
     JobState,
     completion_time,
     decide,
+    ended_event,
     manifest_work,
     settle,
     settled_error,
@@ -40,20 +43,61 @@ from receiver.ledger import (
     to_ts,
 )
 from receiver.ledger import at_ts as _at
-from receiver.ledger.sqlite import lifecycle, reads
+from receiver.ledger.events import (
+    EventFilter,
+    EventRecord,
+    OnwardStatus,
+    PendingSend,
+    SendAttempt,
+    Subscriptions,
+)
+from receiver.ledger.sqlite import lifecycle, outbox, reads
 from receiver.ledger.sqlite.reads import read_job
 
 __all__ = ["SqliteLedger", "read_job"]
 
 
 class SqliteLedger:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, subscriptions: Subscriptions | None = None) -> None:
         self.db = db
+        # Who receives which onward event: each event's sends are written with it.
+        self.subscriptions = subscriptions or Subscriptions()
 
     async def record(
         self, event: JobEvent, delivery: IncomingDelivery, plan: list[PlannedOutput]
     ) -> RecordResult:
-        return await self.db.write(lambda conn: _record(conn, event, delivery, plan))
+        def write(conn: sqlite3.Connection) -> RecordResult:
+            result = _record(conn, event, delivery, plan)
+            if result.outcome is DeliveryOutcome.ACCEPTED and result.job_state is JobState.FAILED:
+                self._emit(conn, event.provider, event.job_id, [(EventType.JOB_FAILED, None)], at)
+            return result
+
+        at = delivery.received_at
+        return await self.db.write(write)
+
+    def _emit(
+        self,
+        conn: sqlite3.Connection,
+        provider: str,
+        job_id: str,
+        kinds: list[tuple[EventType, int | None]],
+        now: datetime,
+    ) -> None:
+        outbox.emit(conn, self.subscriptions, provider, job_id, kinds, now)
+
+    def _settle(
+        self,
+        conn: sqlite3.Connection,
+        provider: str,
+        job_id: str,
+        now: datetime,
+        kinds: list[tuple[EventType, int | None]],
+    ) -> JobState:
+        """Settle the job, then write the events of this change (the asset's, then the job's)."""
+        state, moved = _settle_job(conn, provider, job_id, now)
+        ended = ended_event(state) if moved else None
+        self._emit(conn, provider, job_id, [*kinds, *([(ended, None)] if ended else [])], now)
+        return state
 
     async def track(
         self, provider: str, job_id: str, tracking: dict[str, Any], now: datetime
@@ -96,8 +140,9 @@ class SqliteLedger:
     ) -> bool:
         if state not in (JobState.EXPIRED, JobState.DEAD):
             raise ValueError(f"tracking ends as expired or dead, not {state}")
-        return await self.db.write(
-            lambda conn: (
+
+        def write(conn: sqlite3.Connection) -> bool:
+            ended = (
                 conn.execute(
                     "UPDATE jobs SET state = ?, error = ?, updated_at = ? "
                     "WHERE provider = ? AND job_id = ? AND state IN ('tracking', 'processing')",
@@ -105,7 +150,12 @@ class SqliteLedger:
                 ).rowcount
                 == 1
             )
-        )
+            kind = ended_event(state)
+            if ended and kind is not None:
+                self._emit(conn, provider, job_id, [(kind, None)], now)
+            return ended
+
+        return await self.db.write(write)
 
     async def asset_to_copy(self, provider: str, job_id: str, n: int) -> AssetToCopy | None:
         def read(conn: sqlite3.Connection) -> AssetToCopy | None:
@@ -138,6 +188,10 @@ class SqliteLedger:
         self, provider: str, job_id: str, n: int, asset: ArchivedAsset, now: datetime
     ) -> JobState:
         def write(conn: sqlite3.Connection) -> JobState:
+            before = conn.execute(
+                "SELECT state FROM assets WHERE provider = ? AND job_id = ? AND n = ?",
+                (provider, job_id, n),
+            ).fetchone()
             conn.execute(
                 "UPDATE assets SET state = 'archived', uri = ?, key = ?, size = ?, sha256 = ?, "
                 "content_type = ?, archived_at = ?, error = NULL "
@@ -154,7 +208,13 @@ class SqliteLedger:
                     n,
                 ),
             )
-            return _settle_job(conn, provider, job_id, now)
+            # A second record of the same copy (an attempt that died before its ack) says
+            # nothing new: only the first move to archived is an event.
+            news = before is not None and before["state"] != "archived"
+            kinds: list[tuple[EventType, int | None]] = (
+                [(EventType.ASSET_ARCHIVED, n)] if news else []
+            )
+            return self._settle(conn, provider, job_id, now, kinds)
 
         return await self.db.write(write)
 
@@ -170,7 +230,7 @@ class SqliteLedger:
                 "WHERE provider = ? AND job_id = ? AND n = ? AND state = 'pending'",
                 (state.value, error, provider, job_id, n),
             )
-            return _settle_job(conn, provider, job_id, now)
+            return self._settle(conn, provider, job_id, now, [])
 
         return await self.db.write(write)
 
@@ -262,6 +322,39 @@ class SqliteLedger:
 
     async def compact(self, pages: int = 1024) -> int:
         return await self.db.write(lambda conn: lifecycle.incremental_vacuum(conn, pages))
+
+    # -- onward events (receiver.ledger.sqlite.outbox) --------------------------------------------
+
+    async def claim_sends(
+        self, endpoint: str, owner: str, now: datetime, lease: timedelta, limit: int
+    ) -> list[PendingSend]:
+        at, until = now.timestamp(), (now + lease).timestamp()
+        return await self.db.write(
+            lambda conn: outbox.claim_sends(conn, endpoint, owner, at, until, limit)
+        )
+
+    async def finish_send(
+        self, send: PendingSend, owner: str, attempt: SendAttempt, next_at: datetime | None
+    ) -> None:
+        await self.db.write(lambda conn: outbox.finish_send(conn, send, owner, attempt, next_at))
+
+    async def events(self, where: EventFilter, limit: int) -> list[EventRecord]:
+        return await self.db.read(lambda conn: outbox.events(conn, where, limit))
+
+    async def event(self, event_id: str) -> EventRecord | None:
+        return await self.db.read(lambda conn: outbox.event(conn, event_id))
+
+    async def replay(
+        self, where: EventFilter, endpoints: Sequence[str] | None, now: datetime, limit: int
+    ) -> list[str]:
+        at = now.timestamp()
+        return await self.db.write(
+            lambda conn: outbox.replay(conn, self.subscriptions, where, endpoints, at, limit)
+        )
+
+    async def onward_status(self, now: datetime) -> OnwardStatus:
+        names = self.subscriptions.endpoints
+        return await self.db.read(lambda conn: outbox.status(conn, names))
 
 
 def _record(
@@ -420,8 +513,11 @@ def _record(
     )
 
 
-def _settle_job(conn: sqlite3.Connection, provider: str, job_id: str, now: datetime) -> JobState:
-    """After an asset ends, the job ends too once no asset is pending (`domain.settle`)."""
+def _settle_job(
+    conn: sqlite3.Connection, provider: str, job_id: str, now: datetime
+) -> tuple[JobState, bool]:
+    """After an asset ends, the job ends too once no asset is pending (`domain.settle`): its
+    state, and whether it moved now."""
     assets = conn.execute(
         "SELECT state, error FROM assets WHERE provider = ? AND job_id = ? ORDER BY n",
         (provider, job_id),
@@ -434,7 +530,7 @@ def _settle_job(conn: sqlite3.Connection, provider: str, job_id: str, now: datet
     current = JobState(row["state"])
     new = settle(current, (a["state"] for a in assets))
     if new is None:
-        return current
+        return current, False
     conn.execute(
         "UPDATE jobs SET state = ?, archived_at = ?, updated_at = ?, deadline = NULL, "
         "error = ? WHERE provider = ? AND job_id = ?",
@@ -447,7 +543,7 @@ def _settle_job(conn: sqlite3.Connection, provider: str, job_id: str, now: datet
             job_id,
         ),
     )
-    return new
+    return new, True
 
 
 def _requeue(conn: sqlite3.Connection, provider: str, job_id: str, now: float) -> int:

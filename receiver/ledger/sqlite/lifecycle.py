@@ -38,7 +38,12 @@ def prune_payloads(conn: sqlite3.Connection, before: float, now: float, limit: i
 
 def _erase(conn: sqlite3.Connection, provider: str, job_id: str) -> bool:
     key = (provider, job_id)
-    for table in ("deliveries", "assets", "tasks"):
+    conn.execute(
+        "DELETE FROM event_attempts WHERE event_seq IN "
+        "(SELECT seq FROM events WHERE provider = ? AND job_id = ?)",
+        key,
+    )
+    for table in ("deliveries", "assets", "tasks", "events", "event_sends"):
         conn.execute(f"DELETE FROM {table} WHERE provider = ? AND job_id = ?", key)  # noqa: S608
     return conn.execute("DELETE FROM jobs WHERE provider = ? AND job_id = ?", key).rowcount == 1
 
