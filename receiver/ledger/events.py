@@ -205,10 +205,13 @@ def build_events(
 ) -> list[NewEvent]:
     """The events of one state change, in the order a job's subscribers must see them."""
     out = []
-    for event_type, n in kinds:
-        event_id = new_event_id(now)
-        body = event_body(event_type, subject, event_id=event_id, at=now, n=n)
-        out.append(NewEvent(event_id, event_type, subject.provider, subject.job_id, now, body))
+    for k, (event_type, n) in enumerate(kinds):
+        # One microsecond apart: the events of one change keep their order in every listing
+        # and claim (DynamoDB sorts them by creation time, then id).
+        at = now + timedelta(microseconds=k)
+        event_id = new_event_id(at)
+        body = event_body(event_type, subject, event_id=event_id, at=at, n=n)
+        out.append(NewEvent(event_id, event_type, subject.provider, subject.job_id, at, body))
     return out
 
 

@@ -369,6 +369,10 @@ def table_definition(name: str) -> dict[str, Any]:
                 ("bdat", "N"),
                 ("fxpk", "S"),
                 ("fxat", "N"),
+                ("evpk", "S"),
+                ("evat", "N"),
+                ("sdpk", "S"),
+                ("sdat", "N"),
             )
         ],
         "KeySchema": [
@@ -386,6 +390,23 @@ def table_definition(name: str) -> dict[str, Any]:
                 "KeySchema": [
                     {"AttributeName": "fxpk", "KeyType": "HASH"},
                     {"AttributeName": "fxat", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            },
+            # Onward events (receiver.ledger.dynamodb.events): by time, and the sends to claim.
+            {
+                "IndexName": "events",
+                "KeySchema": [
+                    {"AttributeName": "evpk", "KeyType": "HASH"},
+                    {"AttributeName": "evat", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            },
+            {
+                "IndexName": "sends",
+                "KeySchema": [
+                    {"AttributeName": "sdpk", "KeyType": "HASH"},
+                    {"AttributeName": "sdat", "KeyType": "RANGE"},
                 ],
                 "Projection": {"ProjectionType": "ALL"},
             },

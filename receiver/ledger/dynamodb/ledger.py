@@ -16,7 +16,16 @@ import structlog
 from botocore.exceptions import ClientError
 
 from receiver.backends.aws import client, error_code, resource_name, run_blocking
-from receiver.domain import DeliveryOutcome, EventKind, JobEvent, JobState, decide, manifest_work
+from receiver.domain import (
+    DeliveryOutcome,
+    EventKind,
+    EventType,
+    JobEvent,
+    JobState,
+    decide,
+    ended_event,
+    manifest_work,
+)
 from receiver.ledger import (
     MANIFEST_TASK,
     MANIFEST_TASK_WINDOW_SECONDS,
@@ -31,6 +40,7 @@ from receiver.ledger import at_ts as _at
 from receiver.ledger import from_ts as _opt_at
 from receiver.ledger import to_ts as _ts
 from receiver.ledger.dynamodb import lifecycle
+from receiver.ledger.dynamodb.events import Events, event_items
 from receiver.ledger.dynamodb.items import (
     BODY_CHUNK,
     TTL_ATTRIBUTE,
@@ -51,6 +61,7 @@ from receiver.ledger.dynamodb.items import (
 )
 from receiver.ledger.dynamodb.outbox import Outbox, Publisher
 from receiver.ledger.dynamodb.reads import Reads
+from receiver.ledger.events import Subscriptions
 from receiver.workqueue import TaskMessage
 
 log = structlog.get_logger(__name__)
@@ -65,7 +76,7 @@ class LedgerBusy(RuntimeError):
 # --- the adapter --------------------------------------------------------------------------------
 
 
-class DynamoLedger(Reads, lifecycle.DataOverYears):
+class DynamoLedger(Reads, lifecycle.DataOverYears, Events):
     def __init__(
         self,
         table: str,
@@ -75,8 +86,11 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
         max_attempts: int = 40,
         rng: Callable[[], float] = random.random,
         payload_retention: timedelta | None = None,
+        subscriptions: Subscriptions | None = None,
     ) -> None:
         self.table = table
+        # Who receives which onward event: each event's sends are written with it.
+        self.subscriptions = subscriptions or Subscriptions()
         # Body parts carry the table's TTL attribute: DynamoDB drops them after this.
         self.payload_retention = payload_retention
         self.ddb = ddb if ddb is not None else client("dynamodb")
@@ -308,6 +322,11 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
                     # cost one spare manifest rewrite, never a missing one.
                     items.append(self._reopen(task))
                     reopened.append(_task_message(task))
+            if decision.outcome is DeliveryOutcome.ACCEPTED and decision.state is JobState.FAILED:
+                failed = [(EventType.JOB_FAILED, None)]
+                items.extend(
+                    self._put(i) for i in event_items(self.subscriptions, new, assets, failed, now)
+                )
             # Duplicates and ignored news change nothing a decision depends on: they keep the
             # version, so concurrent duplicates do not conflict with each other.
             changed = job is None or decision.outcome in (
@@ -438,7 +457,10 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
                 return [], False
             new = dict(job, state=state.value, error=reason, updated_at=now)
             new["version"] = int(job["version"]) + 1
-            return [self._put_job(new, job)], True
+            kind = ended_event(state)
+            kinds: list[tuple[EventType, int | None]] = [(kind, None)] if kind else []
+            events = event_items(self.subscriptions, new, {}, kinds, now)
+            return [self._put_job(new, job), *(self._put(i) for i in events)], True
 
         return self._transact(build)
 
@@ -455,14 +477,25 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
             if job is None:
                 raise LookupError(f"no job {provider}/{job_id} in the ledger")
             items: list[Item] = []
+            kinds: list[tuple[EventType, int | None]] = []
             if n in assets:
+                before = assets[n]["state"]
                 changed = change(dict(assets[n]))
                 if changed is not None:
                     assets[n] = changed
                     items.append(self._put(changed))
+                    # Only the first move to archived is news (not a second record of a copy).
+                    if changed["state"] == "archived" and before != "archived":
+                        kinds.append((EventType.ASSET_ARCHIVED, n))
             new = dict(job, version=int(job["version"]) + 1)
             state = _settle(new, assets, now)
+            ended = ended_event(state) if state.value != job["state"] else None
+            if ended is not None:
+                kinds.append((ended, None))
             items.insert(0, self._put_job(new, job))
+            items.extend(
+                self._put(i) for i in event_items(self.subscriptions, new, assets, kinds, now)
+            )
             return items, state
 
         return self._transact(build)

@@ -91,7 +91,14 @@ def emit(
         seq = conn.execute(
             "INSERT INTO events (id, type, provider, job_id, created_at, body) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (event.id, event.type.value, provider, job_id, at, event.body),
+            (
+                event.id,
+                event.type.value,
+                provider,
+                job_id,
+                event.created_at.timestamp(),
+                event.body,
+            ),
         ).lastrowid
         for endpoint in subscriptions.endpoints_for(event.type):
             conn.execute(
