@@ -7,15 +7,19 @@ S3 endpoint, region and credentials are not here: they come from boto3's own con
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from receiver.domain import EventType
 from receiver.errors import ConfigurationError
 
 PROVIDERS = ("apex", "fliki", "flora", "vividflow")
@@ -41,6 +45,89 @@ class ProviderConfig:
     @property
     def authenticated(self) -> bool:
         return bool(self.webhook_secrets or self.webhook_token)
+
+
+@dataclass(frozen=True)
+class OnwardEndpoint:
+    """One destination of onward events (RECEIVER_ONWARD_ENDPOINTS): an HTTP(S) URL signed
+    with Standard Webhooks secrets, or an SQS queue (`sqs://NAME`)."""
+
+    name: str
+    url: str
+    secrets: tuple[str, ...] = ()
+    events: frozenset[str] | None = None  # None: every event type
+
+    @property
+    def kind(self) -> str:
+        return "sqs" if self.url.startswith("sqs://") else "http"
+
+
+_ENDPOINT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+EVENT_TYPES = frozenset(t.value for t in EventType)
+
+
+def parse_onward_endpoints(text: str) -> tuple[OnwardEndpoint, ...]:
+    """RECEIVER_ONWARD_ENDPOINTS: a JSON list of {"name", "url", "secrets", "events"}."""
+    if not text.strip():
+        return ()
+    where = "RECEIVER_ONWARD_ENDPOINTS"
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"{where}: not JSON ({exc.msg} at {exc.pos})") from None
+    if not isinstance(raw, list):
+        raise ConfigurationError(f"{where}: expected a JSON list of endpoints")
+    endpoints: list[OnwardEndpoint] = []
+    for k, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigurationError(f"{where}[{k}]: expected an object")
+        unknown = set(item) - {"name", "url", "secrets", "events"}
+        if unknown:
+            raise ConfigurationError(f"{where}[{k}]: unknown field(s) {sorted(unknown)}")
+        name, url = item.get("name"), item.get("url")
+        if not isinstance(name, str) or not _ENDPOINT_NAME.match(name):
+            raise ConfigurationError(
+                f"{where}[{k}].name: 1-40 of a-z, 0-9, '-', '_' (it names the endpoint in "
+                "metrics, the CLI and the console)"
+            )
+        if any(e.name == name for e in endpoints):
+            raise ConfigurationError(f"{where}[{k}].name: {name!r} is used twice")
+        if not isinstance(url, str):
+            url = ""
+        scheme = urlsplit(url).scheme
+        if scheme not in ("https", "http", "sqs") or not urlsplit(url).netloc:
+            raise ConfigurationError(
+                f"{where}[{k}].url ({name}): expected https://..., http://... or sqs://QUEUE"
+            )
+        secrets = item.get("secrets", [])
+        if isinstance(secrets, str):
+            secrets = list(_split(secrets))
+        if not isinstance(secrets, list) or not all(
+            isinstance(x, str) and x.startswith("whsec_") for x in secrets
+        ):
+            raise ConfigurationError(
+                f"{where}[{k}].secrets ({name}): a list of Standard Webhooks secrets (whsec_...)"
+            )
+        if scheme != "sqs" and not secrets:
+            raise ConfigurationError(
+                f"{where}[{k}].secrets ({name}): an HTTP endpoint needs at least one secret"
+            )
+        events = item.get("events")
+        if events is not None and (not isinstance(events, list) or not set(events) <= EVENT_TYPES):
+            raise ConfigurationError(
+                f"{where}[{k}].events ({name}): a list of {sorted(EVENT_TYPES)}"
+            )
+        endpoints.append(
+            OnwardEndpoint(
+                name, url, tuple(secrets), frozenset(events) if events is not None else None
+            )
+        )
+    return tuple(endpoints)
+
+
+#: Svix's schedule: the seconds before each retry after the first try; the try after the
+#: last one that fails ends the series (about a day and a half in all).
+ONWARD_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
 
 
 #: An S3 upload's part size and how many parts upload at once: a copy's memory is about
@@ -142,6 +229,11 @@ class Settings(BaseSettings):
     fixity_per_hour: float = Field(default=0.0, ge=0)
     retention_interval_seconds: float = Field(default=300.0, gt=0)
     retention_batch: int = Field(default=50, ge=1, le=1000)
+    # Onward delivery (README "Telling your application"): where receiver's own events go.
+    onward_endpoints: SecretStr = SecretStr("")  # JSON list; secrets inside, never logged
+    onward_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    onward_concurrency: int = Field(default=4, ge=1, le=64)  # sends in flight per endpoint
+    onward_retry_schedule: str = ONWARD_RETRY_SCHEDULE  # seconds before each retry
     log_format: str = "auto"  # auto (console on a TTY, else JSON) | json | console
     log_level: str = "info"
 
@@ -158,6 +250,23 @@ class Settings(BaseSettings):
             base_url=getattr(self, f"{name}_base_url"),
             extra_download_hosts=_split(getattr(self, f"{name}_download_hosts")),
         )
+
+    @property
+    def onward(self) -> tuple[OnwardEndpoint, ...]:
+        return parse_onward_endpoints(self.onward_endpoints.get_secret_value())
+
+    @property
+    def onward_retry_delays(self) -> tuple[float, ...]:
+        try:
+            delays = tuple(float(x) for x in _split(self.onward_retry_schedule))
+        except ValueError:
+            delays = (-1.0,)
+        if any(d < 0 for d in delays) or len(delays) > 50:
+            raise ConfigurationError(
+                "RECEIVER_ONWARD_RETRY_SCHEDULE: up to 50 comma-separated seconds, each >= 0 "
+                f"(default {ONWARD_RETRY_SCHEDULE})"
+            )
+        return delays
 
     @property
     def enabled_webhook_providers(self) -> tuple[str, ...]:
