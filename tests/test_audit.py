@@ -214,8 +214,20 @@ async def test_metrics(audit: Harness, source_server: SourceServer) -> None:
     )
     assert 'receiver_webhook_auth_failures_total{provider="apex"} 1.0' in text
     assert 'receiver_queue_tasks{state="ready"} 1.0' in text
-    assert "receiver_archived_objects_total 1.0" in text
-    assert "receiver_archived_bytes_total 5000.0" in text
+    assert 'receiver_archived_objects_total{provider="apex"} 1.0' in text
+    assert 'receiver_archived_bytes_total{provider="apex"} 5000.0' in text
+    # Three webhooks recorded (one accepted, one duplicate for m2, m1's): the refused one is not
+    # timed.
+    assert 'receiver_webhook_duration_seconds_count{provider="apex"} 3.0' in text
+    assert "receiver_ledger_up 1.0" in text
+    # No API keys in this harness: polling is stopped for want of settings, not a refused key.
+    assert 'receiver_polling_stopped{provider="apex",reason="config"} 1.0' in text
+    assert 'receiver_polling_stopped{provider="apex",reason="auth"} 0.0' in text
+    waiting = await audit.parts.ledger.job("apex", "m2")
+    assert waiting is not None
+    assert "receiver_queue_earliest_deadline_timestamp_seconds" in text
+    earliest = audit.parts.metrics.value("receiver_queue_earliest_deadline_timestamp_seconds")
+    assert earliest == waiting.assets[0].deadline.timestamp()
     assert "receiver_archive_deadline_slack_seconds_count 1.0" in text
     assert "receiver_archive_copy_duration_seconds_count 1.0" in text
     assert "receiver_queue_oldest_task_age_seconds 0.0" in text

@@ -34,6 +34,9 @@ class QueueStats:
     leased: int
     dead: int
     oldest_ready_at: datetime | None
+    # The most urgent copy no worker holds (waiting, retrying later, or a lapsed lease): the
+    # "deadline at risk" alert. None when nothing waits, or when the adapter cannot tell (SQS).
+    earliest_unleased_deadline: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -98,11 +98,20 @@ class SqliteQueue:
             oldest = conn.execute(
                 "SELECT MIN(created_at) AS t FROM tasks WHERE state IN ('ready', 'leased')"
             ).fetchone()["t"]
+            # Copies only (n >= 0): a manifest rewrite's deadline is a formality, not a link's.
+            earliest = conn.execute(
+                "SELECT MIN(deadline) AS t FROM tasks WHERE n >= 0 AND (state = 'ready' "
+                "OR (state = 'leased' AND lease_expires < ?))",
+                (now.timestamp(),),
+            ).fetchone()["t"]
             return QueueStats(
                 ready=counts["ready"],
                 leased=counts["leased"],
                 dead=counts["dead"],
                 oldest_ready_at=datetime.fromtimestamp(oldest, tz=UTC) if oldest else None,
+                earliest_unleased_deadline=(
+                    datetime.fromtimestamp(earliest, tz=UTC) if earliest is not None else None
+                ),
             )
 
         return await self.db.read(read)
