@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from receiver import tracing
 from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit.api import AuditApi
@@ -498,7 +499,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         Route("/metrics", metrics),
         Route("/openapi.json", openapi_json),
     ]
-    return Starlette(
+    application = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -507,6 +508,8 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
             Exception: _unexpected,
         },
     )
+    tracing.instrument_app(application)  # when tracing is on (OTEL_TRACES_EXPORTER)
+    return application
 
 
 async def _rejected(request: Request, exc: Exception) -> Response:

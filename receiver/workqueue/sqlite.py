@@ -38,7 +38,7 @@ class SqliteQueue:
             row = conn.execute(
                 "UPDATE tasks SET state = 'leased', lease_owner = ?, lease_expires = ?, "
                 "attempts = attempts + 1 WHERE id = ? "
-                "RETURNING id, provider, job_id, n, deadline, attempts",
+                "RETURNING id, provider, job_id, n, deadline, attempts, traceparent",
                 (owner, at + lease_for.total_seconds(), chosen["id"]),
             ).fetchone()
             return Lease(
@@ -49,6 +49,7 @@ class SqliteQueue:
                 deadline=datetime.fromtimestamp(row["deadline"], tz=UTC),
                 attempt=row["attempts"],
                 owner=owner,
+                traceparent=row["traceparent"],
             )
 
         return await self.db.write(write)

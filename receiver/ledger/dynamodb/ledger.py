@@ -285,7 +285,15 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
                 for out in plan:
                     assets[out.n] = _asset_item(pk, out)
                     items.append(self._put(assets[out.n]))
-                    task = _task_item(pk, event.provider, event.job_id, out.n, out.deadline, now)
+                    task = _task_item(
+                        pk,
+                        event.provider,
+                        event.job_id,
+                        out.n,
+                        out.deadline,
+                        now,
+                        delivery.traceparent,
+                    )
                     items.append(self._put(task))
                     tasks.append(_task_message(task))
             if decision.refresh_outputs:
@@ -302,7 +310,15 @@ class DynamoLedger(Reads, lifecycle.DataOverYears):
             reopened: list[TaskMessage] = []  # manifest rewrites: not new copies
             if decision.outcome is DeliveryOutcome.ACCEPTED and decision.state is JobState.FAILED:
                 # Nothing to copy, but the job's manifest is still written (reindex restores it).
-                task = _task_item(pk, event.provider, event.job_id, MANIFEST_TASK, until, now)
+                task = _task_item(
+                    pk,
+                    event.provider,
+                    event.job_id,
+                    MANIFEST_TASK,
+                    until,
+                    now,
+                    delivery.traceparent,
+                )
                 items.append(self._put(task))
                 tasks.append(_task_message(task))
             elif current in _MANIFEST_REWRITE and not decision.queue_outputs:

@@ -345,8 +345,8 @@ def _record(
             )
             conn.execute(
                 "INSERT OR REPLACE INTO tasks (provider, job_id, n, deadline, not_before, "
-                "state, created_at) VALUES (?, ?, ?, ?, ?, 'ready', ?)",
-                (*key, out.n, to_ts(out.deadline), now, now),
+                "state, created_at, traceparent) VALUES (?, ?, ?, ?, ?, 'ready', ?, ?)",
+                (*key, out.n, to_ts(out.deadline), now, now, delivery.traceparent),
             )
             tasks += 1
     if decision.refresh_outputs:
@@ -375,8 +375,15 @@ def _record(
         # Nothing to copy, but the job's manifest is still written (reindex restores it).
         conn.execute(
             "INSERT OR REPLACE INTO tasks (provider, job_id, n, deadline, not_before, "
-            "state, created_at) VALUES (?, ?, ?, ?, ?, 'ready', ?)",
-            (*key, MANIFEST_TASK, now + MANIFEST_TASK_WINDOW_SECONDS, now, now),
+            "state, created_at, traceparent) VALUES (?, ?, ?, ?, ?, 'ready', ?, ?)",
+            (
+                *key,
+                MANIFEST_TASK,
+                now + MANIFEST_TASK_WINDOW_SECONDS,
+                now,
+                now,
+                delivery.traceparent,
+            ),
         )
     elif current is JobState.FAILED:
         # A later delivery belongs in the failed job's manifest too (as for archived jobs).
