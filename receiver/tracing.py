@@ -28,7 +28,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace import SpanKind as SpanKind  # re-exported: job_span(kind=...)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from receiver.errors import ConfigurationError
@@ -143,16 +145,21 @@ def current_traceparent() -> str | None:
 
 @contextmanager
 def job_span(
-    name: str, traceparent: str | None, **attributes: str | int | float | bool | None
+    name: str,
+    traceparent: str | None,
+    *,
+    kind: SpanKind = SpanKind.CONSUMER,
+    **attributes: str | int | float | bool | None,
 ) -> Iterator[Span]:
     """A span continuing the trace `traceparent` names (from `current_traceparent`, stored with
     a task), or a new trace without one. The archive worker opens one per leased task; the
     onward sender one per delivery attempt, e.g.
     ``with job_span("receiver.onward.deliver", event.traceparent, provider=..., job_id=...,
     endpoint=...)``. A no-op span when tracing is off."""
-    parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
+    # No traceparent: a new trace, whatever span the caller's context holds.
+    parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else Context()
     with _tracer.start_as_current_span(
-        name, context=parent, kind=SpanKind.CONSUMER, attributes=_clean(attributes)
+        name, context=parent, kind=kind, attributes=_clean(attributes)
     ) as span:
         yield span
 

@@ -17,6 +17,13 @@ from receiver.errors import ConfigurationError
 from tests.conftest import LOCAL_SOURCES, Harness
 from tests.payloads import APEX_TOKEN, apex_completed
 from tests.sources import SourceServer
+from tests.test_poller import (  # noqa: F401 (fixtures)
+    Polling,
+    flora_run,
+    polling,
+    polling_factory,
+    tracker_backend,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -167,3 +174,27 @@ def test_the_environment_switches_it_on_and_names_what_it_cannot_do() -> None:
 )
 def test_redact(value: Any, expected: Any) -> None:
     assert tracing.redact(value) == expected
+
+
+async def test_a_polled_job_s_trace_starts_with_its_poll_and_crosses_to_the_copy(
+    spans: InMemorySpanExporter,
+    polling: Polling,  # noqa: F811 (the fixture, imported above)
+    source_server: SourceServer,
+) -> None:
+    url = source_server.add("/flora/t/angle.png", 2000, content_type="image/png")
+    outputs = [{"outputId": "o0", "type": "imageUrl", "url": url + "?tr=w-1024&sig=TOPSECRET"}]
+    polling.apis.script(
+        "flora",
+        "run-t",
+        flora_run("run-t", "completed", completedAt=1773662430000, outputs=outputs),
+    )
+    await polling.register("flora", "run-t", technique="character-lock")
+    await polling.poller.tick()
+    assert await polling.harness.parts.archiver.run_once()
+    assert await polling.state("flora", "run-t") == "archived"
+    finished = spans.get_finished_spans()
+    poll = by_name(finished, "receiver.poll")
+    assert poll.parent is None  # a trace of its own, not the registration request's
+    for name in ("receiver.record", "receiver.archive", "receiver.copy", "receiver.store"):
+        assert by_name(finished, name).context.trace_id == poll.context.trace_id, name
+    assert_no_secrets(finished)
