@@ -5,16 +5,24 @@ behind the same redaction as a real exporter."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from receiver import tracing
 from receiver.errors import ConfigurationError
+from tests.clirun import RECEIVER, env_without_receiver, free_port, wait_http
 from tests.conftest import LOCAL_SOURCES, Harness
+from tests.crashkit import count
 from tests.payloads import APEX_TOKEN, apex_completed
 from tests.sources import SourceServer
 from tests.test_poller import (  # noqa: F401 (fixtures)
@@ -198,3 +206,64 @@ async def test_a_polled_job_s_trace_starts_with_its_poll_and_crosses_to_the_copy
     for name in ("receiver.record", "receiver.archive", "receiver.copy", "receiver.store"):
         assert by_name(finished, name).context.trace_id == poll.context.trace_id, name
     assert_no_secrets(finished)
+
+
+def test_a_real_receiver_serve_exports_one_trace_per_job_when_the_environment_asks(
+    tmp_path: Path, source_server: SourceServer
+) -> None:
+    """`receiver serve` with OTEL_TRACES_EXPORTER=console: the CLI's switch, the app's
+    instrumentation and the worker in one real process; spans printed on exit, none secret."""
+    db = tmp_path / "receiver.db"
+    env = {
+        **env_without_receiver(),
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "RECEIVER_LEDGER_URL": f"sqlite:///{db}",
+        "RECEIVER_ARCHIVE_URL": f"file://{tmp_path / 'archive'}",
+        "RECEIVER_WEBHOOK_PROVIDERS": "apex",
+        "RECEIVER_APEX_WEBHOOK_TOKEN": APEX_TOKEN,
+        "RECEIVER_FETCH_ALLOW_HTTP": "true",
+        "RECEIVER_FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
+        "RECEIVER_APEX_DOWNLOAD_HOSTS": "127.0.0.1",
+        "RECEIVER_WORKERS": "1",
+    }
+    port = free_port()
+    out = (tmp_path / "stdout").open("wb")
+    child = subprocess.Popen(
+        [RECEIVER, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=out,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        payload = apex_completed("real-traced", url=signed_source(source_server, "/o/r/out.png"))
+        payload["data"]["completedAt"] = payload["timestamp"] = datetime.now(UTC).isoformat()
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/webhooks/apex/{APEX_TOKEN}", json=payload, timeout=30
+        )
+        assert answer.status_code == 202, answer.text
+        deadline = time.monotonic() + 30
+        while count(db, "SELECT COUNT(*) FROM assets WHERE state = 'archived'") < 1:
+            assert time.monotonic() < deadline, "the asset was not archived"
+            time.sleep(0.2)
+        time.sleep(0.5)  # the manifest and ack finish after the asset is recorded
+    finally:
+        child.terminate()  # the SDK flushes its last spans at exit
+        child.wait(timeout=30)
+        out.close()
+    text = (tmp_path / "stdout").read_text()
+    printed = []
+    decoder, at = json.JSONDecoder(), text.find("{")
+    while at != -1:
+        span, end = decoder.raw_decode(text, at)
+        printed.append(span)
+        at = text.find("{", end)
+    names = {s["name"]: s["context"]["trace_id"] for s in printed}
+    request = names.get("POST /webhooks/{provider}/{token}")
+    assert request, sorted(names)
+    for name in ("receiver.record", "receiver.archive", "receiver.copy", "receiver.store", "GET"):
+        assert names.get(name) == request, (name, sorted(names))
+    for secret in SECRETS:
+        assert secret not in text
