@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -234,6 +235,36 @@ async def test_metrics(audit: Harness, source_server: SourceServer) -> None:
     audit.clock.advance(90)
     text = (await audit.client.get("/metrics")).text
     assert "receiver_queue_oldest_task_age_seconds 90.0" in text
+
+
+async def test_the_earliest_deadline_gauge_counts_only_copies_no_worker_holds(
+    audit: Harness,
+) -> None:
+    """What ReceiverDeadlineAtRisk reads: waiting and lapsed tasks count, held ones do not."""
+    name = "receiver_queue_earliest_deadline_timestamp_seconds"
+
+    async def earliest() -> float:
+        await audit.client.get("/metrics")
+        return audit.parts.metrics.value(name)
+
+    assert await earliest() == 0.0  # nothing waits
+    for job_id, completed in (("early", "2026-03-16T11:00:00Z"), ("late", "2026-03-16T12:00:00Z")):
+        answer = await post_signed(
+            audit, "apex", apex_completed(job_id, completed_at=completed), APEX_SECRET
+        )
+        assert answer.status_code == 202
+    deadlines = {}
+    for job_id in ("early", "late"):
+        job = await audit.parts.ledger.job("apex", job_id)
+        assert job is not None
+        deadlines[job_id] = job.assets[0].deadline.timestamp()
+    assert deadlines["early"] < deadlines["late"]
+    assert await earliest() == deadlines["early"]
+    lease = await audit.parts.queue.lease("w", audit.clock(), timedelta(seconds=60))
+    assert lease is not None and lease.job_id == "early"
+    assert await earliest() == deadlines["late"]  # a worker holds the early one
+    audit.clock.advance(61)
+    assert await earliest() == deadlines["early"]  # its lease lapsed: nobody holds it
 
 
 async def test_readyz_reports_an_unreachable_store(harness_factory: Any, moto_s3: str) -> None:
