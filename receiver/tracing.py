@@ -99,7 +99,12 @@ def setup(exporters: Sequence[SpanExporter], *, batch: bool = False) -> TracerPr
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     shutdown()
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "receiver"})
+    # The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES itself; "receiver" only when
+    # neither names the service.
+    named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    )
+    resource = Resource.create({} if named else {"service.name": "receiver"})
     provider = TracerProvider(resource=resource)
     for exporter in exporters:
         processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
