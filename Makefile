@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 # Extra settings file for `make run`, on top of var/dev.env (e.g. ENV_FILE=var/simulator.env).
 ENV_FILE ?=
 
-.PHONY: run test lint typecheck unit bench demo clean lock browser screenshots
+.PHONY: run test lint typecheck unit bench demo clean lock browser promtool screenshots
 
 $(STAMP): pyproject.toml $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ run: $(STAMP)
 		--host 127.0.0.1 --port 8000
 
 ## Set up and run the whole suite: lint, type check, tests.
-test: $(STAMP) browser lint typecheck unit
+test: $(STAMP) browser promtool lint typecheck unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check receiver tests bench
@@ -61,6 +61,16 @@ browser:
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
 		>/dev/null; } \
 		|| echo "chromium or chromedriver missing: the console's browser tests will fail"
+
+## promtool (Debian's prometheus package) for the alert rules' tests (tests/test_monitoring.py),
+## installed when missing and possible (root + apt-get); without it those tests fail, loudly.
+## Only promtool is used: the tests never start the Prometheus server the package also brings.
+promtool:
+	@command -v promtool >/dev/null \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus >/dev/null; } \
+		|| echo "promtool missing: the alert rules' tests will fail"
 
 ## Run the demo, then photograph the console (overview, a job) with the tests' browser into docs/.
 screenshots: $(STAMP) browser

@@ -22,13 +22,14 @@ from urllib.parse import unquote, urlsplit
 
 import certifi
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from receiver import tracing
 from receiver.archive.fetch import Fetcher, FetchPolicy, Resolver
 from receiver.archive.worker import Archiver, RetryPolicy
 from receiver.audit.api import AuditApi
@@ -248,6 +249,7 @@ def build_parts(
 ) -> Parts:
     settings.check_queue()
     metrics = Metrics()
+    metrics.fixity_max_age.set(settings.fixity_days * 86400)
     db = Database(settings.local_db_path)
     ledger: Ledger
     queue: WorkQueue
@@ -387,6 +389,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         wall_clock=parts.wall_clock,
         on_auth_failure=lambda provider: parts.metrics.auth_failures.labels(provider).inc(),
         body_timeout=settings.body_timeout_seconds,
+        metrics=parts.metrics,
     )
     api_token = settings.api_token.get_secret_value() if settings.api_token else None
     audit = AuditApi(parts.ledger, parts.store, api_token, parts.tracked)
@@ -420,9 +423,21 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
     openapi = document()
 
     async def metrics(request: Request) -> Response:
-        parts.metrics.observe_fixity(await parts.ledger.fixity_status(), parts.clock())
+        # A failing ledger must still leave a scrape that says so (receiver_ledger_up 0, the
+        # rest as last seen), never a 500 that hides every other series with it.
+        if await ledger_probe() == "ok":
+            with contextlib.suppress(Exception):
+                parts.metrics.observe_fixity(await parts.ledger.fixity_status(), parts.clock())
         await store_probe()
-        body = await parts.metrics.render(parts.queue, parts.clock())
+        if poller is not None:
+            parts.metrics.observe_polling(
+                {p: getattr(poller.problems.get(p), "reason", None) for p in poller.limiters}
+            )
+        try:
+            body = await parts.metrics.render(parts.queue, parts.clock())
+        except Exception:
+            log.warning("metrics_queue_stats_failed", exc_info=True)
+            body = generate_latest(parts.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(request: Request) -> JSONResponse:
@@ -438,16 +453,21 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         parts.metrics.store_up.set(1)
         return "ok"
 
+    async def ledger_probe() -> str:
+        """Ping the ledger and set receiver_ledger_up; "ok" or what went wrong."""
+        try:
+            await asyncio.wait_for(parts.ledger.ping(), timeout=5)
+        except Exception as exc:
+            parts.metrics.ledger_up.set(0)
+            return f"{type(exc).__name__}: {exc}"
+        parts.metrics.ledger_up.set(1)
+        return "ok"
+
     async def readyz(request: Request) -> JSONResponse:
         # Ready means "can accept webhooks": that needs the ledger only. Ingest never touches
         # the store (workers wait out a store outage), so a store outage must not take replicas
         # out of the load balancer. ?full=1 also checks the store, for people and dashboards.
-        checks: dict[str, str] = {}
-        try:
-            await asyncio.wait_for(parts.ledger.ping(), timeout=5)
-            checks["ledger"] = "ok"
-        except Exception as exc:
-            checks["ledger"] = f"{type(exc).__name__}: {exc}"
+        checks = {"ledger": await ledger_probe()}
         if request.query_params.get("full") in ("1", "true", "yes"):
             checks["store"] = await store_probe()
         ready = all(v == "ok" for v in checks.values())
@@ -479,7 +499,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
         Route("/metrics", metrics),
         Route("/openapi.json", openapi_json),
     ]
-    return Starlette(
+    application = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -488,6 +508,8 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
             Exception: _unexpected,
         },
     )
+    tracing.instrument_app(application)  # when tracing is on (OTEL_TRACES_EXPORTER)
+    return application
 
 
 async def _rejected(request: Request, exc: Exception) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -214,14 +215,56 @@ async def test_metrics(audit: Harness, source_server: SourceServer) -> None:
     )
     assert 'receiver_webhook_auth_failures_total{provider="apex"} 1.0' in text
     assert 'receiver_queue_tasks{state="ready"} 1.0' in text
-    assert "receiver_archived_objects_total 1.0" in text
-    assert "receiver_archived_bytes_total 5000.0" in text
+    assert 'receiver_archived_objects_total{provider="apex"} 1.0' in text
+    assert 'receiver_archived_bytes_total{provider="apex"} 5000.0' in text
+    # Three webhooks recorded (one accepted, one duplicate for m2, m1's): the refused one is not
+    # timed.
+    assert 'receiver_webhook_duration_seconds_count{provider="apex"} 3.0' in text
+    assert "receiver_ledger_up 1.0" in text
+    # No API keys in this harness: polling is stopped for want of settings, not a refused key.
+    assert 'receiver_polling_stopped{provider="apex",reason="config"} 1.0' in text
+    assert 'receiver_polling_stopped{provider="apex",reason="auth"} 0.0' in text
+    waiting = await audit.parts.ledger.job("apex", "m2")
+    assert waiting is not None
+    assert "receiver_queue_earliest_deadline_timestamp_seconds" in text
+    earliest = audit.parts.metrics.value("receiver_queue_earliest_deadline_timestamp_seconds")
+    assert earliest == waiting.assets[0].deadline.timestamp()
     assert "receiver_archive_deadline_slack_seconds_count 1.0" in text
     assert "receiver_archive_copy_duration_seconds_count 1.0" in text
     assert "receiver_queue_oldest_task_age_seconds 0.0" in text
     audit.clock.advance(90)
     text = (await audit.client.get("/metrics")).text
     assert "receiver_queue_oldest_task_age_seconds 90.0" in text
+
+
+async def test_the_earliest_deadline_gauge_counts_only_copies_no_worker_holds(
+    audit: Harness,
+) -> None:
+    """What ReceiverDeadlineAtRisk reads: waiting and lapsed tasks count, held ones do not."""
+    name = "receiver_queue_earliest_deadline_timestamp_seconds"
+
+    async def earliest() -> float:
+        await audit.client.get("/metrics")
+        return audit.parts.metrics.value(name)
+
+    assert await earliest() == 0.0  # nothing waits
+    for job_id, completed in (("early", "2026-03-16T11:00:00Z"), ("late", "2026-03-16T12:00:00Z")):
+        answer = await post_signed(
+            audit, "apex", apex_completed(job_id, completed_at=completed), APEX_SECRET
+        )
+        assert answer.status_code == 202
+    deadlines = {}
+    for job_id in ("early", "late"):
+        job = await audit.parts.ledger.job("apex", job_id)
+        assert job is not None
+        deadlines[job_id] = job.assets[0].deadline.timestamp()
+    assert deadlines["early"] < deadlines["late"]
+    assert await earliest() == deadlines["early"]
+    lease = await audit.parts.queue.lease("w", audit.clock(), timedelta(seconds=60))
+    assert lease is not None and lease.job_id == "early"
+    assert await earliest() == deadlines["late"]  # a worker holds the early one
+    audit.clock.advance(61)
+    assert await earliest() == deadlines["early"]  # its lease lapsed: nobody holds it
 
 
 async def test_readyz_reports_an_unreachable_store(harness_factory: Any, moto_s3: str) -> None:

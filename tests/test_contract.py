@@ -239,6 +239,7 @@ async def record(
     delivery_id: str | None = None,
     hours: float = 20,
     body: bytes | None = None,
+    traceparent: str | None = None,
 ) -> RecordResult:
     now = b.now()
     plan = [
@@ -260,6 +261,7 @@ async def record(
         body=raw,
         payload_sha256=hashlib.sha256(raw).hexdigest(),
         delivery_id=delivery_id,
+        traceparent=traceparent,
     )
     return await b.ledger.record(event, delivery, plan)
 
@@ -307,6 +309,16 @@ async def test_a_new_completed_job_is_recorded_with_its_asset_and_one_task(b: Ba
     )
     assert await b.ledger.asset_to_copy("apex", "j1", 1) is None
     assert await b.ledger.job("apex", "nope") is None
+
+
+async def test_the_queuing_deliverys_trace_context_comes_back_with_its_lease(b: Backend) -> None:
+    """The trace crosses the queue with the task (receiver.tracing): SQLite column, SQS body."""
+    traceparent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    await record(b, completed("traced"), traceparent=traceparent)
+    await record(b, completed("untraced"))
+    leases = {lease.job_id: lease for lease in await drain(b)}
+    assert leases["traced"].traceparent == traceparent
+    assert leases["untraced"].traceparent is None
 
 
 async def test_redelivery_replayed_id_and_same_content_are_duplicates(b: Backend) -> None:

@@ -98,8 +98,8 @@ class TaskSteps:
             await self._step_gave_up(lease, exc, archived=False)
             return
         slack = (asset.deadline - now).total_seconds()
-        self.metrics.archived_objects.inc()
-        self.metrics.archived_bytes.inc(stored.size)
+        self.metrics.archived_objects.labels(lease.provider).inc()
+        self.metrics.archived_bytes.labels(lease.provider).inc(stored.size)
         self.metrics.copy_seconds.observe(time.perf_counter() - started)
         self.metrics.slack.observe(slack)
         if slack < 0:

@@ -39,7 +39,8 @@ from datetime import timedelta
 import anyio
 import structlog
 
-from receiver.archive.fetch import Fetcher, FetchError
+from receiver import tracing
+from receiver.archive.fetch import Download, Fetcher, FetchError
 from receiver.archive.guard import CopyCut, CopyGuard
 from receiver.archive.steps import (
     CONTENT_TYPE_FALLBACK,
@@ -51,7 +52,7 @@ from receiver.archive.steps import (
 from receiver.domain import Clock, JobState, source_name
 from receiver.ledger import MANIFEST_TASK, ArchivedAsset, AssetToCopy, Ledger
 from receiver.metrics import Metrics
-from receiver.store import ObjectExists, ObjectMissing, Store, StoreError
+from receiver.store import ObjectExists, ObjectMissing, Store, StoredObject, StoreError
 from receiver.workqueue import Lease, WorkQueue
 
 log = structlog.get_logger(__name__)
@@ -178,7 +179,16 @@ class Archiver(TaskSteps):
             provider=lease.provider, job_id=lease.job_id, asset=lease.n, attempt=lease.attempt
         )
         try:
-            await self._process(lease)
+            # The webhook's trace, carried by the task across the queue (receiver.tracing).
+            with tracing.job_span(
+                "receiver.archive",
+                lease.traceparent,
+                provider=lease.provider,
+                job_id=lease.job_id,
+                asset=lease.n,
+                attempt=lease.attempt,
+            ):
+                await self._process(lease)
         finally:
             structlog.contextvars.clear_contextvars()
         return True
@@ -344,24 +354,13 @@ class Archiver(TaskSteps):
 
     async def _copy(self, asset: AssetToCopy, guard: CopyGuard) -> ArchivedAsset:
         fetcher = self.fetchers[asset.provider]
-        async with fetcher.open(asset.url) as download:
-            content_type = (
-                asset.content_type or _media_type(download.content_type) or CONTENT_TYPE_FALLBACK
-            )
-            metadata = {
-                "provider": asset.provider,
-                "job-id": _ascii(asset.job_id),
-                "job-type": _ascii(asset.job_type or ""),
-                "archived-at": self.clock().isoformat(),
-                "source-host": download.source_host,
-                "source-name": _ascii(source_name(asset.url)),  # the key may hold a fitted name
-            }
-            stored = await self.store.put_stream(
-                asset.key,
-                guard.wrap(download.iter_bytes()),
-                content_type=content_type,
-                metadata=metadata,
-            )
+        # One span for the copy: the download (httpx's span) streams into the put (ours, and
+        # botocore's for S3) inside it.
+        with tracing.span("receiver.copy", provider=asset.provider, key=asset.key) as copy_span:
+            async with fetcher.open(asset.url) as download:
+                copy_span.set_attribute("receiver.source_host", download.source_host)
+                stored = await self._store(asset, download, guard)
+            copy_span.set_attribute("receiver.size", stored.size)
         return ArchivedAsset(
             uri=stored.uri,
             key=stored.key,
@@ -369,6 +368,30 @@ class Archiver(TaskSteps):
             sha256=stored.sha256,
             content_type=stored.content_type,
         )
+
+    async def _store(
+        self, asset: AssetToCopy, download: Download, guard: CopyGuard
+    ) -> StoredObject:
+        content_type = (
+            asset.content_type or _media_type(download.content_type) or CONTENT_TYPE_FALLBACK
+        )
+        metadata = {
+            "provider": asset.provider,
+            "job-id": _ascii(asset.job_id),
+            "job-type": _ascii(asset.job_type or ""),
+            "archived-at": self.clock().isoformat(),
+            "source-host": download.source_host,
+            "source-name": _ascii(source_name(asset.url)),  # the key may hold a fitted name
+        }
+        with tracing.span("receiver.store", key=asset.key) as store_span:
+            stored = await self.store.put_stream(
+                asset.key,
+                guard.wrap(download.iter_bytes()),
+                content_type=content_type,
+                metadata=metadata,
+            )
+            store_span.set_attribute("receiver.sha256", stored.sha256)
+        return stored
 
 
 async def _cancel_all(*tasks: asyncio.Task[bool] | None) -> None:

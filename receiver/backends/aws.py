@@ -13,6 +13,7 @@ Endpoint, region and credentials come from boto3's own configuration (`AWS_ENDPO
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,10 @@ _executor = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="aws")
 async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
     """Run a blocking boto3 operation on the shared AWS pool."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor, functools.partial(fn, *args))
+    # In the caller's context (run_in_executor does not copy it): a botocore span is then a
+    # child of the caller's (receiver.tracing), and structlog's bound context holds too.
+    context = contextvars.copy_context()
+    return await loop.run_in_executor(_executor, functools.partial(context.run, fn, *args))
 
 
 def client(service: str) -> Any:

@@ -187,6 +187,7 @@ COLUMNS_ADDED = (
     ("assets", "verified_at", "REAL"),  # last fixity check
     ("assets", "verified_by", "TEXT"),
     ("assets", "fixity_error", "TEXT"),  # what the last check found wrong (NULL: it passed)
+    ("tasks", "traceparent", "TEXT"),  # the queuing request's trace context (receiver.tracing)
 )
 
 # Indexes over added columns: created after the columns exist.

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
-from receiver import logs
+from receiver import logs, tracing
 from receiver.cli import listing
 from receiver.cli.base import (
     DEBUG,
@@ -82,6 +82,7 @@ def serve(
     settings = load_settings(env_file, **overrides)
     logs.configure(settings.log_format, settings.log_level)
     try:
+        tracing.setup_from_environment()  # OTEL_TRACES_EXPORTER (off by default)
         parts = build_parts(settings)
         application = create_app(parts, workers=0 if no_workers else settings.workers)
     except (ConfigurationError, ValueError) as exc:
@@ -107,6 +108,7 @@ def worker(env_file: EnvFile = None) -> None:
     settings = load_settings(env_file)
     logs.configure(settings.log_format, settings.log_level)
     try:
+        tracing.setup_from_environment()  # OTEL_TRACES_EXPORTER (off by default)
         parts = build_parts(settings)
     except (ConfigurationError, ValueError) as exc:
         raise fail(str(exc)) from None

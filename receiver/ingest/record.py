@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from receiver import tracing
 from receiver.domain import (
     RESERVED_NAMES,
     Clock,
@@ -99,9 +100,16 @@ class Ingestor:
             body=body,
             payload_sha256=hashlib.sha256(body).hexdigest(),
             delivery_id=delivery_id,
+            # The webhook's (or poll's) trace goes with the tasks this queues (receiver.tracing).
+            traceparent=tracing.current_traceparent(),
         )
         plan = plan_outputs(event, self.specs[event.provider], received_at, self.margin)
-        result = await self.ledger.record(event, delivery, plan)
+        with tracing.span(
+            "receiver.record", provider=event.provider, job_id=event.job_id, source=source
+        ) as span:
+            result = await self.ledger.record(event, delivery, plan)
+            span.set_attribute("receiver.outcome", result.outcome.value)
+            span.set_attribute("receiver.tasks_queued", result.tasks_queued)
         self.metrics.deliveries.labels(event.provider, source, result.outcome.value).inc()
         if result.body_mismatch:
             self.metrics.body_mismatches.labels(event.provider).inc()

@@ -63,7 +63,9 @@ class Webhooks:
         wall_clock: Callable[[], float] = time.time,
         on_auth_failure: Callable[[str], None] = lambda provider: None,
         body_timeout: float = 20.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.body_timeout = body_timeout
         self.ingestor = ingestor
         self.endpoints = endpoints
@@ -78,6 +80,7 @@ class Webhooks:
         ]
 
     async def receive(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
         provider = request.path_params["provider"]
         endpoint = self.endpoints.get(provider)
         if endpoint is None:
@@ -113,6 +116,7 @@ class Webhooks:
             outcome=result.outcome.value,
         )
         accepted = result.outcome is DeliveryOutcome.ACCEPTED
+        self.metrics.webhook_seconds.labels(provider).observe(time.perf_counter() - started)
         return JSONResponse(
             {
                 # "forgotten": erased on request (`receiver forget`); acknowledged, not kept.

@@ -55,6 +55,9 @@ class IncomingDelivery:
     body: bytes
     payload_sha256: str
     delivery_id: str | None = None  # the webhook-id when the sender gave one
+    # W3C traceparent of the request that brought it (tracing on): stored with the archive
+    # tasks it queues, so the worker's spans join the webhook's trace (receiver.tracing).
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 import httpx
 import structlog
 
+from receiver import tracing
 from receiver.domain import Clock, EventKind, JobState, backoff_delay
 from receiver.ingest.record import Ingestor
 from receiver.metrics import Metrics
@@ -297,10 +298,18 @@ class Poller:
 
     async def _poll(self, job: TrackedJob) -> None:
         try:
-            async with self._semaphore:
-                result = await self.clients[job.provider].poll(job.job_id, job.tracking)
-            self.metrics.status_calls.labels(job.provider, result.outcome.value).inc()
-            await self._handle(job, result)
+            # A polled job's trace starts here (a webhook's starts with its request).
+            with tracing.job_span(
+                "receiver.poll",
+                None,
+                kind=tracing.SpanKind.INTERNAL,
+                provider=job.provider,
+                job_id=job.job_id,
+            ):
+                async with self._semaphore:
+                    result = await self.clients[job.provider].poll(job.job_id, job.tracking)
+                self.metrics.status_calls.labels(job.provider, result.outcome.value).inc()
+                await self._handle(job, result)
         except Exception as exc:
             # Never let one job's surprise stop the others: keep it, retry later.
             log.exception("poll_failed", provider=job.provider, job_id=job.job_id)

@@ -26,6 +26,9 @@ class Lease:
     attempt: int  # 1 for the first try
     owner: str
     handle: str = ""  # adapter-specific (SQS: the lane and the message's receipt handle)
+    # The trace context of the request that queued the task (None: tracing off, or older task):
+    # the worker's spans continue that trace (receiver.tracing).
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class QueueStats:
     leased: int
     dead: int
     oldest_ready_at: datetime | None
+    # The most urgent copy no worker holds (waiting, retrying later, or a lapsed lease): the
+    # "deadline at risk" alert. None when nothing waits, or when the adapter cannot tell (SQS).
+    earliest_unleased_deadline: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -45,17 +51,19 @@ class TaskMessage:
     n: int
     deadline: datetime
     gen: str  # which enqueue of the task this is (the outbox marks that one sent)
+    traceparent: str | None = None  # the queuing request's trace context (tracing on)
 
     def body(self) -> str:
-        return json.dumps(
-            {
-                "provider": self.provider,
-                "job_id": self.job_id,
-                "n": self.n,
-                "deadline": self.deadline.timestamp(),
-                "gen": self.gen,
-            }
-        )
+        fields = {
+            "provider": self.provider,
+            "job_id": self.job_id,
+            "n": self.n,
+            "deadline": self.deadline.timestamp(),
+            "gen": self.gen,
+        }
+        if self.traceparent:
+            fields["traceparent"] = self.traceparent
+        return json.dumps(fields)
 
 
 class WorkQueue(Protocol):

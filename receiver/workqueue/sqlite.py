@@ -38,7 +38,7 @@ class SqliteQueue:
             row = conn.execute(
                 "UPDATE tasks SET state = 'leased', lease_owner = ?, lease_expires = ?, "
                 "attempts = attempts + 1 WHERE id = ? "
-                "RETURNING id, provider, job_id, n, deadline, attempts",
+                "RETURNING id, provider, job_id, n, deadline, attempts, traceparent",
                 (owner, at + lease_for.total_seconds(), chosen["id"]),
             ).fetchone()
             return Lease(
@@ -49,6 +49,7 @@ class SqliteQueue:
                 deadline=datetime.fromtimestamp(row["deadline"], tz=UTC),
                 attempt=row["attempts"],
                 owner=owner,
+                traceparent=row["traceparent"],
             )
 
         return await self.db.write(write)
@@ -98,11 +99,20 @@ class SqliteQueue:
             oldest = conn.execute(
                 "SELECT MIN(created_at) AS t FROM tasks WHERE state IN ('ready', 'leased')"
             ).fetchone()["t"]
+            # Copies only (n >= 0): a manifest rewrite's deadline is a formality, not a link's.
+            earliest = conn.execute(
+                "SELECT MIN(deadline) AS t FROM tasks WHERE n >= 0 AND (state = 'ready' "
+                "OR (state = 'leased' AND lease_expires < ?))",
+                (now.timestamp(),),
+            ).fetchone()["t"]
             return QueueStats(
                 ready=counts["ready"],
                 leased=counts["leased"],
                 dead=counts["dead"],
                 oldest_ready_at=datetime.fromtimestamp(oldest, tz=UTC) if oldest else None,
+                earliest_unleased_deadline=(
+                    datetime.fromtimestamp(earliest, tz=UTC) if earliest is not None else None
+                ),
             )
 
         return await self.db.read(read)

@@ -171,6 +171,7 @@ class SqsQueue:
                         attempt=int(message["Attributes"]["ApproximateReceiveCount"]),
                         owner=owner,
                         handle=f"{lane}\n{message['ReceiptHandle']}",
+                        traceparent=_text_or_none(task.get("traceparent")),
                     )
                 except (KeyError, TypeError, ValueError):
                     # Not ours or corrupt: park it where an operator will see it.
@@ -391,3 +392,7 @@ _background: set[asyncio.Task[None]] = set()  # strong references to relay tasks
 
 def _seconds(value: timedelta) -> int:
     return max(0, min(MAX_VISIBILITY, math.ceil(value.total_seconds())))
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None

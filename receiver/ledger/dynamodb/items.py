@@ -190,8 +190,16 @@ def _asset_item(pk: str, out: PlannedOutput) -> Item:
     }
 
 
-def _task_item(pk: str, provider: str, job_id: str, n: int, deadline: datetime, now: float) -> Item:
-    return {
+def _task_item(
+    pk: str,
+    provider: str,
+    job_id: str,
+    n: int,
+    deadline: datetime,
+    now: float,
+    traceparent: str | None = None,
+) -> Item:
+    item: Item = {
         "pk": pk,
         "sk": task_sk(n),
         "provider": provider,
@@ -203,6 +211,11 @@ def _task_item(pk: str, provider: str, job_id: str, n: int, deadline: datetime, 
         "obpk": f"OUTBOX#{shard_of(provider, job_id)}",
         "obat": now,
     }
+    if traceparent:
+        # The queuing request's trace (receiver.tracing). Not in the outbox index's projection:
+        # a task re-sent by the relay after its sender died starts a trace of its own.
+        item["traceparent"] = traceparent
+    return item
 
 
 def _task_message(item: Item) -> TaskMessage:
@@ -212,6 +225,7 @@ def _task_message(item: Item) -> TaskMessage:
         n=int(item["n"]),
         deadline=_at(item["deadline"]),
         gen=item["gen"],
+        traceparent=item.get("traceparent"),
     )
 
 

@@ -294,7 +294,15 @@ class DynamoLedger(Reads, lifecycle.DataOverYears, Events):
                 for out in plan:
                     assets[out.n] = _asset_item(pk, out)
                     items.append(self._put(assets[out.n]))
-                    task = _task_item(pk, event.provider, event.job_id, out.n, out.deadline, now)
+                    task = _task_item(
+                        pk,
+                        event.provider,
+                        event.job_id,
+                        out.n,
+                        out.deadline,
+                        now,
+                        delivery.traceparent,
+                    )
                     items.append(self._put(task))
                     tasks.append(_task_message(task))
             if decision.refresh_outputs:
@@ -311,7 +319,9 @@ class DynamoLedger(Reads, lifecycle.DataOverYears, Events):
             reopened: list[TaskMessage] = []  # manifest rewrites: not new copies
             work = manifest_work(current, decision)
             if work is not None:
-                task = _task_item(pk, event.provider, event.job_id, work.n, until, now)
+                # A new manifest task carries the delivery's trace; a reopened one keeps its own.
+                trace = delivery.traceparent if work.new else None
+                task = _task_item(pk, event.provider, event.job_id, work.n, until, now, trace)
                 if work.new:
                     items.append(self._put(task))
                     tasks.append(_task_message(task))

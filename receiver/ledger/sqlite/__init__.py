@@ -446,8 +446,8 @@ def _record(
             )
             conn.execute(
                 "INSERT OR REPLACE INTO tasks (provider, job_id, n, deadline, not_before, "
-                "state, created_at) VALUES (?, ?, ?, ?, ?, 'ready', ?)",
-                (*key, out.n, to_ts(out.deadline), now, now),
+                "state, created_at, traceparent) VALUES (?, ?, ?, ?, ?, 'ready', ?, ?)",
+                (*key, out.n, to_ts(out.deadline), now, now, delivery.traceparent),
             )
             tasks += 1
     if decision.refresh_outputs:
@@ -476,8 +476,15 @@ def _record(
     if work is not None and work.new:
         conn.execute(
             "INSERT OR REPLACE INTO tasks (provider, job_id, n, deadline, not_before, "
-            "state, created_at) VALUES (?, ?, ?, ?, ?, 'ready', ?)",
-            (*key, work.n, now + MANIFEST_TASK_WINDOW_SECONDS, now, now),
+            "state, created_at, traceparent) VALUES (?, ?, ?, ?, ?, 'ready', ?, ?)",
+            (
+                *key,
+                work.n,
+                now + MANIFEST_TASK_WINDOW_SECONDS,
+                now,
+                now,
+                delivery.traceparent,
+            ),
         )
     elif work is not None:
         # Hand the job's finished task back to the archiver, which rewrites the manifest and
