@@ -49,8 +49,12 @@ from receiver.ingest.routes import (
     note_rejection,
 )
 from receiver.ledger import Ledger
+from receiver.ledger.events import EventOutbox, Subscription, Subscriptions
 from receiver.ledger.sqlite import SqliteLedger
 from receiver.metrics import Metrics
+from receiver.onward import Destination
+from receiver.onward.http import HttpDestination
+from receiver.onward.sender import RetrySchedule, Sender
 from receiver.polling.poller import Poller
 from receiver.polling.registration import Registrar, Registration, TrackingApi
 from receiver.polling.schedule import Tracker
@@ -93,6 +97,7 @@ class Parts:
     wall_clock: Callable[[], float] = time.time
     background: list[asyncio.Task[None]] = field(default_factory=list)
     poller: Poller | None = None  # follows tracked jobs; runs beside the archive workers
+    sender: Sender | None = None  # onward delivery; runs beside the archive workers
 
     def start(self, *, workers: int) -> None:
         """Start the database writer and, if asked, `workers` archive loops on this loop."""
@@ -101,6 +106,8 @@ class Parts:
             self.background.append(asyncio.create_task(self.archiver.run(workers)))
             if self.poller is not None:
                 self.background.append(asyncio.create_task(self.poller.run()))
+            if self.sender is not None:
+                self.background.append(asyncio.create_task(self.sender.run()))
             for loop in lifecycle_loops(self):
                 self.background.append(asyncio.create_task(loop))
 
@@ -115,6 +122,8 @@ class Parts:
             await fetcher.aclose()
         if self.poller is not None:
             await self.poller.aclose()
+        if self.sender is not None:
+            await self.sender.aclose()
         await self.store.aclose()
         self.db.stop()
 
@@ -193,6 +202,47 @@ def open_store(
     raise ValueError(f"unsupported store URL {url!r}: use file://path or s3://bucket/prefix")
 
 
+def subscriptions(settings: Settings) -> Subscriptions:
+    """Who receives which onward event (RECEIVER_ONWARD_ENDPOINTS)."""
+    return Subscriptions(tuple(Subscription(e.name, e.events) for e in settings.onward))
+
+
+def build_sender(
+    settings: Settings,
+    outbox: EventOutbox,
+    *,
+    clock: Clock,
+    rng: Callable[[], float],
+    metrics: Metrics,
+) -> Sender | None:
+    """The onward sender and a destination per endpoint (None: no endpoint configured)."""
+    destinations: dict[str, Destination] = {}
+    for endpoint in settings.onward:
+        if endpoint.kind == "sqs":
+            from receiver.onward.sqs import SqsDestination
+
+            destinations[endpoint.name] = SqsDestination(endpoint.url)
+        else:
+            destinations[endpoint.name] = HttpDestination(
+                endpoint.name,
+                endpoint.url,
+                endpoint.secrets,
+                timeout=settings.onward_timeout_seconds,
+                concurrency=settings.onward_concurrency,
+            )
+    if not destinations:
+        return None
+    return Sender(
+        outbox,
+        destinations,
+        RetrySchedule(settings.onward_retry_delays),
+        clock=clock,
+        concurrency=settings.onward_concurrency,
+        rng=rng,
+        metrics=metrics,
+    )
+
+
 def open_distributed(settings: Settings) -> tuple[DynamoLedger, SqsQueue]:
     """The scale-out pair: the DynamoDB ledger, whose outbox sends through the SQS queue."""
     from receiver.ledger.dynamodb import DynamoLedger
@@ -207,6 +257,7 @@ def open_distributed(settings: Settings) -> tuple[DynamoLedger, SqsQueue]:
         publish=queue.publish,
         # Body parts carry the table's TTL: DynamoDB drops them without a prune.
         payload_retention=timedelta(days=settings.payload_retention_days),
+        subscriptions=subscriptions(settings),
     )
     queue.relay = ledger.relay_outbox  # workers re-send what a dead sender left in the outbox
     # One copy of an asset at a time, whatever SQS delivers twice: a claim on the task's item.
@@ -262,7 +313,7 @@ def build_parts(
         # polled by whichever worker process claims it first.
         ledger, tracked = dynamo, DynamoTrackedStore(dynamo.table, ddb=dynamo.ddb)
     else:
-        ledger, queue = SqliteLedger(db), SqliteQueue(db)
+        ledger, queue = SqliteLedger(db, subscriptions(settings)), SqliteQueue(db)
         tracked = TrackedStore(db)
     store = open_store(
         settings.archive_url,
@@ -304,6 +355,7 @@ def build_parts(
     parts.poller = Poller(
         tracked, ingestor, settings, REGISTRY, clock=clock, rng=rng, metrics=metrics
     )
+    parts.sender = build_sender(settings, ledger, clock=clock, rng=rng, metrics=metrics)
     return parts
 
 

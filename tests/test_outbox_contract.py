@@ -21,8 +21,8 @@ from receiver.ledger.events import (
     FAILING_AFTER,
     EventFilter,
     PendingSend,
-    Route,
     SendAttempt,
+    Subscription,
     Subscriptions,
 )
 from receiver.ledger.sqlite import SqliteLedger
@@ -42,7 +42,7 @@ from tests.test_contract import (
 pytestmark = pytest.mark.anyio
 
 SUBSCRIPTIONS = Subscriptions(
-    (Route("app"), Route("billing", frozenset({"job.archived", "job.failed"})))
+    (Subscription("app"), Subscription("billing", frozenset({"job.archived", "job.failed"})))
 )
 LEASE = timedelta(seconds=30)
 

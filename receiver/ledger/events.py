@@ -48,7 +48,7 @@ def new_event_id(now: datetime, entropy: bytes | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class Route:
+class Subscription:
     """An endpoint and the event types it takes (None: every type)."""
 
     endpoint: str
@@ -62,7 +62,7 @@ class Route:
 class Subscriptions:
     """Which endpoint receives which event types (settings; the composition root builds it)."""
 
-    routes: tuple[Route, ...] = ()
+    routes: tuple[Subscription, ...] = ()
 
     def endpoints_for(self, event_type: str) -> list[str]:
         return [r.endpoint for r in self.routes if r.takes(event_type)]
