@@ -60,7 +60,7 @@ from receiver.polling.registration import Registrar, Registration, TrackingApi
 from receiver.polling.schedule import Tracker
 from receiver.polling.schedule.sqlite import TrackedStore
 from receiver.providers import REGISTRY
-from receiver.settings import PART_SIZE, PARTS_IN_FLIGHT, Settings
+from receiver.settings import PART_SIZE, PARTS_IN_FLIGHT, OnwardEndpoint, Settings
 from receiver.store import Store
 from receiver.store.local import LocalStore
 from receiver.workqueue import WorkQueue
@@ -207,6 +207,21 @@ def subscriptions(settings: Settings) -> Subscriptions:
     return Subscriptions(tuple(Subscription(e.name, e.events) for e in settings.onward))
 
 
+def destination(settings: Settings, endpoint: OnwardEndpoint) -> Destination:
+    """The destination adapter of one onward endpoint (HTTP(S) or SQS)."""
+    if endpoint.kind == "sqs":
+        from receiver.onward.sqs import SqsDestination
+
+        return SqsDestination(endpoint.url)
+    return HttpDestination(
+        endpoint.name,
+        endpoint.url,
+        endpoint.secrets,
+        timeout=settings.onward_timeout_seconds,
+        concurrency=settings.onward_concurrency,
+    )
+
+
 def build_sender(
     settings: Settings,
     outbox: EventOutbox,
@@ -216,20 +231,7 @@ def build_sender(
     metrics: Metrics,
 ) -> Sender | None:
     """The onward sender and a destination per endpoint (None: no endpoint configured)."""
-    destinations: dict[str, Destination] = {}
-    for endpoint in settings.onward:
-        if endpoint.kind == "sqs":
-            from receiver.onward.sqs import SqsDestination
-
-            destinations[endpoint.name] = SqsDestination(endpoint.url)
-        else:
-            destinations[endpoint.name] = HttpDestination(
-                endpoint.name,
-                endpoint.url,
-                endpoint.secrets,
-                timeout=settings.onward_timeout_seconds,
-                concurrency=settings.onward_concurrency,
-            )
+    destinations = {e.name: destination(settings, e) for e in settings.onward}
     if not destinations:
         return None
     return Sender(

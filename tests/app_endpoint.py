@@ -8,9 +8,11 @@ import http.server
 import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from standardwebhooks.webhooks import Webhook
 
 
@@ -114,3 +116,14 @@ class AppEndpoint:
             for r in self.received:
                 found.setdefault(r.payload()["type"], []).append(r)
         return found
+
+
+@pytest.fixture
+def app_endpoint() -> Iterator[AppEndpoint]:
+    """A listening AppEndpoint, stopped after the test."""
+    endpoint = AppEndpoint()
+    endpoint.up()
+    try:
+        yield endpoint
+    finally:
+        endpoint.down()

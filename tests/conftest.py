@@ -17,7 +17,7 @@ from receiver.settings import Settings
 from tests.payloads import APEX_OLD_SECRET, APEX_SECRET, APEX_TOKEN, FLIKI_SECRET, FLIKI_TOKEN
 
 # Fixture modules: the misbehaving HTTP source, moto's S3 server, headless Chromium.
-pytest_plugins = ["tests.sources", "tests.s3server", "tests.browser"]
+pytest_plugins = ["tests.sources", "tests.s3server", "tests.browser", "tests.app_endpoint"]
 
 
 @pytest.fixture

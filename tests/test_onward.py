@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -30,16 +30,6 @@ def secret() -> str:
 
 
 NEW, OLD = secret(), secret()
-
-
-@pytest.fixture
-def app_endpoint() -> Iterator[AppEndpoint]:
-    endpoint = AppEndpoint()
-    endpoint.up()
-    try:
-        yield endpoint
-    finally:
-        endpoint.down()
 
 
 def endpoints(*items: dict[str, Any]) -> str:

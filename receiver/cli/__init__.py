@@ -587,9 +587,10 @@ def dev_env(path: Annotated[Path, typer.Argument(help="file to create")]) -> Non
 # Registered on `app` when imported: `receiver doctor`, `receiver send-test`; `receiver prune`,
 # `forget`, `export`.
 from receiver.cli import checks as _checks  # noqa: E402
+from receiver.cli import events as _events  # noqa: E402
 from receiver.cli import lifecycle as _lifecycle  # noqa: E402
 
-__all__ = ["_checks", "_lifecycle", "app", "command", "main"]
+__all__ = ["_checks", "_events", "_lifecycle", "app", "command", "main"]
 
 
 def main() -> None:

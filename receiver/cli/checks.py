@@ -63,22 +63,43 @@ def _print_doctor(rows: list[Any], checks: list[Any], as_json: bool) -> None:
 
 @app.command("send-test")
 def send_test(
-    provider: Annotated[str, typer.Argument(help="apex or fliki")],
+    provider: Annotated[
+        str | None, typer.Argument(help="apex or fliki (not with --endpoint)")
+    ] = None,
     url: Annotated[
         str, typer.Option(help="the receiver's base URL (its /webhooks/... are appended)")
     ] = "http://127.0.0.1:8000",
     token: Annotated[
         bool, typer.Option("--token", help="authenticate with the path token even if signing")
     ] = False,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="instead, send a signed sample onward event to this endpoint of "
+            "RECEIVER_ONWARD_ENDPOINTS (your application's side)"
+        ),
+    ] = None,
+    event_type: Annotated[
+        str, typer.Option("--event", help="the sample's type, with --endpoint")
+    ] = "job.archived",
     env_file: EnvFile = None,
 ) -> None:
     """Post a correctly authenticated sample callback (the provider's documented "job failed"
-    payload, fresh job id) to a receiver and print its answer; exit 1 unless it is a 2xx."""
+    payload, fresh job id) to a receiver and print its answer; exit 1 unless it is a 2xx.
+    With --endpoint: post a signed sample onward event to your application instead."""
     import httpx
 
-    from receiver.cli.send_test import post, prepare
+    from receiver.cli.send_test import post, prepare, send_sample_event
 
     settings = load_settings(env_file)
+    if endpoint is not None:
+        answer = send_sample_event(settings, endpoint, event_type)
+        typer.echo(answer.line)
+        if not answer.ok:
+            raise typer.Exit(code=1)
+        return
+    if provider is None:
+        raise fail("name a provider (apex or fliki), or an onward endpoint with --endpoint")
     try:
         prepared = prepare(provider, settings.provider(provider), url, use_token=token)
     except ConfigurationError as exc:

@@ -12,13 +12,19 @@ import secrets
 import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
+from receiver.app import subscriptions
 from receiver.cli.explain import explain
+from receiver.errors import ConfigurationError
+from receiver.ledger import from_ts
+from receiver.ledger.events import EndpointHealth
+from receiver.onward.http import shown_url
 from receiver.polling.status import PollOutcome, StatusClient
 from receiver.providers import REGISTRY
 from receiver.settings import Settings
@@ -266,6 +272,7 @@ async def run_checks(
             checks.append(await check_store(store, settings.archive_url))
         finally:
             await store.aclose()
+    checks.extend(await check_onward(settings))
     try:
         checks.extend(check_webhooks(settings))
     except Exception as exc:
@@ -275,6 +282,67 @@ async def run_checks(
         for name, spec in REGISTRY.items():
             if spec.status_api is not None:
                 checks.append(await check_status_api(settings, name, client))
+    return checks
+
+
+async def onward_health(settings: Settings) -> dict[str, EndpointHealth]:
+    """Each onward endpoint's health as the ledger keeps it (read-only; {} if unknown yet)."""
+    if settings.distributed:
+        from receiver.ledger.dynamodb import DynamoLedger
+
+        ledger = DynamoLedger.from_url(settings.ledger_url, subscriptions=subscriptions(settings))
+        status = await ledger.onward_status(datetime.now(UTC))
+        return {h.name: h for h in status.endpoints}
+    path = settings.sqlite_path
+    if not path.exists():
+        return {}
+    with sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True) as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'endpoints'").fetchone():
+            return {}
+        rows = db.execute(
+            "SELECT name, consecutive_failures, last_attempt_at, last_success_at, last_error "
+            "FROM endpoints"
+        ).fetchall()
+    return {
+        name: EndpointHealth(name, failures, from_ts(attempt), from_ts(success), error)
+        for name, failures, attempt, success, error in rows
+    }
+
+
+async def check_onward(settings: Settings) -> list[Check]:
+    """Onward endpoints: well-formed settings, and none failing (from the ledger's record)."""
+    try:
+        endpoints = settings.onward
+        settings.onward_retry_delays  # noqa: B018  (validated here, said here)
+    except ConfigurationError as exc:
+        return [Check("onward", False, str(exc))]
+    if not endpoints:
+        return [Check("onward", None, "no endpoint configured (RECEIVER_ONWARD_ENDPOINTS)")]
+    try:
+        health = await onward_health(settings)
+    except Exception as exc:
+        return [Check("onward", False, f"cannot read the endpoints' health: {explain(exc)}")]
+    checks = []
+    for e in endpoints:
+        where = shown_url(e.url)
+        h = health.get(e.name)
+        if h is not None and h.failing:
+            checks.append(
+                Check(
+                    f"onward {e.name}",
+                    False,
+                    f"{where}: FAILING, {h.consecutive_failures} failed attempts in a row "
+                    f"(last: {h.last_error}); last success "
+                    f"{h.last_success_at.isoformat() if h.last_success_at else 'never'}",
+                )
+            )
+        else:
+            last = (
+                f", last delivery {h.last_success_at.isoformat()}"
+                if h and h.last_success_at
+                else ""
+            )
+            checks.append(Check(f"onward {e.name}", True, f"{where}: {e.kind}{last}"))
     return checks
 
 

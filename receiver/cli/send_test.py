@@ -7,6 +7,7 @@ ledger like a real callback, and, being failures, send no archive worker to a ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -18,7 +19,8 @@ import httpx
 
 from receiver.errors import ConfigurationError
 from receiver.ingest.auth import sign
-from receiver.settings import ProviderConfig
+from receiver.ledger.events import PendingSend
+from receiver.settings import ProviderConfig, Settings
 
 
 def apex_sample(job_id: str, now: datetime) -> dict[str, Any]:
@@ -106,3 +108,86 @@ def post(prepared: Prepared, *, timeout: float = 10.0) -> httpx.Response:
     return httpx.post(
         prepared.url, content=prepared.body, headers=prepared.headers, timeout=timeout
     )
+
+
+# --- the onward side: a sample event to the team's application -------------------------------
+
+
+@dataclass(frozen=True)
+class SampleAnswer:
+    ok: bool
+    line: str
+
+
+def sample_event(event_type: str, now: datetime) -> PendingSend:
+    """A signed-as-real sample of `event_type`: a made-up Apex job (`data.metadata.test`)."""
+    from receiver.domain import EventType, JobState
+    from receiver.ledger.events import EventAsset, EventSubject, event_body, new_event_id
+
+    kind = EventType(event_type)
+    job_id = f"send-test-{uuid.uuid4().hex[:12]}"
+    key = f"apex/{now:%Y/%m/%d}/{job_id}/output.png"
+    asset = EventAsset(
+        n=0,
+        name="output.png",
+        state="archived",
+        key=key,
+        uri=f"file:///sample/{key}",
+        size=0,
+        content_type="image/png",
+        sha256="e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        deadline=now,
+        archived_at=now,
+        error=None,
+    )
+    subject = EventSubject(
+        provider="apex",
+        job_id=job_id,
+        job_type="image",
+        state=JobState.FAILED if kind is EventType.JOB_FAILED else JobState.ARCHIVED,
+        metadata={"test": True, "sent_by": "receiver send-test"},
+        error="sample" if kind is not EventType.JOB_ARCHIVED else None,
+        completed_at=now,
+        failed_at=now if kind is EventType.JOB_FAILED else None,
+        credits_refunded=None,
+        assets=(asset,),
+    )
+    event_id = new_event_id(now)
+    n = 0 if event_type.startswith("asset.") else None
+    body = event_body(kind, subject, event_id=event_id, at=now, n=n)
+    return PendingSend(event_id, "", event_type, "apex", job_id, body, 0, now)
+
+
+def send_sample_event(settings: Settings, endpoint: str, event_type: str) -> SampleAnswer:
+    """Post one sample event to `endpoint` as the sender would (not through the outbox)."""
+    import asyncio
+
+    from receiver.app import destination
+    from receiver.onward.sender import outcome_of
+
+    known = {e.name: e for e in settings.onward}
+    if endpoint not in known:
+        raise ConfigurationError(
+            f"no endpoint {endpoint!r} in RECEIVER_ONWARD_ENDPOINTS (known: {sorted(known)})"
+        )
+    try:
+        send = sample_event(event_type, datetime.now(UTC))
+    except ValueError:
+        raise ConfigurationError(f"--event {event_type!r}: not an onward event type") from None
+    send = dataclasses.replace(send, endpoint=endpoint)
+
+    async def go() -> SampleAnswer:
+        target = destination(settings, known[endpoint])
+        try:
+            answer = await target.send(send)
+        finally:
+            await target.aclose()
+        outcome = outcome_of(answer)
+        status = f"HTTP {answer.status}" if answer.status is not None else "no answer"
+        detail = f": {answer.error}" if answer.error else ""
+        return SampleAnswer(
+            outcome == "delivered",
+            f"{event_type} {send.event_id} to {endpoint}: {status}, {outcome}{detail}",
+        )
+
+    return asyncio.run(go())

@@ -13,6 +13,7 @@ import asyncio
 import email.utils
 from collections.abc import Callable
 from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from standardwebhooks.webhooks import Webhook
@@ -23,6 +24,16 @@ from receiver.onward import Answer
 
 #: How much of an answer is read and kept.
 ANSWER_KEPT = 1024
+
+
+def shown_url(url: str) -> str:
+    """An endpoint's URL as the audit may show it: no credentials, no query, no fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def signature(secrets: tuple[str, ...], event_id: str, at: datetime, body: bytes) -> str:
