@@ -240,6 +240,9 @@ def build_sender(
         RetrySchedule(settings.onward_retry_delays),
         clock=clock,
         concurrency=settings.onward_concurrency,
+        # A try is bounded by its timeout; the lease covers it with room (a dead sender's
+        # sends come back when it lapses).
+        lease=timedelta(seconds=max(settings.lease_seconds, 2 * settings.onward_timeout_seconds)),
         rng=rng,
         metrics=metrics,
     )
