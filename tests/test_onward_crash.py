@@ -53,14 +53,20 @@ async def test_sigkill_at_random_points_loses_no_event_and_never_changes_one(
         onward_endpoints=endpoints,
         onward_timeout_seconds="2",
         onward_retry_schedule="1,1,1,1,1,1,1,1",
+        apex_webhook_token="crash-token",
+        fliki_webhook_token="crash-token",
     )
     rng = random.Random(21)
     log = tmp_path / "serve.log"
     kills = 0
+    progress = "SELECT COUNT(*) FROM assets WHERE state = 'archived'"
     for _ in range(KILLS):
         child = start(tmp_path, env, "serve")
         try:
-            time.sleep(rng.uniform(0.5, 2.5))
+            # Once this run has made progress, at a random point of its work.
+            before = count(db, progress)
+            wait_for(lambda b=before: count(db, progress) > b, 60, child, log)
+            time.sleep(rng.uniform(0.0, 1.0))
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait(10)

@@ -140,6 +140,9 @@ class Sender:
                 task = asyncio.create_task(self.deliver(send))
                 self._in_flight[name].add(task)
                 task.add_done_callback(self._in_flight[name].discard)
+                # A slot is free again, and a job's next event may be due now: claim at once
+                # instead of waiting out the poll interval.
+                task.add_done_callback(lambda _: self.wake.set())
         return claimed
 
     async def drain(self) -> None:
