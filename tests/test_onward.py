@@ -158,6 +158,7 @@ async def test_a_refusal_ends_the_series_and_retries_are_bounded(
     h: Harness = await harness_factory(
         onward_endpoints=endpoints({"name": "app", "url": app_endpoint.url(), "secrets": [NEW]}),
         onward_retry_schedule="5,5",
+        onward_concurrency=1,  # one try at a time: the answers below meet the jobs in order
     )
     await post_signed(h, "apex", apex_failed("refused"), APEX_SECRET)
     await post_signed(h, "apex", apex_failed("moved"), APEX_SECRET)
