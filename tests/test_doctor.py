@@ -77,12 +77,17 @@ def test_a_healthy_receiver_passes_every_check_and_no_secret_is_shown(
     plain, report = doctor(capsys, healthy(tmp_path, sim))
     assert plain.code == 0, plain.out
     assert report["ok"] is True
-    assert {c["status"] for c in report["checks"]} == {"ok"}
+    # Everything configured passes; onward delivery is optional and says it is not set up.
+    statuses = {c["name"]: c["status"] for c in report["checks"]}
+    assert statuses.pop("onward") == "skip"
+    assert set(statuses.values()) == {"ok"}
+    assert "no endpoint configured" in check(report, "onward")["detail"]
     names = [c["name"] for c in report["checks"]]
     assert names == [
         "ledger",
         "queue",
         "store",
+        "onward",
         "apex webhooks",
         "fliki webhooks",
         "apex status API",
@@ -93,7 +98,9 @@ def test_a_healthy_receiver_passes_every_check_and_no_secret_is_shown(
     assert "key accepted (HTTP 404" in check(report, "flora status API")["detail"]
     assert "path token" in check(report, "fliki webhooks")["detail"]
     # One line per check in the plain output, and the probe object is gone again.
-    assert sum(1 for line in plain.out.splitlines() if line.startswith("  ok ")) == len(names)
+    lines = plain.out.splitlines()
+    assert sum(1 for line in lines if line.startswith("  ok ")) == len(names) - 1
+    assert sum(1 for line in lines if line.startswith("  skip ")) == 1
     assert "all checks passed" in plain.out
     assert not any((tmp_path / "archive").rglob("probe-*"))
     # Secrets are masked; where each value came from is shown.
