@@ -126,6 +126,19 @@ def test_promtool_unit_tests_pass() -> None:
     assert "SUCCESS" in result.stdout
 
 
+def test_an_alert_reads_records_made_earlier_in_its_own_group() -> None:
+    """Groups are evaluated independently (and concurrently in promtool): an alert reading a
+    record of another group sees the previous evaluation's value, a minute stale and racy."""
+    for group in rule_groups():
+        made: set[str] = set()
+        for rule in group["rules"]:
+            if "record" in rule:
+                made.add(rule["record"])
+                continue
+            read = {name for name in series_names(rule["expr"]) if ":" in name}
+            assert read <= made, f"{rule['alert']} reads {read - made} from another group"
+
+
 def test_every_alert_has_a_severity_a_summary_and_a_description() -> None:
     alerts = [rule for rule in all_rules() if "alert" in rule]
     assert len(alerts) >= 15
