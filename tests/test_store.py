@@ -512,6 +512,35 @@ async def test_local_sidecar_failure_keeps_the_data_file(
 
 
 @pytest.mark.anyio
+async def test_local_put_completes_a_commit_a_kill_interrupted(tmp_path: Path) -> None:
+    """A process killed between the data link and the sidecar leaves the object without its
+    record (seen in tests/test_onward_crash.py: the next attempt's put found the name taken,
+    "sha256 not recorded", and the job ended dead). The same bytes put again complete that
+    commit; other bytes are still refused."""
+    store = LocalStore(tmp_path)
+    await store.put_stream("a/b.png", chunked(b"png"), content_type="image/png", metadata={})
+    (tmp_path / "a" / "b.png.meta.json").unlink()  # the state a SIGKILL there leaves
+    stored = await store.put_stream(
+        "a/b.png", chunked(b"png"), content_type="image/png", metadata={"job": "1"}
+    )
+    assert stored.sha256 == sha(b"png")
+    info = await store.head("a/b.png")
+    assert info is not None
+    assert (info.sha256, info.content_type, info.metadata["job"]) == (sha(b"png"), "image/png", "1")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [
+        "b.png",
+        "b.png.meta.json",
+    ]
+
+    (tmp_path / "a" / "b.png.meta.json").unlink()
+    with pytest.raises(ObjectExists) as refused:
+        await store.put_stream("a/b.png", chunked(b"PNG"), content_type="image/png", metadata={})
+    assert refused.value.existing is not None and refused.value.existing.sha256 is None
+    assert (tmp_path / "a" / "b.png").read_bytes() == b"png"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["b.png"]
+
+
+@pytest.mark.anyio
 async def test_local_abort_upload_refuses_what_is_not_its_temp_file(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     await store.put_bytes("a/b.png", b"png", content_type="image/png")

@@ -7,7 +7,8 @@ then hard-links the data file into place (``os.link`` fails if the name is taken
 ``If-None-Match: *``, atomic on POSIX file systems), so an existing object is never replaced and
 the put raises ``ObjectExists``; ``put_bytes`` renames over it with ``os.replace``. Either way a
 reader sees a whole file, never a half-written one. The sidecar follows with ``os.replace``.
-A temp file a killed process left behind is an incomplete upload (``incomplete_uploads``).
+A temp file a killed process left behind is an incomplete upload (``incomplete_uploads``); a data
+file it left without its sidecar is completed by the next put of the same bytes.
 
 Blocking file I/O runs in worker threads; data is written in chunks of at most ``_WRITE_SIZE``.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import filecmp
 import hashlib
 import json
 import os
@@ -308,7 +310,8 @@ def _commit(tmp: Path, path: Path, sidecar: bytes, create_only: bool) -> bool:
     """Move the finished data file into place, then its sidecar; False if the name is taken.
 
     ``create_only``: hard-link ``tmp`` to ``path``, which fails if ``path`` exists (the caller
-    removes ``tmp``). Otherwise the old sidecar goes first, so that a crash in between leaves a
+    removes ``tmp``), unless ``path`` is the same bytes without a sidecar (a put killed
+    between the renames): then only the sidecar is written. Otherwise the old sidecar goes first, so that a crash in between leaves a
     file without a sidecar (reported as "sha256 not recorded") rather than a sidecar describing
     other bytes. If the sidecar cannot be written the error propagates and the data file stays:
     it is complete, and another attempt may already rely on it being there.
@@ -318,7 +321,11 @@ def _commit(tmp: Path, path: Path, sidecar: bytes, create_only: bool) -> bool:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            return False
+            # A file without its sidecar holding these very bytes is this commit's own first
+            # half, left by a process killed between the two renames: finish it. Anything else
+            # at the name stays as it is.
+            if meta.exists() or not filecmp.cmp(tmp, path, shallow=False):
+                return False
         tmp.unlink()
     else:
         meta.unlink(missing_ok=True)
