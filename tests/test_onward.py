@@ -21,6 +21,7 @@ from tests.conftest import APEX_SECRET, LOCAL_SOURCES, Harness, HarnessFactory, 
 from tests.payloads import apex_failed
 from tests.sources import SourceServer
 from tests.test_archiver import completed
+from tests.test_onward_schema import assert_valid
 
 pytestmark = pytest.mark.anyio
 
@@ -90,6 +91,8 @@ async def test_every_event_type_reaches_the_application_and_verifies_with_either
         with pytest.raises(WebhookVerificationError):
             received.verify(secret())
         assert received.headers["webhook-id"] == received.payload()["id"]
+        # Every body obeys the documented schema (receiver/onward/schema/events.v1.json).
+        assert_valid(received.body)
     archived = got["asset.archived"][0].payload()["data"]
     assert archived["job_id"] == "ok"
     assert archived["asset"]["uri"].startswith("file://")

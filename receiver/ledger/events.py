@@ -25,7 +25,8 @@ from typing import Any, Literal, Protocol
 
 from receiver.domain import EventType, JobState, manifest_key
 
-#: The version of the event body's schema (docs/events.schema.json); a breaking change bumps it.
+#: The version of the event body's schema (receiver/onward/schema/events.v1.json); a removal or
+#: change of meaning bumps it, an added field does not.
 SCHEMA_VERSION = 1
 #: Consecutive failed attempts after which an endpoint shows as failing (never disabled).
 FAILING_AFTER = 3
