@@ -313,8 +313,9 @@ def _commit(tmp: Path, path: Path, sidecar: bytes, create_only: bool) -> bool:
     removes ``tmp``), unless ``path`` is the same bytes without a sidecar (a put killed
     between the renames): then only the sidecar is written. Otherwise the old sidecar goes
     first, so that a crash in between leaves a file without a sidecar (reported as "sha256 not
-    recorded") rather than a sidecar describing other bytes. If the sidecar cannot be written the error propagates and the data file stays:
-    it is complete, and another attempt may already rely on it being there.
+    recorded") rather than a sidecar describing other bytes. If the sidecar cannot be written
+    the error propagates and the data file stays: it is complete, and another attempt may
+    already rely on it being there.
     """
     meta = _sidecar(path)
     if create_only:
