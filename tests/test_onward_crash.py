@@ -76,9 +76,10 @@ async def test_sigkill_at_random_points_loses_no_event_and_never_changes_one(
 
     final = start(tmp_path, env, "serve")
     try:
+        # Until every job has ended (archived, or dead with a reason) and every send is done.
         wait_for(
             lambda: (
-                count(db, "SELECT COUNT(*) FROM jobs WHERE state = 'archived'") == JOBS
+                count(db, "SELECT COUNT(*) FROM jobs WHERE state IN ('archived', 'dead')") == JOBS
                 and count(db, "SELECT COUNT(*) FROM event_sends WHERE state != 'delivered'") == 0
             ),
             300,
@@ -88,6 +89,9 @@ async def test_sigkill_at_random_points_loses_no_event_and_never_changes_one(
     finally:
         final.send_signal(signal.SIGTERM)
         final.wait(15)
+    with sqlite3.connect(db) as c:
+        ended = c.execute("SELECT job_id, error FROM assets WHERE state != 'archived'").fetchall()
+    assert ended == [], f"kills must not cost a file: {ended}"
 
     stored = ledger_events(db)
     # Every archived job said asset.archived then job.archived, once each in the ledger.
