@@ -474,6 +474,7 @@ def create_app(parts: Parts, *, workers: int = 0) -> Starlette:
             tracker=parts.tracked,
             poll_problem=poller.problem if poller else lambda provider: None,
             on_requeued=parts.archiver.wake.set,
+            on_replayed=parts.sender.wake.set if parts.sender else lambda: None,
             payload_retention_days=settings.payload_retention_days,
         )
     )

@@ -20,11 +20,14 @@ from starlette.templating import Jinja2Templates
 from receiver.audit.api import decode_cursor, encode_cursor, job_filter, job_json, summary_json
 from receiver.audit.console import summary
 from receiver.audit.console.media import asset_response, preview_kind
-from receiver.audit.console.session import Session, Sessions, csrf_matches, same_site
+from receiver.audit.console.session import COOKIE, Session, Sessions, csrf_matches, same_site
+from receiver.audit.console.throttle import SignInThrottle
+from receiver.audit.events import event_json
 from receiver.audit.operations import check_asset
 from receiver.domain import Clock, JobState
 from receiver.errors import InvalidPayload, NotFound
 from receiver.ledger import FULL_READ, JobRecord, Ledger
+from receiver.ledger.events import EventFilter
 from receiver.metrics import Metrics
 from receiver.polling.schedule import Tracker
 from receiver.providers import REGISTRY
@@ -33,6 +36,7 @@ from receiver.workqueue import WorkQueue
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
+EVENTS_LIMIT = 100  # a job's events on its page (a handful in practice: one per state change)
 FORM_TYPE = "application/x-www-form-urlencoded"
 MAX_FORM_BYTES = 16 * 1024
 # Pages load nothing from anywhere else; inline styles and scripts are refused too.
@@ -62,6 +66,7 @@ class ConsoleParts:
     tracker: Tracker | None = None
     poll_problem: Callable[[str], str | None] = lambda provider: None
     on_requeued: Callable[[], None] = lambda: None  # wake the archive workers
+    on_replayed: Callable[[], None] = lambda: None  # wake the onward sender
     payload_retention_days: int | None = None  # what "payload removed after N days" says
 
 
@@ -114,6 +119,7 @@ class Console:
     def __init__(self, parts: ConsoleParts) -> None:
         self.parts = parts
         self.sessions = Sessions(parts.api_token, parts.clock) if parts.api_token else None
+        self.throttle = SignInThrottle(parts.clock)
         self.templates = _templates()
 
     def routes(self) -> list[BaseRoute]:
@@ -133,6 +139,11 @@ class Console:
                     Route(
                         "/jobs/{provider}/{job_id}/retry",
                         page(self.retry, post=True),
+                        methods=["POST"],
+                    ),
+                    Route(
+                        "/jobs/{provider}/{job_id}/events/{event_id}/resend",
+                        page(self.resend, post=True),
                         methods=["POST"],
                     ),
                     Route(
@@ -207,6 +218,9 @@ class Console:
         return response
 
     def _signin_page(self, request: Request, *, status: int, error: str | None = None) -> Response:
+        """The sign-in page a signed-out visitor gets for any console URL. It holds nothing read
+        from the ledger: only the path the visitor asked for, to return to after signing in
+        (the same page whether or not that job exists)."""
         wanted = request.url.path if request.method == "GET" else "/console/"
         if request.url.query and request.method == "GET":
             wanted += "?" + request.url.query
@@ -233,13 +247,31 @@ class Console:
                 {"title": "Request refused", "text": "Cross-site sign-in refused."},
                 status=403,
             )
+        wait = self.throttle.attempt(request.client.host if request.client else "unknown")
+        if wait is not None:
+            refused = self.render(
+                request,
+                "message.html",
+                {
+                    "title": "Too many sign-in attempts",
+                    "text": f"Too many sign-in attempts. Try again in {wait:.0f} seconds.",
+                },
+                status=429,
+            )
+            refused.headers["retry-after"] = f"{wait:.0f}"
+            return refused
         if token is None or not self.sessions.token_matches(token):
-            return self.render(
+            # The first visit's page with the error said: no session, and a browser that had
+            # one (another operator's, an old token's) loses it.
+            response = self.render(
                 request,
                 "signin.html",
                 {"next": _local(wanted), "error": "That is not the operator token."},
                 status=401,
             )
+            if request.cookies.get(COOKIE) is not None:
+                self.sessions.end(request, response)
+            return response
         response = RedirectResponse(_local(wanted), status_code=303)
         self.sessions.start(request, response)
         return response
@@ -357,10 +389,44 @@ class Console:
                 "base": base,
                 "retryable": retryable,
                 "notice": notice,
+                "events": await self._events(job),
             },
             status=200 if notice is None or notice["ok"] else 409,
             session=session,
         )
+
+    async def _events(self, job: JobRecord) -> list[dict[str, Any]]:
+        """What receiver told the application about this job: each event with its sends and
+        every attempt, oldest first (the order the application got them in)."""
+        ledger = self.parts.ledger
+        listed = await ledger.events(
+            EventFilter(provider=job.provider, job_id=job.job_id), EVENTS_LIMIT
+        )
+        out = []
+        for listed_event in reversed(listed):
+            full = await ledger.event(listed_event.id)
+            if full is not None:
+                out.append(event_json(full))
+        return out
+
+    async def resend(self, request: Request, session: Session) -> Response:
+        job = await self._job(request)
+        event_id = request.path_params["event_id"]
+        where = EventFilter(event_id=event_id, provider=job.provider, job_id=job.job_id)
+        replayed = await self.parts.ledger.replay(where, None, self.parts.clock(), 1)
+        if replayed:
+            self.parts.on_replayed()
+            notice = {
+                "ok": True,
+                "text": f"Event {event_id} queued to send again: same id, same body.",
+            }
+        else:
+            notice = {
+                "ok": False,
+                "text": f"Nothing to resend: job {job.job_id!r} has no event {event_id!r}, "
+                "or no endpoint takes its type.",
+            }
+        return await self.job(request, session, notice)
 
     async def asset(self, request: Request, session: Session) -> Response:
         job = await self._job(request)

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from receiver.domain import JobState
 from receiver.ledger import Activity, AssetRecord, JobFilter, Ledger
+from receiver.ledger.events import EndpointHealth, EventFilter
 from receiver.metrics import Metrics
 from receiver.polling.schedule import TrackedJob, Tracker
 from receiver.providers import REGISTRY
@@ -52,7 +53,8 @@ class Overview:
 
 @dataclass
 class Problem:
-    kind: str  # "dead" | "expired" | "deadline miss" | "polling stopped" | "fixity failure"
+    # "dead" | "expired" | "deadline miss" | "polling stopped" | "fixity failure" | "not delivered"
+    kind: str
     provider: str
     job_id: str
     at: datetime | None
@@ -64,6 +66,7 @@ class Problem:
 class Problems:
     items: list[Problem] = field(default_factory=list)
     more_misses: int = 0
+    failing_endpoints: list[EndpointHealth] = field(default_factory=list)
 
 
 CHART_HEIGHT = 120
@@ -200,8 +203,28 @@ async def problems(ledger: Ledger, tracker: Tracker | None, now: datetime) -> Pr
                 failed.asset.n,
             )
         )
+    await _onward(ledger, now, found)
     found.items.sort(key=lambda p: p.at.timestamp() if p.at else 0.0, reverse=True)
     return found
+
+
+async def _onward(ledger: Ledger, now: datetime, found: Problems) -> None:
+    """Endpoints marked failing, and events whose retries to an endpoint ran out (replay them)."""
+    status = await ledger.onward_status(now)
+    found.failing_endpoints = [e for e in status.endpoints if e.failing]
+    for event in await ledger.events(EventFilter(state="failed"), PROBLEMS_LIMIT):
+        for send in event.sends:
+            if send.state == "failed":
+                found.items.append(
+                    Problem(
+                        "not delivered",
+                        event.provider,
+                        event.job_id,
+                        event.created_at,
+                        f"{event.type} {event.id} to {send.endpoint}: retries exhausted after "
+                        f"{send.attempts} attempt(s); {send.last_error or 'no error recorded'}",
+                    )
+                )
 
 
 def _stopped(tracked: TrackedJob) -> Problem:
