@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark and print one table (ratios against same-run baselines).
 
 Knobs (environment): ``BENCH_ONLY`` (comma-separated subset of ingest, large, many, deadlines,
-threshold),
+threshold, onward), ``BENCH_ONWARD_JOBS`` (1000),
 ``BENCH_SIZES_MIB`` (256,1024), ``BENCH_ROUNDS`` (3, archive-large rounds per size; ratios
 are medians of each round's own ratio),
 ``BENCH_INGEST_SECONDS`` (10), ``BENCH_CONNECTIONS`` (32), ``BENCH_MANY_COUNT`` (1000),
@@ -17,10 +17,10 @@ import os
 import shutil
 import time
 
-from bench import archive_large, archive_many, deadlines, ingest, put_threshold
+from bench import archive_large, archive_many, deadlines, ingest, onward, put_threshold
 from bench._common import machine, s3_servers
 
-ALL = ("ingest", "large", "many", "deadlines", "threshold")
+ALL = ("ingest", "large", "many", "deadlines", "threshold", "onward")
 
 
 def ratio(ours: float, baseline: float) -> str:
@@ -191,6 +191,30 @@ def deadline_rows() -> None:
     )
 
 
+def onward_rows() -> None:
+    r = onward.run()
+    lat = r.latency
+    row(
+        f"onward: archived → delivered to a local application, {lat.jobs:,} jobs, p50 / p99",
+        f"{lat.p50_s * 1000:,.0f} / {lat.p99_s * 1000:,.0f} ms (max {lat.max_s * 1000:,.0f} ms; "
+        f"all {2 * lat.jobs:,} events in {lat.total_s:.1f} s after the first webhook)",
+        "—",
+        "—",
+        "p99 < 5 s",
+        verdict(lat.p99_s < 5),
+    )
+    row(
+        f"onward: ingest with delivery on vs off, job.failed per request ({onward.CONNECTIONS} "
+        "connections)",
+        f"{r.on.rate:,.0f}/s, p99 {r.on.p99_ms:.1f} ms ({r.on.delivered:,} events delivered "
+        "meanwhile)",
+        f"{r.off.rate:,.0f}/s, p99 {r.off.p99_ms:.1f} ms without an endpoint",
+        f"{ratio(r.on.rate, r.off.rate)} / {ratio(r.on.p99_ms, r.off.p99_ms)}",
+        "≥ 0.90x",
+        verdict(r.on.rate >= 0.9 * r.off.rate),
+    )
+
+
 def main() -> None:
     only = [name for name in os.environ.get("BENCH_ONLY", ",".join(ALL)).split(",") if name]
     unknown = set(only) - set(ALL)
@@ -209,6 +233,7 @@ def main() -> None:
         "many": many_rows,
         "deadlines": deadline_rows,
         "threshold": threshold_rows,
+        "onward": onward_rows,
     }
     for name in only:
         runners[name]()

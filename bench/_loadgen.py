@@ -1,14 +1,16 @@
 """A closed-loop HTTP/1.1 load generator for the ingest benchmark (a process of its own).
 
-    python -m bench._loadgen PORT CONNECTIONS WARMUP_S SECONDS unique|duplicate
+    python -m bench._loadgen PORT CONNECTIONS WARMUP_S SECONDS unique|duplicate|failed
 
 Like wrk: CONNECTIONS keep-alive connections, each sending its next request as soon as the
 previous response has fully arrived. Requests are signed Standard Webhooks deliveries of Apex
 ``job.completed`` callbacks (secret from ``BENCH_WEBHOOK_SECRET``). ``unique``: every request a
 new job id and webhook id (the accept path). ``duplicate``: one body and webhook id again and
-again (the redelivery path). Responses completing during the first WARMUP_S seconds are not
-counted; then SECONDS are measured. Prints one JSON line: response counts by status, latency
-percentiles (send of the first byte to receipt of the last), and this process's CPU time.
+again (the redelivery path). ``failed``: every request a new job's ``job.failed`` (each one
+writes a ``job.failed`` event for onward delivery). Responses completing during the first
+WARMUP_S seconds are not counted; then SECONDS are measured. Prints one JSON line: response
+counts by status, latency percentiles (send of the first byte to receipt of the last), and this
+process's CPU time.
 
 Requests are built and signed here, per request (an HMAC of half a kilobyte: microseconds), so
 that timestamps stay fresh however long the run; the same generator drives both endpoints.
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from typing import cast
 
 from receiver.ingest.auth import sign
-from tests.payloads import apex_completed
+from tests.payloads import apex_completed, apex_failed
 
 _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 
@@ -36,7 +38,9 @@ _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 def request_factory(port: int, mode: str, secret: str) -> Callable[[int], bytes]:
     """Request number ``n`` as raw bytes: a new job each time, or the same delivery each time."""
     template = json.dumps(
-        apex_completed(
+        apex_failed("JOB-ID")
+        if mode == "failed"
+        else apex_completed(
             job_id="JOB-ID",
             job_type="video",
             url="https://cdn.useapexstudio.com/outputs/JOB-ID/output.mp4",
@@ -56,7 +60,7 @@ def request_factory(port: int, mode: str, secret: str) -> Callable[[int], bytes]
             f"webhook-signature: {sign(secret, msg_id, timestamp, body)}\r\n\r\n"
         ).encode() + body
 
-    if mode == "unique":
+    if mode in ("unique", "failed"):
         return build
     fixed_n = 0
 
