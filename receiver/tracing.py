@@ -157,12 +157,11 @@ def job_span(
     **attributes: str | int | float | bool | None,
 ) -> Iterator[Span]:
     """A span continuing the trace `traceparent` names (from `current_traceparent`, stored with
-    a task), or a new trace without one. The archive worker opens one per leased task. The
-    onward sender (issue 21) does the same across its own queue: store
-    `current_traceparent()` with the event when it is queued (inside the archive's span), then
-    send each attempt inside ``with job_span("receiver.onward.deliver", event.traceparent,
-    provider=..., job_id=..., endpoint=...):`` (the endpoint without its query string); its
-    httpx request becomes a child span by itself. A no-op span when tracing is off."""
+    a task), or a new trace without one. The archive worker opens one per leased task; the
+    onward sender one per try, continuing the trace its event was written in (the ledger
+    stores `current_traceparent()` with each event, receiver/ledger/events.py), and its httpx
+    request becomes a child span by itself.
+    A no-op span when tracing is off."""
     if _provider is None:  # off: nothing to start (the no-op tracer costs microseconds)
         yield trace.INVALID_SPAN
         return

@@ -268,3 +268,22 @@ async def test_forget_erases_the_jobs_events(b: Backend) -> None:
     await b.ledger.finish_send(send, "s1", attempt(b), None)
     assert await b.ledger.event(send.event_id) is None
     assert json.loads(send.body)["data"]["job_id"] == "gone"  # (the sender's copy only)
+
+
+async def test_a_send_carries_the_trace_its_event_was_written_in(b: Backend) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from receiver import tracing
+
+    tracing.setup([InMemorySpanExporter()])
+    try:
+        with tracing.job_span("test.change", None) as span:
+            expected = tracing.current_traceparent()
+            await record(b, failed("traced"))
+        await record(b, failed("untraced"))  # outside any span: no trace to continue
+    finally:
+        tracing.shutdown()
+    assert expected is not None and f"{span.get_span_context().trace_id:032x}" in expected
+    sends = {s.job_id: s for s in await claim(b.ledger, b)}
+    assert sends["traced"].traceparent == expected
+    assert sends["untraced"].traceparent is None

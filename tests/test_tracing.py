@@ -20,11 +20,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from receiver import tracing
 from receiver.errors import ConfigurationError
+from tests.app_endpoint import AppEndpoint
 from tests.clirun import RECEIVER, env_without_receiver, free_port, wait_http
 from tests.conftest import LOCAL_SOURCES, Harness
 from tests.crashkit import count
 from tests.payloads import APEX_TOKEN, apex_completed
 from tests.sources import SourceServer
+from tests.test_onward import NEW
 from tests.test_poller import (  # noqa: F401 (fixtures)
     Polling,
     flora_run,
@@ -121,6 +123,50 @@ async def test_one_trace_from_the_webhook_through_fetch_and_store_without_secret
     paths = [t for s in finished for t in every_text(s) if "/webhooks/apex/" in t]
     assert paths and all(t.endswith("/webhooks/apex/{token}") for t in paths), paths
     assert any("127.0.0.1" in t for t in every_text(fetch))  # the source's host, kept
+    assert_no_secrets(finished)
+
+
+async def test_onward_sends_join_the_trace_of_the_change_they_report(
+    spans: InMemorySpanExporter,
+    harness_factory: Any,
+    source_server: SourceServer,
+    app_endpoint: AppEndpoint,
+) -> None:
+    # The endpoint's URL carries a query (an application's own token): never in a span.
+    url = app_endpoint.url("/hooks/receiver?token=TOPSECRET")
+    h: Harness = await harness_factory(
+        **LOCAL_SOURCES,
+        onward_endpoints=json.dumps([{"name": "app", "url": url, "secrets": [NEW]}]),
+    )
+    await webhook_and_copy(h, source_server, "traced-onward")
+    assert h.parts.sender is not None
+    await h.parts.sender.drain()
+    finished = spans.get_finished_spans()
+
+    trace_id = by_name(finished, "POST /webhooks/{provider}/{token}").context.trace_id
+    delivers = [s for s in finished if s.name == "receiver.onward.deliver"]
+    assert sorted(str((s.attributes or {})["receiver.event_type"]) for s in delivers) == [
+        "asset.archived",
+        "job.archived",
+    ]
+    archive = by_name(finished, "receiver.archive")
+    for deliver in delivers:
+        # In the job's trace, a child of the copy's span that wrote the event.
+        assert deliver.context.trace_id == trace_id
+        assert deliver.parent is not None
+        assert deliver.parent.span_id in {
+            s.context.span_id for s in finished if s.context.trace_id == trace_id
+        }
+        post = [
+            s
+            for s in finished
+            if s.name == "POST"
+            and s.parent is not None
+            and s.parent.span_id == deliver.context.span_id
+        ]
+        assert len(post) == 1  # httpx's span of the try, beneath it
+    assert archive.context.trace_id == trace_id
+    assert len(app_endpoint.received) == 2
     assert_no_secrets(finished)
 
 

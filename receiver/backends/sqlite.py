@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import queue
 import sqlite3
@@ -188,6 +189,7 @@ COLUMNS_ADDED = (
     ("assets", "verified_by", "TEXT"),
     ("assets", "fixity_error", "TEXT"),  # what the last check found wrong (NULL: it passed)
     ("tasks", "traceparent", "TEXT"),  # the queuing request's trace context (receiver.tracing)
+    ("events", "traceparent", "TEXT"),  # the trace of the change it reports (the onward span's)
 )
 
 # Indexes over added columns: created after the columns exist.
@@ -315,7 +317,9 @@ class Database:
         future: asyncio.Future[T] = loop.create_future()
         # Retrieve a late outcome nobody awaits any more (after a timeout): no asyncio warning.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._inbox.put((fn, future, loop))
+        # The caller's context goes with the write (its trace, structlog's bound values), so
+        # what the write builds inside the writer thread (an onward event's traceparent) sees it.
+        self._inbox.put((fn, future, loop, contextvars.copy_context()))
         try:
             # shield: a timeout answers the caller; the write itself stays queued and may
             # still commit (a retried delivery is then a duplicate, never a loss).
@@ -422,10 +426,10 @@ class Database:
         committed = False
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, _future, _loop in group:
+            for fn, _future, _loop, context in group:
                 conn.execute("SAVEPOINT item")
                 try:
-                    outcomes.append((True, fn(conn)))
+                    outcomes.append((True, context.run(fn, conn)))
                     conn.execute("RELEASE item")
                 except sqlite3.OperationalError:
                     raise  # disk full, I/O error, locked: the whole group fails, below
@@ -450,7 +454,7 @@ class Database:
         # One wake-up per event loop for the whole group, not one per caller: each
         # call_soon_threadsafe writes to the loop's self-pipe.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (_fn, future, loop), (ok, value) in zip(group, outcomes, strict=True):
+        for (_fn, future, loop, _context), (ok, value) in zip(group, outcomes, strict=True):
             by_loop.setdefault(loop, []).append((future, ok, value))
         for loop, settled in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting

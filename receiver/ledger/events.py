@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from receiver.domain import EventType, JobState, manifest_key
+from receiver.tracing import current_traceparent
 
 #: The version of the event body's schema (receiver/onward/schema/events.v1.json); a removal or
 #: change of meaning bumps it, an added field does not.
@@ -199,12 +200,15 @@ class NewEvent:
     job_id: str
     created_at: datetime
     body: bytes
+    traceparent: str | None = None  # the trace of the change it reports (tracing on)
 
 
 def build_events(
     subject: EventSubject, kinds: Iterable[tuple[EventType, int | None]], now: datetime
 ) -> list[NewEvent]:
-    """The events of one state change, in the order a job's subscribers must see them."""
+    """The events of one state change, in the order a job's subscribers must see them. Each
+    carries the current trace (the webhook's, the copy's), which its sends continue."""
+    traceparent = current_traceparent()
     out = []
     for k, (event_type, n) in enumerate(kinds):
         # One microsecond apart: the events of one change keep their order in every listing
@@ -212,7 +216,9 @@ def build_events(
         at = now + timedelta(microseconds=k)
         event_id = new_event_id(at)
         body = event_body(event_type, subject, event_id=event_id, at=at, n=n)
-        out.append(NewEvent(event_id, event_type, subject.provider, subject.job_id, at, body))
+        out.append(
+            NewEvent(event_id, event_type, subject.provider, subject.job_id, at, body, traceparent)
+        )
     return out
 
 
@@ -231,6 +237,7 @@ class PendingSend:
     body: bytes
     attempts: int  # attempts made so far in this series (a replay starts a new series)
     created_at: datetime  # the event's
+    traceparent: str | None = None  # the event's trace: each try is a span in it
 
 
 @dataclass(frozen=True)

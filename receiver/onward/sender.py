@@ -156,7 +156,7 @@ class Sender:
         destination = self.destinations[send.endpoint]
         with job_span(
             "receiver.onward.deliver",
-            None,
+            send.traceparent,
             provider=send.provider,
             job_id=send.job_id,
             endpoint=send.endpoint,

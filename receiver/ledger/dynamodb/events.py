@@ -144,6 +144,7 @@ def event_items(
                 "body": event.body,
                 "evpk": f"EVENTS#{_shard(event.id)}",
                 "evat": _micros(event.created_at.timestamp()),
+                **({"traceparent": event.traceparent} if event.traceparent else {}),
             }
         )
         items.extend(
@@ -241,6 +242,7 @@ class Events:
                     body=bytes(event["body"]),
                     attempts=int(send["attempts"]),
                     created_at=_at(event["created_at"]),
+                    traceparent=event.get("traceparent"),
                 )
             )
         return claimed

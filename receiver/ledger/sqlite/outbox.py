@@ -89,8 +89,8 @@ def emit(
     at = now.timestamp()
     for event in build_events(subject(conn, provider, job_id), kinds, now):
         seq = conn.execute(
-            "INSERT INTO events (id, type, provider, job_id, created_at, body) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (id, type, provider, job_id, created_at, body, traceparent) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 event.id,
                 event.type.value,
@@ -98,6 +98,7 @@ def emit(
                 job_id,
                 event.created_at.timestamp(),
                 event.body,
+                event.traceparent,
             ),
         ).lastrowid
         for endpoint in subscriptions.endpoints_for(event.type):
@@ -113,7 +114,7 @@ def claim_sends(
 ) -> list[PendingSend]:
     rows = conn.execute(
         "SELECT s.event_seq, s.attempts, e.id, e.type, e.provider, e.job_id, e.body, "
-        "e.created_at FROM event_sends s JOIN events e ON e.seq = s.event_seq "
+        "e.created_at, e.traceparent FROM event_sends s JOIN events e ON e.seq = s.event_seq "
         "WHERE s.endpoint = ? AND s.state = 'pending' AND s.next_at <= ? "
         "AND (s.lease_expires IS NULL OR s.lease_expires <= ?) "
         # A job's events reach an endpoint in the order they were written.
@@ -139,6 +140,7 @@ def claim_sends(
             body=bytes(r["body"]),
             attempts=r["attempts"],
             created_at=_at(r["created_at"]),
+            traceparent=r["traceparent"],
         )
         for r in rows
     ]
