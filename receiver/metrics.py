@@ -120,6 +120,11 @@ class Metrics:
             "Copies cut because the source stayed below the throughput floor",
             registry=r,
         )
+        self.slow_copies_resumable = Counter(
+            "receiver_archive_slow_copies_requeued",
+            "Cut slow copies that made progress, given back to resume later (not an attempt)",
+            registry=r,
+        )
         self.store_outage_waits = Counter(
             "receiver_archive_store_outage_waits",
             "Times a worker held its task waiting for an unreachable store (not an attempt)",

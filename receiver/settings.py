@@ -188,8 +188,8 @@ class Settings(BaseSettings):
     parts_in_flight: int = Field(default=PARTS_IN_FLIGHT, ge=1, le=16)
     lease_seconds: int = Field(default=60, ge=5)
     max_attempts: int = Field(default=8, ge=1)
-    # A copy slower than this over a whole window is cut and retried later (it would hold a copy
-    # slot that tasks closer to their deadline need). 0 switches the floor off.
+    # A copy slower than this over a whole window is cut (it would hold a copy slot that other
+    # tasks need) and resumes later where it stopped (archive/resume.py). 0: no floor.
     copy_min_bytes_per_second: float = Field(default=16 * 1024, ge=0)
     copy_slow_window_seconds: float = Field(default=60.0, gt=0)
     # While the store is unreachable a worker holds its task and probes the store with backoff up

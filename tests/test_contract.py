@@ -680,6 +680,31 @@ async def test_retry_brings_the_task_back_after_its_delay(b: Backend) -> None:
     assert (again.job_id, again.attempt) == ("flaky", 2)
 
 
+async def test_requeue_gives_the_task_back_behind_what_waits_without_counting_it(
+    b: Backend,
+) -> None:
+    # A slow copy that made progress gives its slot up (archive/resume.py): due at once, but
+    # behind the tasks waiting now (even those with later deadlines), and not an attempt.
+    await record(b, completed("slow"), hours=1)
+    await record(b, completed("waiting"), hours=2)
+    slow = await b.lease(seconds=30)
+    assert slow is not None and (slow.job_id, slow.attempt) == ("slow", 1)
+    await b.queue.requeue(slow, "source too slow; resumes at byte 4096")
+
+    after = await b.lease(seconds=30)
+    assert after is not None and after.job_id == "waiting"
+    again = await b.lease(seconds=30)
+    assert again is not None
+    assert (again.job_id, again.attempt) == ("slow", 1)  # not counted
+    await b.queue.requeue(again, "source too slow; resumes at byte 8192")
+    await record(b, completed("later"), hours=20)  # arrives after: the slow task goes first
+    third = await b.lease(seconds=30)
+    assert third is not None and (third.job_id, third.attempt) == ("slow", 1)
+    await b.queue.ack(third)
+    await b.queue.ack(after)
+    assert [lease.job_id for lease in await drain(b)] == ["later"]
+
+
 async def test_dead_letter_ends_the_task_and_counts_it(b: Backend) -> None:
     await record(b, completed("poison"))
     await record(b, completed("fine"), hours=21)

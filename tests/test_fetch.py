@@ -17,6 +17,7 @@ from receiver.archive.fetch import (
     Fetcher,
     FetchError,
     FetchPolicy,
+    ResumeFrom,
     SourceGone,
     SourceRejected,
     SourceUnavailable,
@@ -31,6 +32,7 @@ from tests.sources import (
     R2_EXPIRED_XML,
     S3_EXPIRED_XML,
     SourceServer,
+    content,
     expected_sha256,
 )
 
@@ -182,6 +184,50 @@ async def test_resume_refused_when_range_ignored(source_server: SourceServer) ->
     url = source_server.add("/whole", 400_000, drop_after=100_000, ignore_range=True)
     with pytest.raises(SourceUnavailable, match="HTTP 200"):
         await fetch(url)
+
+
+async def open_from(url: str, resume: ResumeFrom) -> tuple[int, bytes]:
+    """Open ``url`` asking to resume at ``resume``; return where its bytes start, and them."""
+    fetcher = Fetcher(LOCAL)
+    try:
+        async with fetcher.open(url, resume) as download:
+            body = b"".join([chunk async for chunk in download.iter_bytes()])
+            if download.offset:
+                assert download.content_length == resume.size
+            return download.offset, body
+    finally:
+        await fetcher.aclose()
+
+
+async def test_a_later_copy_resumes_an_object_at_an_offset(source_server: SourceServer) -> None:
+    size = 300_000
+    url = source_server.add("/later", size)
+    etag = '"/later-300000"'
+    offset, body = await open_from(url, ResumeFrom(offset=120_000, etag=etag, size=size))
+    assert offset == 120_000
+    assert body == content("/later", size)[120_000:]
+    [request] = source_server.requests("/later")
+    assert (request.header("range"), request.header("if-match")) == ("bytes=120000-", etag)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "offset", "size"),
+    [
+        ({"etag_changes": True}, 100_000, 300_000),  # 412: the object changed
+        ({"ignore_range": True}, 100_000, 300_000),  # 200: range ignored
+        ({}, 100_000, 400_000),  # 206, but not the total we held a part of
+        ({}, 350_000, 400_000),  # 416: the offset is past the end now
+    ],
+    ids=["changed", "range-ignored", "other-total", "past-the-end"],
+)
+async def test_a_resume_the_source_cannot_honour_starts_over(
+    source_server: SourceServer, behaviour: dict[str, Any], offset: int, size: int
+) -> None:
+    url = source_server.add("/again", 300_000, **behaviour)
+    etag = '"/again-300000"'
+    started, body = await open_from(url, ResumeFrom(offset=offset, etag=etag, size=size))
+    assert started == 0
+    assert body == content("/again", 300_000)
 
 
 async def test_wrong_content_length_is_unavailable(source_server: SourceServer) -> None:

@@ -298,6 +298,91 @@ async def test_slow_sources_do_not_hold_the_copy_slots(
     assert harness.parts.metrics.value("receiver_archive_slow_copies_cut_total") >= workers
 
 
+async def test_a_slow_but_finite_source_resumes_and_is_archived_without_holding_others_up(
+    harness_factory: Any, source_server: SourceServer
+) -> None:
+    # Issue 24.2: a source at a quarter of the floor used to be cut after the window on every
+    # attempt, start over each time, and end dead after max_attempts.
+    floor = 4 * 2**20
+    harness: Harness = await harness_factory(
+        copy_min_bytes_per_second=floor,
+        copy_slow_window_seconds=0.5,
+        max_attempts=3,
+        workers=2,
+        **LOCAL_SOURCES,
+    )
+    size = 4 * 2**20
+    # 16 KiB every 1/64 s: at most 1 MiB/s, a quarter of the floor (sleeps only make it slower).
+    slow_url = source_server.add("/o/slow.mp4", size, chunk_size=16 * 1024, trickle=1 / 64)
+    await completed(harness, "slow", slow_url, completed_at="2026-03-16T11:00:00Z")
+    runner = asyncio.create_task(harness.parts.archiver.run(2))
+    waits: list[float] = []
+    try:
+        others = 0
+        started = time.monotonic()
+        while (await job(harness, "slow")).state not in ("archived", "dead", "expired"):
+            assert time.monotonic() - started < 60, "the slow copy never ended"
+            # Other jobs keep arriving (later deadlines): each must get a slot promptly.
+            url = source_server.add(f"/o/other-{others}.png", 100_000)
+            await completed(harness, f"other-{others}", url)
+            sent = time.monotonic()
+            while (await job(harness, f"other-{others}")).state != "archived":
+                assert time.monotonic() - sent < 10, f"other-{others} held up"
+                await asyncio.sleep(0.02)
+            waits.append(time.monotonic() - sent)
+            others += 1
+            harness.clock.advance(10)  # backoffs come due (the old code's retries did)
+            await asyncio.sleep(0.2)
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    record = await job(harness, "slow")
+    asset = record.assets[0]
+    requests = source_server.requests("/o/slow.mp4")
+    resumed = [r.header("range") for r in requests if r.header("range")]
+    metrics = harness.parts.metrics
+    print(
+        f"slow: {len(requests)} requests, {len(resumed)} resumed; {others} other jobs, "
+        f"longest wait {max(waits):.2f}s"
+    )
+    assert (asset.state, asset.error) == ("archived", None)
+    assert asset.sha256 == expected_sha256("/o/slow.mp4", size)
+    # It resumed where it stopped, from further on each time, anchored to the same object.
+    starts = [int(r.removeprefix("bytes=").rstrip("-")) for r in resumed]
+    assert len(starts) >= 2 and starts == sorted(starts) and starts[0] > 0
+    assert all(r.header("if-match") for r in requests if r.header("range"))
+    assert metrics.value("receiver_archive_slow_copies_requeued_total") == len(resumed)
+    assert metrics.value("receiver_archive_slow_copies_cut_total") >= len(resumed)
+    # Those cuts were not attempts: the task ended on its first counted lease.
+    task = next(t for t in harness.rows("tasks") if t["job_id"] == "slow")
+    assert (task["state"], task["attempts"]) == ("done", 1)
+    assert others >= 3 and max(waits) < 10
+    assert len(harness.parts.archiver.partials) == 0  # nothing held once it is archived
+
+
+async def test_a_slow_copy_that_makes_no_progress_still_ends(
+    harness_factory: Any, source_server: SourceServer
+) -> None:
+    # The other half of the rule: a window without a single byte is a failed attempt.
+    harness: Harness = await harness_factory(
+        copy_min_bytes_per_second=64 * 1024,
+        copy_slow_window_seconds=0.3,
+        max_attempts=2,
+        **LOCAL_SOURCES,
+    )
+    url = source_server.add("/o/stuck.mp4", 1_000_000, stall_after=0, fault_times=99)
+    await completed(harness, "stuck", url)
+    archiver = harness.parts.archiver
+    for _ in range(2):
+        assert await archiver.run_once()
+        harness.clock.advance(3600)
+    asset = (await job(harness, "stuck")).assets[0]
+    assert asset.state == "dead"
+    assert "too slow" in (asset.error or "")
+    assert harness.parts.metrics.value("receiver_archive_slow_copies_requeued_total") == 0
+
+
 async def test_an_unreachable_store_is_waited_out_without_using_attempts(
     harness_factory: Any, source_server: SourceServer, tmp_path: Path
 ) -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "Fetcher",
     "GuardedTarget",
     "Resolver",
+    "ResumeFrom",
     "SourceGone",
     "SourceRejected",
     "SourceUnavailable",
@@ -299,6 +300,15 @@ async def guard_url(url: str, policy: FetchPolicy, resolver: Resolver) -> Guarde
     return GuardedTarget(url=url, scheme=scheme, host=host, port=port, ip=addresses[0])
 
 
+@dataclass(frozen=True)
+class ResumeFrom:
+    """Where an earlier, cut copy of the same object stopped (see archive/resume.py)."""
+
+    offset: int  # bytes already held
+    etag: str  # the object they came from (a strong ETag)
+    size: int  # its total length
+
+
 class _BodyBroken(Exception):
     """The body stopped before its end; the Download resumes or gives up."""
 
@@ -346,15 +356,20 @@ class Fetcher:
         return self._policy
 
     @contextlib.asynccontextmanager
-    async def open(self, url: str) -> AsyncIterator[Download]:
+    async def open(self, url: str, resume: ResumeFrom | None = None) -> AsyncIterator[Download]:
         """Open ``url`` (following guarded redirects) and yield its Download.
+
+        With ``resume``, ask for the rest of the object from ``resume.offset`` (``Range`` +
+        ``If-Match``); the Download's ``offset`` says where its bytes start: ``resume.offset``
+        when the source answered a matching 206, else 0 (the object changed, or the source
+        ignored the range) and the caller must drop what it held.
 
         Raises a FetchError when the source does not answer 200 with an acceptable body.
         """
         deadline = self._clock() + self._policy.total_timeout
-        response, target = await self._get(url, {}, deadline)
+        response, target, resumed = await self._open(url, resume, deadline)
         try:
-            download = Download(self, response, target, deadline)
+            download = Download(self, response, target, deadline, resumed)
         except FetchError:
             await response.aclose()
             raise
@@ -365,6 +380,32 @@ class Fetcher:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def _open(
+        self, url: str, resume: ResumeFrom | None, deadline: float
+    ) -> tuple[httpx.Response, GuardedTarget, ResumeFrom | None]:
+        if resume is not None:
+            headers = {"range": f"bytes={resume.offset}-", "if-match": resume.etag}
+            try:
+                response, target = await self._get(url, headers, deadline)
+            except FetchError as exc:
+                if exc.status not in (412, 416):
+                    raise
+                # The object changed (412), or is shorter now (416): start over.
+                log.info("fetch.resume_refused", url=redact_url(url), status=exc.status)
+            else:
+                if response.status_code == 200:
+                    return response, target, None  # the range was ignored: the whole body
+                if (
+                    _content_range(response.headers.get("content-range"))
+                    == (resume.offset, resume.size)
+                    and response.headers.get("etag") == resume.etag
+                ):
+                    return response, target, resume
+                await response.aclose()
+                log.info("fetch.resume_mismatch", url=redact_url(url))
+        response, target = await self._get(url, {}, deadline)
+        return response, target, None
 
     def _remaining(self, deadline: float, shown: str) -> float:
         """Seconds left before ``deadline``; raises SourceUnavailable when none are left."""
@@ -448,7 +489,12 @@ class Download:
     """One open download; ``iter_bytes`` yields the whole body, resuming transparently."""
 
     def __init__(
-        self, fetcher: Fetcher, response: httpx.Response, target: GuardedTarget, deadline: float
+        self,
+        fetcher: Fetcher,
+        response: httpx.Response,
+        target: GuardedTarget,
+        deadline: float,
+        resumed: ResumeFrom | None = None,
     ) -> None:
         self._fetcher = fetcher
         self._response = response
@@ -456,7 +502,8 @@ class Download:
         self._deadline = deadline
         self._shown = redact_url(target.url)
         self._started = False
-        if response.status_code != 200:
+        expected = 206 if resumed is not None else 200
+        if response.status_code != expected:
             # A 206 to a request without Range: not something we know how to archive.
             raise SourceRejected(
                 f"{self._shown}: unexpected HTTP {response.status_code}",
@@ -465,14 +512,19 @@ class Download:
         headers = response.headers
         self.content_type: str | None = headers.get("content-type")
         length = headers.get("content-length", "")
-        self.content_length: int | None = int(length) if length.isdigit() else None
+        # The whole object's length (a resumed download's Content-Range total).
+        self.content_length: int | None = (
+            resumed.size if resumed is not None else int(length) if length.isdigit() else None
+        )
+        # Where this download's bytes start in the object (0 unless resumed).
+        self.offset: int = resumed.offset if resumed is not None else 0
         self.etag: str | None = headers.get("etag")
         self.source_host: str = target.host
         self.resumes: int = 0
         # If-Match compares strongly: a weak ETag never matches, so it cannot anchor a resume.
         # Without a known total, a resumed Content-Range could not be checked against it.
         self._resumable = (
-            headers.get("accept-ranges", "").strip().lower() == "bytes"
+            (resumed is not None or headers.get("accept-ranges", "").strip().lower() == "bytes")
             and self.content_length is not None
             and self.etag is not None
             and not self.etag.startswith("W/")
@@ -486,13 +538,20 @@ class Download:
     async def aclose(self) -> None:
         await self._response.aclose()
 
+    def resume_point(self, offset: int) -> ResumeFrom | None:
+        """How a later copy could ask for this object from ``offset`` on (None: it cannot)."""
+        if not self._resumable:
+            return None
+        assert self.etag is not None and self.content_length is not None
+        return ResumeFrom(offset=offset, etag=self.etag, size=self.content_length)
+
     async def iter_bytes(self) -> AsyncIterator[bytes]:
         """Yield the body from its first byte to its last, resuming after breaks."""
         if self._started:
             raise RuntimeError("iter_bytes() can only be called once per Download")
         self._started = True
         policy = self._fetcher.policy
-        received = 0
+        received = self.offset
         while True:
             try:
                 async with contextlib.aclosing(self._chunks()) as chunks:

@@ -10,8 +10,8 @@ is already past its input (completing the upload) runs to its end, and its answe
   the source is stalled between chunks;
 - **too slow**: fewer than `min_bytes_per_second * window` bytes arrived in a window of
   `window` seconds. httpx's read timeout bounds the gap between two chunks, not throughput, so a
-  source trickling a byte every few seconds could hold a copy slot for hours; cut, it is retried
-  later and the slot goes to the next task by deadline.
+  source trickling a byte every few seconds could hold a copy slot for hours; cut, the slot goes
+  to the tasks that wait, and the copy resumes where it stopped (resume.py).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class CopyGuard:
         self.stopped: str | None = None
         self.too_slow = False
         self.started = False  # the store began reading: from now on only the source is cut
+        # A window reached the floor: the source is not slow (resume.py stops holding its bytes).
+        self.proven_fast = min_bytes_per_second * window <= 0
         self._need = min_bytes_per_second * window
         self._window_start = 0.0
         self._window_bytes = 0
@@ -58,9 +60,13 @@ class CopyGuard:
             self.stopped = reason
         self._decide(CopyCut(reason))
 
+    def begin(self) -> None:
+        """The store begins reading (bytes held from an earlier copy may come first)."""
+        self.started = True
+
     async def wrap(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         """``chunks`` as they come, unless the guard cuts them (`CopyCut`)."""
-        self.started = True
+        self.begin()
         loop = asyncio.get_running_loop()
         self._window_start = self.monotonic()
         self._window_bytes = 0
@@ -105,6 +111,8 @@ class CopyGuard:
                 if slow is not None:
                     raise slow
                 self._window_bytes += len(chunk)
+                if self._window_bytes >= self._need:
+                    self.proven_fast = True
                 yield chunk
         finally:
             if watchdog is not None:

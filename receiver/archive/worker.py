@@ -6,7 +6,8 @@ asset) and **ack**. What each step does when it fails, twice, or runs late:
 
 - copy: a source failure is an attempt (retried with backoff, ended after `max_attempts`); an
   unreachable store is not: the worker holds its task and probes the store with backoff until it
-  answers or the task's deadline passes. A copy slower than the floor is cut and retried later.
+  answers or the task's deadline passes. A copy slower than the floor is cut and, if it made
+  progress, given back uncounted to resume where it stopped (resume.py).
   The store's put is a conditional create: `ObjectExists` with the same SHA-256 (ours, or the
   ledger's record) means another attempt finished this copy, which is then recorded quietly; a
   different object is never overwritten and ends the task with the reason.
@@ -42,6 +43,7 @@ import structlog
 from receiver import tracing
 from receiver.archive.fetch import Download, Fetcher, FetchError
 from receiver.archive.guard import CopyCut, CopyGuard
+from receiver.archive.resume import Partial, PartialCopies
 from receiver.archive.steps import (
     CONTENT_TYPE_FALLBACK,
     COPY_SLOT,
@@ -68,9 +70,11 @@ class _Attempt:
     """One lease of one task, as the heartbeat and the copy share it."""
 
     lease: Lease
+    partial: Partial  # bytes held from an earlier, cut copy (resume.py)
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     guard: CopyGuard | None = None
     copy: asyncio.Task[ArchivedAsset] | None = None
+    too_slow: bool = False  # the last copy was cut for being below the floor
 
     def lose(self) -> None:
         self.lost.set()
@@ -114,6 +118,7 @@ class Archiver(TaskSteps):
         self.monotonic = monotonic
         self.wake = asyncio.Event()  # set by the ingress when it queues work in this process
         self.owner_prefix = f"worker-{uuid.uuid4().hex[:8]}"
+        self.partials = PartialCopies()  # cut slow copies, held for their next lease
 
     async def run(self, concurrency: int) -> None:
         """Run `concurrency` copy loops until cancelled."""
@@ -207,7 +212,16 @@ class Archiver(TaskSteps):
             # attempt's remaining steps only.
             await self._finish(lease, asset, archived=asset.state == "archived")
             return
-        attempt = _Attempt(lease)
+        attempt = _Attempt(lease, self.partials.take(asset.key))
+        held = attempt.partial.size
+        try:
+            await self._attempt(attempt, asset, held)
+        finally:
+            if not self.partials.holds(attempt.partial):
+                attempt.partial.close()  # archived, ended, or failed: nothing to resume
+
+    async def _attempt(self, attempt: _Attempt, asset: AssetToCopy, held: int) -> None:
+        lease = attempt.lease
         heartbeat = asyncio.create_task(self._heartbeat(attempt))
         started = time.perf_counter()
         try:
@@ -221,6 +235,8 @@ class Archiver(TaskSteps):
             # completed put makes theirs answer ObjectExists with the same digest).
             log.warning("archive_lease_lost", answer=type(result).__name__)
             return
+        if attempt.too_slow and await self._give_slot_up(attempt, asset, held):
+            return
         if isinstance(result, ArchivedAsset):
             await self._archived(lease, asset, result, started)
         elif isinstance(result, ObjectExists):
@@ -232,6 +248,32 @@ class Archiver(TaskSteps):
             await self._end(lease, JobState.DEAD, f"refused by the store: {result}", "copy")
         else:
             await self._failed(lease, asset, f"{type(result).__name__}: {result}", None)
+
+    async def _give_slot_up(self, attempt: _Attempt, asset: AssetToCopy, held: int) -> bool:
+        """A copy cut for slowness: keep its bytes and requeue it if it made progress in time.
+
+        False when it made none (or cannot resume) or its deadline passed: then the cut is an
+        ordinary failed attempt.
+        """
+        partial = attempt.partial
+        if not partial.holding or partial.size <= held or self.clock() >= asset.deadline:
+            return False
+        of = f" of {asset_size}" if (asset_size := _total(partial)) is not None else ""
+        note = (
+            f"source too slow: {partial.size - held} bytes this time, {partial.size}{of} held; "
+            "resumes when no earlier task waits"
+        )
+        self.partials.keep(partial)
+        try:
+            await self.queue.requeue(attempt.lease, note)
+        except Exception:
+            # The lease lapses and the task comes back anyway (counted: the queue could not
+            # be told otherwise); the held bytes still serve it in this process.
+            log.warning("archive_requeue_failed", exc_info=True)
+            return True
+        self.metrics.slow_copies_resumable.inc()
+        log.info("archive_slow_copy_requeued", held=partial.size, this_time=partial.size - held)
+        return True
 
     # -- the copy -------------------------------------------------------------------------------
 
@@ -248,7 +290,7 @@ class Archiver(TaskSteps):
             attempt.guard = guard
             if attempt.lost.is_set():
                 guard.stop("lease lost")
-            copy = attempt.copy = asyncio.create_task(self._copy(asset, guard))
+            copy = attempt.copy = asyncio.create_task(self._copy(asset, guard, attempt.partial))
             try:
                 # asyncio.wait, unlike awaiting the task, does not cancel it if we are cancelled.
                 await asyncio.wait({copy})
@@ -266,6 +308,7 @@ class Archiver(TaskSteps):
                     result = copy.result()
                 except Exception as exc:
                     result = exc
+            attempt.too_slow = guard.too_slow
             if guard.too_slow:
                 self.metrics.slow_copies_cut.inc()
             if isinstance(result, ArchivedAsset):
@@ -352,14 +395,18 @@ class Archiver(TaskSteps):
                 attempt.lose()
                 return
 
-    async def _copy(self, asset: AssetToCopy, guard: CopyGuard) -> ArchivedAsset:
+    async def _copy(self, asset: AssetToCopy, guard: CopyGuard, partial: Partial) -> ArchivedAsset:
         fetcher = self.fetchers[asset.provider]
         # One span for the copy: the download (httpx's span) streams into the put (ours, and
         # botocore's for S3) inside it.
         with tracing.span("receiver.copy", provider=asset.provider, key=asset.key) as copy_span:
-            async with fetcher.open(asset.url) as download:
+            async with fetcher.open(asset.url, partial.resume_from()) as download:
+                partial.bind(download)
                 copy_span.set_attribute("receiver.source_host", download.source_host)
-                stored = await self._store(asset, download, guard)
+                if download.offset:
+                    copy_span.set_attribute("receiver.resumed_at", download.offset)
+                    log.info("archive_copy_resumed", offset=download.offset)
+                stored = await self._store(asset, download, guard, partial)
             copy_span.set_attribute("receiver.size", stored.size)
         return ArchivedAsset(
             uri=stored.uri,
@@ -370,7 +417,7 @@ class Archiver(TaskSteps):
         )
 
     async def _store(
-        self, asset: AssetToCopy, download: Download, guard: CopyGuard
+        self, asset: AssetToCopy, download: Download, guard: CopyGuard, partial: Partial
     ) -> StoredObject:
         content_type = (
             asset.content_type or _media_type(download.content_type) or CONTENT_TYPE_FALLBACK
@@ -386,7 +433,7 @@ class Archiver(TaskSteps):
         with tracing.span("receiver.store", key=asset.key) as store_span:
             stored = await self.store.put_stream(
                 asset.key,
-                guard.wrap(download.iter_bytes()),
+                partial.stream(download, guard),
                 content_type=content_type,
                 metadata=metadata,
             )
@@ -419,6 +466,11 @@ def _is_outage(result: object) -> bool:
     if isinstance(result, ObjectExists | ObjectMissing):
         return False
     return isinstance(result, StoreError | ConnectionError | TimeoutError)
+
+
+def _total(partial: Partial) -> int | None:
+    point = partial.resume_from()
+    return point.size if point is not None else None
 
 
 def _media_type(value: str | None) -> str | None:

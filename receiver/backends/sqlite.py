@@ -101,6 +101,12 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_due ON tasks (state, deadline);
 CREATE INDEX IF NOT EXISTS tasks_lapsed ON tasks (state, lease_expires);
+-- Tasks that gave their slot up with progress made (SqliteQueue.requeue): leased in `rank`
+-- order (behind every task that waited when they gave it up) instead of by their deadline.
+CREATE TABLE IF NOT EXISTS task_yields (
+    id INTEGER PRIMARY KEY,
+    rank REAL NOT NULL
+);
 -- Jobs followed by polling (receiver.polling.schedule.sqlite): when to ask next, why stopped.
 CREATE TABLE IF NOT EXISTS tracked (
     provider TEXT NOT NULL,

@@ -1,11 +1,12 @@
 """The queue port: archive tasks, leased earliest-deadline-first.
 
 What crosses this line: a worker leases a task (provider, job id, output number, deadline) for a
-while, heartbeats to keep it, and ends it with `ack`, `retry` (not before a time) or
-`dead_letter`. A lease that is not renewed expires and the task comes back, so a worker killed
-at any moment loses nothing. Tasks carry no URLs: the worker reads the current link from the
-ledger. Adapters: `sqlite.py` (embedded; tasks are written by the ledger's own transaction) and
-`sqs.py` (distributed; tasks are sent by the DynamoDB ledger's outbox as `TaskMessage`s).
+while, heartbeats to keep it, and ends it with `ack`, `retry` (not before a time), `requeue`
+(at once, behind what waits, not counted as an attempt) or `dead_letter`. A lease that is not
+renewed expires and the task comes back, so a worker killed at any moment loses nothing. Tasks
+carry no URLs: the worker reads the current link from the ledger. Adapters: `sqlite.py`
+(embedded; tasks are written by the ledger's own transaction) and `sqs.py` (distributed; tasks
+are sent by the DynamoDB ledger's outbox as `TaskMessage`s).
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ class WorkQueue(Protocol):
     async def ack(self, lease: Lease) -> None: ...
 
     async def retry(self, lease: Lease, not_before: datetime, error: str) -> None: ...
+
+    async def requeue(self, lease: Lease, note: str) -> None:
+        """Give the task back, due at once, without counting this lease as an attempt.
+
+        For a copy that made progress but gave its slot up (a slow source, archive/resume.py):
+        the task goes behind the tasks that wait now (SQLite: after every ready task's
+        deadline; SQS: a fresh message at the back of its lane, so its receive count starts
+        again), so it takes a slot again once they have theirs, and later arrivals do not
+        starve it.
+        """
+        ...
 
     async def dead_letter(self, lease: Lease, error: str) -> None: ...
 

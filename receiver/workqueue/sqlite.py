@@ -22,7 +22,14 @@ class SqliteQueue:
             candidates = [
                 conn.execute(
                     "SELECT id, deadline FROM tasks WHERE state = 'ready' AND not_before <= ? "
-                    "ORDER BY deadline LIMIT 1",
+                    "AND id NOT IN (SELECT id FROM task_yields) ORDER BY deadline LIMIT 1",
+                    (at,),
+                ).fetchone(),
+                # A task that gave its slot up (requeue) competes by its rank, not its deadline.
+                conn.execute(
+                    "SELECT t.id, y.rank AS deadline FROM task_yields AS y "
+                    "JOIN tasks AS t ON t.id = y.id "
+                    "WHERE t.state = 'ready' AND t.not_before <= ? ORDER BY y.rank LIMIT 1",
                     (at,),
                 ).fetchone(),
                 conn.execute(
@@ -35,6 +42,7 @@ class SqliteQueue:
             if not due:
                 return None
             chosen = min(due, key=lambda c: c["deadline"])
+            conn.execute("DELETE FROM task_yields WHERE id = ?", (chosen["id"],))
             row = conn.execute(
                 "UPDATE tasks SET state = 'leased', lease_owner = ?, lease_expires = ?, "
                 "attempts = attempts + 1 WHERE id = ? "
@@ -72,6 +80,28 @@ class SqliteQueue:
 
     async def retry(self, lease: Lease, not_before: datetime, error: str) -> None:
         await self._end(lease, "ready", not_before.timestamp(), error)
+
+    async def requeue(self, lease: Lease, note: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            # Behind every task that waits now, ahead of later arrivals with later deadlines.
+            rank = conn.execute(
+                "SELECT MAX(deadline) AS d FROM tasks WHERE state = 'ready' AND n >= 0"
+            ).fetchone()["d"]
+            gave_back = conn.execute(
+                # not_before stays as it was when leased: due at once.
+                "UPDATE tasks SET state = 'ready', lease_owner = NULL, lease_expires = NULL, "
+                "attempts = MAX(attempts - 1, 0), last_error = ? "
+                "WHERE id = ? AND lease_owner = ?",
+                (note, lease.task_id, lease.owner),
+            ).rowcount
+            if gave_back:
+                conn.execute(
+                    "INSERT OR REPLACE INTO task_yields (id, rank) VALUES (?, ?)",
+                    (lease.task_id, max(rank or 0.0, lease.deadline.timestamp())),
+                )
+            conn.execute("DELETE FROM task_yields WHERE id NOT IN (SELECT id FROM tasks)")
+
+        await self.db.write(write)
 
     async def dead_letter(self, lease: Lease, error: str) -> None:
         await self._end(lease, "dead", None, error)

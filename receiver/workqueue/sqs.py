@@ -17,7 +17,10 @@ Mapping of the port:
   copy runs). SQS caps one receive's visibility at 12 hours in total: a single copy may not run
   longer than that.
 - `ack`: DeleteMessage. `retry`: ChangeMessageVisibility to the backoff delay (the message comes
-  back then, with its receive count one higher). `dead_letter`: copy to the DLQ, then delete.
+  back then, with its receive count one higher). `requeue`: a fresh message to the back of the
+  lane, then delete (the receive count starts again, so the redrive policy's `maxReceiveCount`
+  never dead-letters a slow copy that keeps making progress). `dead_letter`: copy to the DLQ,
+  then delete.
 - `stats`: GetQueueAttributes (approximate by nature). `oldest_ready_at` is None: SQS exposes the
   age of the oldest message only as a CloudWatch metric (ApproximateAgeOfOldestMessage), which
   is where an operator on AWS should alarm.
@@ -233,6 +236,26 @@ class SqsQueue:
             self._release(lease)
 
         await run_blocking(retry)
+
+    async def requeue(self, lease: Lease, note: str) -> None:
+        # A fresh message at the back of the task's lane (its receive count, our attempt, starts
+        # again), then the old one deleted. A crash between the two leaves a duplicate, which
+        # the claim settles like any other.
+        def requeue() -> None:
+            body = TaskMessage(
+                lease.provider,
+                lease.job_id,
+                lease.n,
+                lease.deadline,
+                gen="requeue",
+                traceparent=lease.traceparent,
+            ).body()
+            lane = self.lane_for(lease.deadline, self.clock())
+            self.sqs.send_message(QueueUrl=self._url(lane), MessageBody=body)
+            self._delete(lease)
+            self._release(lease)
+
+        await run_blocking(requeue)
 
     async def dead_letter(self, lease: Lease, error: str) -> None:
         def park() -> None:
