@@ -108,3 +108,31 @@ async def test_the_guard_costs_little_per_chunk() -> None:
     per_chunk = (guarded - bare) / n
     print(f"guard overhead: {per_chunk * 1e6:.2f} us per chunk")
     assert per_chunk < 20e-6  # a 16 KiB chunk takes far longer to move than this
+
+
+async def test_a_source_above_the_floor_is_proven_fast_within_a_second() -> None:
+    # resume.py holds a copy's bytes only until then, so fast copies pay (almost) nothing.
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    async def at_rate(per_second: int, seconds: float) -> AsyncIterator[bytes]:
+        for _ in range(int(seconds * 10)):
+            now[0] += 0.1
+            yield b"x" * (per_second // 10)
+
+    fast = CopyGuard(min_bytes_per_second=10_000, window=60, monotonic=clock)
+    seen = 0
+    async for chunk in fast.wrap(at_rate(40_000, 3)):
+        seen += len(chunk)
+        if fast.proven_fast:
+            break
+    # Four times the floor: known after a second's bytes, long before a window's (600,000).
+    assert fast.proven_fast and seen <= 44_000
+
+    now[0] = 0.0
+    slow = CopyGuard(min_bytes_per_second=10_000, window=60, monotonic=clock)
+    async for _ in slow.wrap(at_rate(15_000, 5)):  # above the floor, below twice it
+        pass
+    assert not slow.proven_fast and not slow.too_slow

@@ -43,7 +43,7 @@ class CopyGuard:
         self.stopped: str | None = None
         self.too_slow = False
         self.started = False  # the store began reading: from now on only the source is cut
-        # A window reached the floor: the source is not slow (resume.py stops holding its bytes).
+        # The source ran at the floor or above (`_fast`): resume.py stops holding its bytes.
         self.proven_fast = min_bytes_per_second * window <= 0
         self._need = min_bytes_per_second * window
         self._window_start = 0.0
@@ -107,12 +107,13 @@ class CopyGuard:
                     raise self._cut from None
                 finally:
                     self._reader = None
-                slow = self._roll(self.monotonic())
+                now = self.monotonic()
+                slow = self._roll(now)
                 if slow is not None:
                     raise slow
                 self._window_bytes += len(chunk)
-                if self._window_bytes >= self._need:
-                    self.proven_fast = True
+                if not self.proven_fast:
+                    self.proven_fast = self._fast(now)
                 yield chunk
         finally:
             if watchdog is not None:
@@ -132,6 +133,15 @@ class CopyGuard:
             self._window_start += self.window
             self._window_bytes = 0
         return None
+
+    def _fast(self, now: float) -> bool:
+        """This window reached the floor, or ran at twice it for a second (or the window)."""
+        if self._window_bytes >= self._need:
+            return True
+        elapsed = now - self._window_start
+        return elapsed >= min(1.0, self.window) and (
+            self._window_bytes >= 2 * self.min_bytes_per_second * elapsed
+        )
 
     def _decide(self, cut: CopyCut) -> None:
         if self._cut is None:

@@ -5,11 +5,11 @@ trickling source cannot hold a copy slot for hours. Starting such a copy over wo
 file: every attempt is cut after the same window, and the task ends dead after
 `max_attempts` although its link was valid for hours and its bytes were arriving. So:
 
-- while a copy has not proven fast (no window of it reached the floor), the bytes it passes to
-  the store are also held here (`Partial`: in memory, spilled to a temporary file past 1 MiB).
-  A fast copy drops them at once and holds nothing more (a copy that turns slow after a fast
-  start therefore starts over when cut: its bytes were not kept, by design, so fast copies
-  pay nothing);
+- while a copy has not proven fast (a window at the floor, or a second at twice it: guard.py),
+  the bytes it passes to the store are also held here (`Partial`: in memory, spilled to a
+  temporary file past 1 MiB). A fast copy drops them then and holds nothing more (a copy that
+  turns slow after a fast start therefore starts over when cut: its bytes were not kept, by
+  design, so fast copies pay at most a second's bytes of memory);
 - a copy cut for slowness that made progress and whose deadline has not passed is given back
   with `queue.requeue`: due at once but behind every task that waits now, and not counted as
   an attempt. Its partial stays in this process (`PartialCopies`, bounded);
