@@ -385,17 +385,33 @@ def backoff_delay(
 
 # --- secrets in text -------------------------------------------------------------------------
 
-# Query parameters and header-like fields that carry credentials: AWS SigV4 / R2, Google V4,
-# CloudFront, Azure SAS, and the generic names APIs use. Matched wherever they appear in text we
-# did not write ourselves (error bodies, exception messages), with or without a leading "?".
+# The one scrubbing rule for text we did not write ourselves: error bodies and messages from
+# download sources, provider status APIs and onward endpoints, exception messages, log lines. It
+# removes the VALUE of every signing parameter, header or element, in every form sources quote
+# them, and keeps the name and everything around it (status, error code, message, request id).
+#
+# Schemes covered, and the names that carry their secrets:
+#   AWS SigV2 (S3 query auth)  AWSAccessKeyId, Signature (Expires is harmless)
+#   AWS SigV4, Cloudflare R2   every x-amz-* (X-Amz-Credential, -Signature, -Security-Token...),
+#                              and the Authorization header's Credential= and Signature=
+#   S3 / R2 error bodies       <AWSAccessKeyId>, <StringToSign>, <SignatureProvided>,
+#                              <StringToSignBytes>, <CanonicalRequest>, <CanonicalRequestBytes>
+#   GCS V2 / V4                GoogleAccessId, Signature, every x-goog-*
+#   CloudFront                 Signature, Key-Pair-Id, Policy; signed cookies CloudFront-*
+#   ImageKit                   every ik-* (ik-s, ik-t)
+#   Azure SAS, generic APIs    sig, token, credential, key, secret, password, ...
+# Whole families (x-amz-*, x-goog-*, ik-*, cloudfront-*) are scrubbed even where a member is
+# harmless (X-Amz-Date): a new member is then covered before anyone lists it.
 SECRET_PARAMETERS = (
-    "x-amz-signature",
-    "x-amz-credential",
-    "x-amz-security-token",
-    "x-goog-signature",
-    "x-goog-credential",
+    "awsaccesskeyid",
+    "signatureprovided",
+    "stringtosign",
+    "stringtosignbytes",
+    "canonicalrequest",
+    "canonicalrequestbytes",
     "googleaccessid",
     "signature",
+    "credential",
     "key-pair-id",
     "policy",
     "sig",
@@ -403,6 +419,9 @@ SECRET_PARAMETERS = (
     "access_token",
     "id_token",
     "refresh_token",
+    "security_token",
+    "session_token",
+    "client_secret",
     "api_key",
     "apikey",
     "api-key",
@@ -410,20 +429,75 @@ SECRET_PARAMETERS = (
     "key",
     "secret",
     "password",
-    "authorization",
 )
+SECRET_PREFIXES = ("x-amz-", "x-goog-", "ik-", "cloudfront-")
+# Headers whose whole value is a credential (SigV2's "AWS id:signature", cookies).
+SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie")
+# As an XML element, <Key> is S3's object key (NoSuchKey): useful, and not a secret.
+_NOT_SECRET_ELEMENTS = frozenset({"key"})
+
+
+def _names(names: Iterable[str]) -> str:
+    """One secret name, case-insensitively, as a whole name ("tokens" or "ExpiredToken" is not
+    "token"; "Signature" in "SignatureDoesNotMatch" is not a parameter)."""
+    families = "|".join(re.escape(p) + r"[\w-]+" for p in SECRET_PREFIXES)
+    # After a percent-encoded "?" or "&" too: a signed URL quoted inside another URL's query.
+    start = r"(?:(?<![\w-])|(?<=%3F)|(?<=%26))"
+    return rf"{start}(?:{families}|{'|'.join(re.escape(n) for n in names)})(?![\w-])"
+
+
+# `name=value`, `name: value`, `"name": "value"`, `\"name\": \"value\"` (JSON inside JSON) and
+# `name%3Dvalue` (a URL quoted inside a URL's query). A quoted value runs to its closing quote (or
+# to the end of the text, which our truncation may have cut), an unquoted one to the next
+# separator. "Bearer"/"Basic" before a value is kept, the value is not.
 _SECRET_FIELD = re.compile(
-    r"(?i)(?<![\w-])(" + "|".join(re.escape(p) for p in SECRET_PARAMETERS) + r")"
-    r"(\s*[\"']?\s*[=:]\s*[\"']?\s*)"
-    r"(?:(?:bearer|basic)\s+)?([^&\s\"'<>,;]+)"
+    rf"(?i)({_names(SECRET_PARAMETERS)})"
+    r"(\\?[\"']?\s*(?:[=:]|%3D)\s*(?:(?:bearer|basic)\s+)?(?:\\?([\"']))?)"
+    r"((?(3)[^\"'\r\n]*|[^&\s\"'<>,;]+))"
 )
-_QUERY_IN_TEXT = re.compile(r"\?[^\s\"'<>]*")
+# <SignatureProvided>value</SignatureProvided>: the value runs to the next tag, or to the end of
+# the text when the body was cut before the closing tag.
+_SECRET_ELEMENT = re.compile(
+    rf"(?i)(<{_names(n for n in SECRET_PARAMETERS if n not in _NOT_SECRET_ELEMENTS)}"
+    r"(?:\s[^<>]*)?>)[^<]+"
+)
+# Authorization: ..., Cookie: ...: the rest of the header line.
+_SECRET_HEADER = re.compile(
+    rf"(?i)({_names(SECRET_HEADERS)}\\?[\"']?\s*[=:]\s*\\?[\"']?)[^\r\n\"'<>,&]+"
+)
+# HTML: <input type="hidden" name="token" value="..."> and <meta name="..." content="...">.
+_HTML_TAG = re.compile(r"(?i)<(?:input|meta|param)\b[^<>]*>?")
+_HTML_SECRET_NAME = re.compile(
+    rf"(?i)\bname\s*=\s*[\"']?{_names(SECRET_PARAMETERS + SECRET_HEADERS)}"
+)
+_HTML_VALUE = re.compile(r"(?i)(\b(?:value|content)\s*=\s*)(?:\"[^\"]*\"?|'[^']*'?|[^\s>]+)")
+# A query string in running text: "?" then something with "=" or "&" ("<?xml" and "expired?"
+# are not queries).
+_QUERY_IN_TEXT = re.compile(r"\?[^\s\"'<>=&]*[=&][^\s\"'<>]*")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+# Every rule above needs one of these: most log strings (event names, ids) have none of them.
+_MAY_HOLD_A_SECRET = re.compile(r"(?i)[=:?<%]|bearer|basic")
+
+
+def _scrub_html_tag(match: re.Match[str]) -> str:
+    tag = match.group()
+    if _HTML_SECRET_NAME.search(tag) is None:
+        return tag
+    return _HTML_VALUE.sub(lambda m: f'{m.group(1)}"…"', tag)
 
 
 def scrub_secrets(text: str) -> str:
     """`text` without query strings or any signing parameter's value (the one scrubbing rule for
-    errors, logs and the audit API; URLs we show whole go through `fetch.redact_url` instead)."""
-    text = _QUERY_IN_TEXT.sub("?…", text)
+    errors, logs and the audit API; URLs we show whole go through `fetch.redact_url` instead).
+
+    Scrub a text whole, then cut it: a value cut by a limit is still removed (its name is there),
+    but a short excerpt of a token may no longer look like one (a Bearer token, a caller's own
+    key). Applying it twice changes nothing."""
+    if _MAY_HOLD_A_SECRET.search(text) is None:
+        return text
+    text = _SECRET_ELEMENT.sub(lambda m: f"{m.group(1)}…", text)
+    text = _HTML_TAG.sub(_scrub_html_tag, text)
+    text = _SECRET_HEADER.sub(lambda m: f"{m.group(1)}…", text)
     text = _SECRET_FIELD.sub(lambda m: f"{m.group(1)}{m.group(2)}…", text)
+    text = _QUERY_IN_TEXT.sub("?…", text)
     return _BEARER.sub(lambda m: f"{m.group(1)} …", text)

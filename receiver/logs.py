@@ -10,12 +10,25 @@ import structlog
 from receiver.domain import scrub_secrets
 
 
+def _scrubbed(value: object) -> object:
+    if isinstance(value, str):
+        return scrub_secrets(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_scrubbed(v) for v in value)
+    return value
+
+
 def scrub_event(
     logger: object, method: str, event: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
-    """Every string in a log line (tracebacks included) loses signing parameters and query
-    strings: the last line of defence behind the code that never logs them."""
-    return {k: scrub_secrets(v) if isinstance(v, str) else v for k, v in event.items()}
+    """Every string in a log line (tracebacks, and strings nested in dicts and lists, such as a
+    provider answer's validation details) loses signing parameters and query strings: the last
+    line of defence behind the code that never logs them."""
+    return {k: _scrubbed(v) for k, v in event.items()}
 
 
 def configure(fmt: str = "auto", level: str = "info") -> None:

@@ -619,7 +619,7 @@ class Download:
             await response.aclose()
             raise SourceUnavailable(
                 f"{self._shown}: resume at byte {offset} answered HTTP {response.status_code}"
-                f" with Content-Range {response.headers.get('content-range')!r}",
+                f" with Content-Range {_scrub(response.headers.get('content-range', ''))!r}",
                 status=response.status_code,
             )
         self._response = response

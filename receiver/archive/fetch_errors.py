@@ -25,6 +25,7 @@ _EXPIRED_CODES = frozenset({"ExpiredToken", "ExpiredRequest"})
 _ERROR_BODY_LIMIT = 4096
 _ERROR_BODY_SECONDS = 5.0
 _EXCERPT_LIMIT = 200
+_CODE_LIMIT = 100
 # A Retry-After further away than this is treated as this: the archiver has its own deadlines.
 _RETRY_AFTER_CAP = 3600.0
 
@@ -107,7 +108,12 @@ def _error_code(body: bytes) -> tuple[str | None, str]:
             code, message = _json_error(json.loads(text))
     if not message:
         message = text
-    excerpt = scrub_secrets(" ".join(message.split()))[:_EXCERPT_LIMIT]
+    # Scrubbed whole, then collapsed and cut: the rule sees each value entire, and a header
+    # quoted on its own line ends there.
+    excerpt = " ".join(scrub_secrets(message).split())[:_EXCERPT_LIMIT]
+    if code is not None:
+        # The code is the source's text too, and goes into the reason beside the excerpt.
+        code = " ".join(scrub_secrets(code).split())[:_CODE_LIMIT] or None
     return code, excerpt
 
 

@@ -26,6 +26,9 @@ from receiver.providers.bounds import is_safe_path, load_json
 
 MAX_STATUS_BYTES = 1024 * 1024  # a status document is a few hundred bytes; refuse floods
 MAX_ERROR_CHARS = 300
+# An error text is scrubbed whole and then cut to MAX_ERROR_CHARS (a cut value could escape the
+# rule, or our own key half-match); the scrubbing reads at most this much of it.
+SCRUB_WINDOW = 64 * 1024
 
 
 class PollOutcome(enum.StrEnum):
@@ -115,7 +118,10 @@ class StatusClient:
             except RequestRejected as exc:
                 return PollResult(
                     PollOutcome.MALFORMED,
-                    error=f"status response is not JSON under our rules: {exc.message}",
+                    error=(
+                        "status response is not JSON under our rules: "
+                        f"{self._scrub(exc.message)[:MAX_ERROR_CHARS]}"
+                    ),
                     details=exc.details,
                     **common,
                 )
@@ -124,12 +130,12 @@ class StatusClient:
             except RequestRejected as exc:
                 return PollResult(
                     PollOutcome.MALFORMED,
-                    error=self._scrub(exc.message),
+                    error=self._scrub(exc.message)[:MAX_ERROR_CHARS],
                     details=exc.details,
                     **common,
                 )
             return PollResult(PollOutcome.EVENT, event=event, **common)
-        error = f"HTTP {status}: {self._scrub(_error_text(body))}".rstrip(": ")
+        error = f"HTTP {status}: {self._scrub(_error_text(body))[:MAX_ERROR_CHARS]}".rstrip(": ")
         if status == 429:
             return PollResult(
                 PollOutcome.RATE_LIMITED,
@@ -149,6 +155,7 @@ class StatusClient:
         )
 
     def _scrub(self, text: str) -> str:
+        """The provider's text without our key or any signing parameter; cut it afterwards."""
         return scrub_secrets(text.replace(self._key, "***") if self._key else text)
 
 
@@ -168,7 +175,8 @@ async def _read_capped(response: httpx.Response) -> bytes:
 
 
 def _error_text(body: bytes) -> str:
-    """The provider's error in one short line, from any of the documented error shapes.
+    """The provider's error, from any of the documented error shapes, not yet scrubbed or cut
+    (at most SCRUB_WINDOW characters).
 
     FLORA `{"error": {"code", "message"}}`; Apex `{"error": "...", "code": "..."}`;
     Vivid Flow `{"error": "..."}`; anything else: the start of the body.
@@ -176,7 +184,7 @@ def _error_text(body: bytes) -> str:
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return body[:MAX_ERROR_CHARS].decode("utf-8", "replace").strip()
+        return body[:SCRUB_WINDOW].decode("utf-8", "replace").strip()
     if isinstance(payload, dict):
         error = payload.get("error")
         if isinstance(error, dict):
@@ -185,8 +193,8 @@ def _error_text(body: bytes) -> str:
             parts = [payload.get("code"), error, payload.get("message")]
         text = ": ".join(str(p) for p in parts if p)
         if text:
-            return text[:MAX_ERROR_CHARS]
-    return json.dumps(payload)[:MAX_ERROR_CHARS]
+            return text[:SCRUB_WINDOW]
+    return json.dumps(payload)[:SCRUB_WINDOW]
 
 
 def _number(value: str | None) -> float | None:
