@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,6 +29,8 @@ from structlog._config import BoundLoggerLazyProxy
 
 from receiver import logs
 from receiver.domain import scrub_secrets
+from receiver.ledger.events import PendingSend
+from receiver.onward.http import ANSWER_KEPT, HttpDestination
 from receiver.polling.status import StatusClient
 from receiver.providers import REGISTRY
 from tests.clirun import cli
@@ -497,3 +500,38 @@ def test_the_useful_part_of_an_error_stays() -> None:
         "<HostId>vlR7Pnp=</HostId>",
     ):
         assert kept in scrubbed, scrubbed
+
+
+@pytest.mark.anyio
+async def test_an_onward_endpoints_answer_is_scrubbed_before_it_is_cut() -> None:
+    # A secret straddling the first KB was cut first and half of it kept (helper's review).
+    # The input names its secret after its value: cut first, the kept part had no name to
+    # recognise it by.
+    secret = "f" * 64
+    page = f'<input type="hidden" value="{secret}" name="token">'
+    body = ("x" * (ANSWER_KEPT - 60) + page).encode()
+    destination = HttpDestination(
+        "app",
+        "http://127.0.0.1:9/hook",
+        ("whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",),
+        timeout=5,
+        concurrency=1,
+        transport=httpx.MockTransport(lambda request: httpx.Response(500, content=body)),
+    )
+    send = PendingSend(
+        event_id="evt_1",
+        endpoint="app",
+        type="asset.archived",
+        provider="apex",
+        job_id="j",
+        body=b"{}",
+        attempts=0,
+        created_at=datetime(2026, 12, 6, tzinfo=UTC),
+    )
+    try:
+        answer = await destination.send(send)
+    finally:
+        await destination.aclose()
+    assert answer.status == 500
+    assert answer.response.startswith("x" * 100) and len(answer.response) <= ANSWER_KEPT
+    assert secret[:8] not in answer.response

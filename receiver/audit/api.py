@@ -135,7 +135,7 @@ def job_json(
                     "verified_at": _iso(a.verified_at),
                     "verified_by": a.verified_by,
                     "ok": None if a.verified_at is None else a.fixity_error is None,
-                    "problem": a.fixity_error,
+                    "problem": _scrubbed(a.fixity_error),
                 },
             }
             for a in job.assets

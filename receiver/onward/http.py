@@ -22,8 +22,9 @@ from receiver.domain import scrub_secrets
 from receiver.ledger.events import PendingSend
 from receiver.onward import Answer
 
-#: How much of an answer is read and kept.
+#: How much of an answer is kept (characters, after scrubbing), and read to scrub it whole.
 ANSWER_KEPT = 1024
+ANSWER_READ = 4 * ANSWER_KEPT
 
 
 def shown_url(url: str) -> str:
@@ -104,13 +105,14 @@ class HttpDestination:
                 kept = b""
                 async for chunk in response.aiter_bytes():
                     kept += chunk
-                    if len(kept) >= ANSWER_KEPT:
+                    if len(kept) >= ANSWER_READ:
                         break
         except TimeoutError:
             return Answer(None, error=f"no answer within {self.deadline:g} s")
         except httpx.HTTPError as exc:
             return Answer(None, error=self._describe(exc))
-        text = scrub_secrets(kept[:ANSWER_KEPT].decode("utf-8", "replace"))
+        # Scrubbed whole, then cut: a secret straddling the cut is still found by its name.
+        text = scrub_secrets(kept[:ANSWER_READ].decode("utf-8", "replace"))[:ANSWER_KEPT]
         status = response.status_code
         if 300 <= status < 400:
             return Answer(
