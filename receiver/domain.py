@@ -167,13 +167,16 @@ def completion_time(event: JobEvent, received_at: datetime) -> datetime:
     return event.completed_at or received_at
 
 
-#: The states an asset can end in; "pending" is the only other.
-ASSET_FINAL_STATES = frozenset({"archived", "expired", "dead"})
+#: The states an asset can end in; "pending" is the only other. "invalid": the source served
+#: something that is not the media it claimed to be (an error page, a truncated file), kept as
+#: evidence, never reported as archived.
+ASSET_FINAL_STATES = frozenset({"archived", "expired", "dead", "invalid"})
 
 
 def settle(current: JobState, asset_states: Iterable[str]) -> JobState | None:
     """After an asset ends, the job ends too once no asset is pending: archived if all were,
-    else expired if any link expired, else dead. None: the job's state does not change."""
+    else expired if any link expired, else dead (an invalid output included). None: the job's
+    state does not change."""
     states = list(asset_states)
     if current in FINAL_STATES or "pending" in states:
         return None
@@ -207,6 +210,14 @@ _ENDED_EVENT = {
     JobState.EXPIRED: EventType.JOB_EXPIRED,
     JobState.DEAD: EventType.JOB_DEAD,
 }
+
+
+def asset_event(before: str | None, after: str) -> EventType | None:
+    """The event an asset's change emits: only its first move to archived or to invalid (a
+    second record of the same copy, by an attempt that died before its ack, says nothing new)."""
+    if after == before:
+        return None
+    return {"archived": EventType.ASSET_ARCHIVED, "invalid": EventType.ASSET_INVALID}.get(after)
 
 
 def ended_event(new_state: JobState | None) -> EventType | None:

@@ -148,6 +148,22 @@ async def test_failed_expired_and_dead_jobs_emit_their_event(b: Backend) -> None
     assert t[0].payload()["data"]["metadata"] == {"order": "A-1"}
 
 
+async def test_an_invalid_output_emits_asset_invalid_and_the_job_ends_dead(b: Backend) -> None:
+    await record(b, completed("bad"))
+    reason = "invalid content: declared image/png (image job), detected text/html: not media"
+    state = await b.ledger.mark_asset_invalid("apex", "bad", 0, reason, b.now())
+    again = await b.ledger.mark_asset_invalid("apex", "bad", 0, "other", b.now())  # no-op
+
+    assert (state, again) == (JobState.DEAD, JobState.DEAD)
+    job = await b.ledger.job("apex", "bad")
+    assert job is not None and job.state is JobState.DEAD and job.error == reason
+    assert [(a.state, a.error) for a in job.assets] == [("invalid", reason)]
+    events = await b.ledger.events(EventFilter(provider="apex", job_id="bad"), 10)
+    assert [e.type for e in reversed(events)] == ["asset.invalid", "job.dead"]
+    data = events[1].payload()["data"]
+    assert (data["asset"]["state"], data["asset"]["error"]) == ("invalid", reason)
+
+
 async def test_a_send_is_claimed_by_one_sender_and_delivered_once(b: Backend) -> None:
     await record(b, failed("f"))
     first = await claim(b.ledger, b, owner="s1")

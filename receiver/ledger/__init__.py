@@ -306,6 +306,14 @@ class Ledger(EventOutbox, Protocol):
         self, provider: str, job_id: str, n: int, state: JobState, error: str, now: datetime
     ) -> JobState: ...
 
+    async def mark_asset_invalid(
+        self, provider: str, job_id: str, n: int, error: str, now: datetime
+    ) -> JobState:
+        """End a pending asset as `invalid` (its source served no usable media; `error` says
+        what was declared and what was found), with the `asset.invalid` event; the job settles
+        as for any other end."""
+        ...
+
     async def end_tracking(
         self, provider: str, job_id: str, state: JobState, reason: str, now: datetime
     ) -> bool:

@@ -22,6 +22,7 @@ from receiver.domain import (
     EventType,
     JobEvent,
     JobState,
+    asset_event,
     decide,
     ended_event,
     manifest_work,
@@ -178,6 +179,17 @@ class DynamoLedger(Reads, lifecycle.DataOverYears, Events):
             if a["state"] != "pending":
                 return None
             a.update(state=state.value, error=error)
+            return a
+
+        return await run_blocking(self._end_asset, provider, job_id, n, change, now.timestamp())
+
+    async def mark_asset_invalid(
+        self, provider: str, job_id: str, n: int, error: str, now: datetime
+    ) -> JobState:
+        def change(a: Item) -> Item | None:
+            if a["state"] != "pending":
+                return None
+            a.update(state="invalid", error=error)
             return a
 
         return await run_blocking(self._end_asset, provider, job_id, n, change, now.timestamp())
@@ -494,9 +506,9 @@ class DynamoLedger(Reads, lifecycle.DataOverYears, Events):
                 if changed is not None:
                     assets[n] = changed
                     items.append(self._put(changed))
-                    # Only the first move to archived is news (not a second record of a copy).
-                    if changed["state"] == "archived" and before != "archived":
-                        kinds.append((EventType.ASSET_ARCHIVED, n))
+                    news = asset_event(before, changed["state"])
+                    if news is not None:
+                        kinds.append((news, n))
             new = dict(job, version=int(job["version"]) + 1)
             state = _settle(new, assets, now)
             ended = ended_event(state) if state.value != job["state"] else None

@@ -16,6 +16,7 @@ from receiver.domain import (
     EventType,
     JobEvent,
     JobState,
+    asset_event,
     completion_time,
     decide,
     ended_event,
@@ -208,12 +209,8 @@ class SqliteLedger:
                     n,
                 ),
             )
-            # A second record of the same copy (an attempt that died before its ack) says
-            # nothing new: only the first move to archived is an event.
-            news = before is not None and before["state"] != "archived"
-            kinds: list[tuple[EventType, int | None]] = (
-                [(EventType.ASSET_ARCHIVED, n)] if news else []
-            )
+            news = asset_event(before["state"], "archived") if before is not None else None
+            kinds: list[tuple[EventType, int | None]] = [(news, n)] if news else []
             return self._settle(conn, provider, job_id, now, kinds)
 
         return await self.db.write(write)
@@ -231,6 +228,20 @@ class SqliteLedger:
                 (state.value, error, provider, job_id, n),
             )
             return self._settle(conn, provider, job_id, now, [])
+
+        return await self.db.write(write)
+
+    async def mark_asset_invalid(
+        self, provider: str, job_id: str, n: int, error: str, now: datetime
+    ) -> JobState:
+        def write(conn: sqlite3.Connection) -> JobState:
+            ended = conn.execute(
+                "UPDATE assets SET state = 'invalid', error = ? "
+                "WHERE provider = ? AND job_id = ? AND n = ? AND state = 'pending'",
+                (error, provider, job_id, n),
+            ).rowcount
+            news = asset_event("pending", "invalid") if ended else None
+            return self._settle(conn, provider, job_id, now, [(news, n)] if news else [])
 
         return await self.db.write(write)
 
