@@ -59,6 +59,11 @@ class Partial:
             self.holding = False  # no strong ETag or no ranges: it could never resume
         self._point = point
 
+    @property
+    def total(self) -> int | None:
+        """The whole object's length, when the source told it (and can resume)."""
+        return self._point.size if self._point is not None else None
+
     def resume_from(self) -> ResumeFrom | None:
         """Where the next copy should ask the source to start (None: from the first byte)."""
         if self._point is None or self.size == 0:

@@ -258,10 +258,10 @@ class Archiver(TaskSteps):
         partial = attempt.partial
         if not partial.holding or partial.size <= held or self.clock() >= asset.deadline:
             return False
-        of = f" of {asset_size}" if (asset_size := _total(partial)) is not None else ""
+        of = f" of {partial.total}" if partial.total is not None else ""
         note = (
             f"source too slow: {partial.size - held} bytes this time, {partial.size}{of} held; "
-            "resumes when no earlier task waits"
+            "resumes after the tasks waiting now"
         )
         self.partials.keep(partial)
         try:
@@ -466,11 +466,6 @@ def _is_outage(result: object) -> bool:
     if isinstance(result, ObjectExists | ObjectMissing):
         return False
     return isinstance(result, StoreError | ConnectionError | TimeoutError)
-
-
-def _total(partial: Partial) -> int | None:
-    point = partial.resume_from()
-    return point.size if point is not None else None
 
 
 def _media_type(value: str | None) -> str | None:
